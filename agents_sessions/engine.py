@@ -1,0 +1,296 @@
+"""From a database URL to a pooled SQLAlchemy engine: one engine per distinct URL per process.
+
+Pool options travel in the URL's query string
+(``postgresql://u:p@h/db?pool_size=20&max_overflow=10``). They are validated, removed
+from the URL, and handed to SQLAlchemy's ``QueuePool``; every other query parameter
+(``sslmode``, ``connect_timeout``, ``application_name``, ...) reaches the driver as it was.
+
+Driver choice: this package's PostgreSQL driver is psycopg2. SQLAlchemy 2.1 maps a
+bare ``postgresql://`` URL to psycopg 3, so bare (and ``postgres://``) URLs are
+pinned to ``postgresql+psycopg2`` here; an explicit ``+driver`` is left alone.
+
+SQLite engines get WAL, a busy timeout and foreign keys on every new connection,
+and SQLAlchemy (not the ``sqlite3`` module) emits ``BEGIN``: ``BEGIN IMMEDIATE``
+for writes, so that two processes never deadlock upgrading read locks to write locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import NullPool, QueuePool
+
+from .errors import ConfigurationError
+
+logger = logging.getLogger("agents_sessions")
+
+#: Execution option that makes a SQLite transaction start with ``BEGIN IMMEDIATE``.
+SQLITE_WRITE_OPTION = "agents_sessions_sqlite_write"
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """Connection-pool settings, read from the database URL's query string.
+
+    Attributes:
+        pool_size: Connections kept open in the pool.
+        max_overflow: Extra connections opened under load beyond ``pool_size``;
+            the pool never holds more than ``pool_size + max_overflow``.
+        pool_timeout: Seconds a caller waits for a free connection before a
+            :class:`~agents_sessions.errors.PoolTimeoutError`.
+        pool_recycle: Seconds after which a connection is replaced on checkout
+            (``-1`` disables); keeps connections younger than server/LB idle limits.
+        pool_pre_ping: Test each connection with a round trip on checkout. Off by
+            default: it doubles the round trips of every call.
+    """
+
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout: float = 30.0
+    pool_recycle: int = 1800
+    pool_pre_ping: bool = False
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections this pool will ever hold open at once."""
+        return self.pool_size + self.max_overflow
+
+    def describe(self) -> str:
+        """A one-line summary for logs and error messages."""
+        return (
+            f"pool_size={self.pool_size}, max_overflow={self.max_overflow}, "
+            f"pool_timeout={self.pool_timeout:g}"
+        )
+
+
+_POOL_PARAMETERS = ("pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_pre_ping")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _single_value(url: URL, name: str) -> str:
+    value = url.query[name]
+    if isinstance(value, tuple):
+        raise ConfigurationError(f"database URL parameter {name!r} is given more than once")
+    return value
+
+
+def _parse_int(name: str, raw: str, *, minimum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"database URL parameter {name!r} must be an integer, got {raw!r}"
+        ) from None
+    if value < minimum:
+        raise ConfigurationError(
+            f"database URL parameter {name!r} must be >= {minimum}, got {value}"
+        )
+    return value
+
+
+def _parse_pool_options(url: URL) -> PoolOptions:
+    values: dict[str, Any] = {}
+    if "pool_size" in url.query:
+        values["pool_size"] = _parse_int("pool_size", _single_value(url, "pool_size"), minimum=1)
+    if "max_overflow" in url.query:
+        values["max_overflow"] = _parse_int(
+            "max_overflow", _single_value(url, "max_overflow"), minimum=0
+        )
+    if "pool_recycle" in url.query:
+        values["pool_recycle"] = _parse_int(
+            "pool_recycle", _single_value(url, "pool_recycle"), minimum=-1
+        )
+    if "pool_timeout" in url.query:
+        raw = _single_value(url, "pool_timeout")
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise ConfigurationError(
+                f"database URL parameter 'pool_timeout' must be a number of seconds, got {raw!r}"
+            ) from None
+        if not timeout > 0 or timeout == float("inf"):
+            raise ConfigurationError(
+                f"database URL parameter 'pool_timeout' must be a positive number, got {raw!r}"
+            )
+        values["pool_timeout"] = timeout
+    if "pool_pre_ping" in url.query:
+        raw = _single_value(url, "pool_pre_ping").strip().lower()
+        if raw not in _TRUE | _FALSE:
+            raise ConfigurationError(
+                f"database URL parameter 'pool_pre_ping' must be true or false, got {raw!r}"
+            )
+        values["pool_pre_ping"] = raw in _TRUE
+    return PoolOptions(**values)
+
+
+def mask_url(url: str | URL) -> str:
+    """Render ``url`` with its password replaced by ``***``; safe for logs and errors."""
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except ArgumentError:
+        return "<unparseable database URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """A parsed database URL: where to connect, and how to pool the connections.
+
+    Attributes:
+        url: The URL handed to the driver (pool parameters removed, driver pinned).
+        pool: Pool settings taken from the URL's query string.
+    """
+
+    url: URL
+    pool: PoolOptions
+
+    @property
+    def dialect(self) -> str:
+        """``"postgresql"`` or ``"sqlite"``."""
+        return self.url.get_backend_name()
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked."""
+        return mask_url(self.url)
+
+
+def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
+    """Validate ``raw_url`` and split it into a driver URL and :class:`PoolOptions`.
+
+    Raises:
+        ConfigurationError: the URL cannot be parsed, names an unsupported database,
+            or carries a bad pool parameter (the message names the parameter and
+            never contains the password).
+    """
+    if isinstance(raw_url, str):
+        if not raw_url.strip():
+            raise ConfigurationError("database URL is empty")
+        try:
+            url = make_url(raw_url)
+        except ArgumentError:
+            # SQLAlchemy's message quotes the whole URL, password included.
+            raise ConfigurationError(
+                "database URL could not be parsed; expected e.g. "
+                "postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db"
+            ) from None
+    else:
+        url = raw_url
+
+    backend = url.get_backend_name()
+    # A bare scheme means psycopg2 (SQLAlchemy 2.1 would pick psycopg 3); `postgres://`
+    # is the Heroku-style alias SQLAlchemy no longer accepts.
+    bare_postgres = backend == "postgresql" and "+" not in url.drivername
+    if backend == "postgres" or bare_postgres:
+        url = url.set(drivername="postgresql+psycopg2")
+    elif backend not in ("postgresql", "sqlite"):
+        raise ConfigurationError(
+            f"unsupported database {backend!r} in database URL {mask_url(url)}; "
+            "use postgresql:// or sqlite:///"
+        )
+    if backend == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            "an in-memory SQLite database is private to one connection and cannot be "
+            "shared by a pool; give a file path, e.g. sqlite:///sessions.db"
+        )
+
+    pool = _parse_pool_options(url)
+    url = url.difference_update_query(_POOL_PARAMETERS)
+    return DatabaseTarget(url=url, pool=pool)
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    database = engine.url.database
+    assert database is not None
+
+    @event.listens_for(engine, "do_connect")
+    def _create_directory(*_args: Any) -> None:
+        # At first connect, not when the engine is made: constructing a session
+        # object must do no I/O.
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (which skips it for SELECT and DDL,
+        # breaking transactional DDL and repeatable reads); `_on_begin` emits it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # WAL lets readers proceed while one writer writes, across processes.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            # NORMAL is durable against application crashes in WAL mode; only a power
+            # loss can drop the last commits. It is SQLite's recommended WAL setting.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        # A deferred transaction that reads and then writes must upgrade its lock;
+        # if another process upgraded first, SQLite fails at once with SQLITE_BUSY
+        # (busy_timeout cannot help a deadlock). Writers therefore take the write
+        # lock up front, where busy_timeout makes them queue instead.
+        if connection.get_execution_options().get(SQLITE_WRITE_OPTION):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+
+def create_pooled_engine(
+    target: DatabaseTarget,
+    *,
+    echo: bool = False,
+    sqlite_busy_timeout_ms: int = 10_000,
+    pooled: bool = True,
+) -> Engine:
+    """Create a new engine for ``target``, with a ``QueuePool`` sized from its URL.
+
+    Does not connect. ``pooled=False`` gives a ``NullPool`` engine for one-shot
+    work such as a migration run. Most code wants
+    :func:`agents_sessions.store.get_store`, which shares one engine per URL per
+    process; this is the factory underneath it.
+    """
+    connect_args: dict[str, Any] = {}
+    if target.dialect == "sqlite":
+        # Connections move between the executor's threads; the pool guarantees that
+        # only one thread uses a connection at a time.
+        connect_args["check_same_thread"] = False
+    pool_arguments: dict[str, Any] = (
+        {
+            "poolclass": QueuePool,
+            "pool_size": target.pool.pool_size,
+            "max_overflow": target.pool.max_overflow,
+            "pool_timeout": target.pool.pool_timeout,
+            "pool_recycle": target.pool.pool_recycle,
+            "pool_pre_ping": target.pool.pool_pre_ping,
+        }
+        if pooled
+        else {"poolclass": NullPool}
+    )
+    engine = create_engine(target.url, echo=echo, connect_args=connect_args, **pool_arguments)
+    if target.dialect == "sqlite":
+        _configure_sqlite(engine, sqlite_busy_timeout_ms)
+    return engine
+
+
+_default_location_logged = threading.Event()
+
+
+def log_embedded_default_once(path: Path) -> None:
+    """Say once per process where the zero-configuration SQLite file is."""
+    if not _default_location_logged.is_set():
+        _default_location_logged.set()
+        logger.info(
+            "agents_sessions: no DATABASE_URL configured; using the embedded SQLite database at %s",
+            path,
+        )

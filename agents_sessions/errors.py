@@ -1,0 +1,97 @@
+"""The package's exceptions: one base, narrow subclasses, standard types mixed in.
+
+Every exception this package raises derives from :class:`AgentsSessionsError`, and
+also from the standard type a caller would naturally catch (``ValueError`` for bad
+values, ``TypeError`` for values of the wrong type, ``TimeoutError`` for waits that
+ran out). Errors coming from SQLAlchemy or the driver are wrapped in
+:class:`DatabaseError` with the original chained as ``__cause__``, never swallowed.
+
+No message built here ever contains a database password: URLs are rendered with
+the password masked before they reach any error text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import exc as sa_exc
+
+
+class AgentsSessionsError(Exception):
+    """Base class of every error raised by ``agents_sessions``."""
+
+
+class ConfigurationError(AgentsSessionsError, ValueError):
+    """A setting, a database URL or one of its query parameters is invalid.
+
+    The message names the offending setting or parameter; it never echoes a password.
+    """
+
+
+class InvalidConversationIdError(AgentsSessionsError, ValueError):
+    """A conversation id (or user id) is empty, too long, or otherwise unusable."""
+
+
+class InvalidArgumentError(AgentsSessionsError, ValueError):
+    """An argument to a public method has a meaningless value (e.g. a negative limit)."""
+
+
+class InvalidItemError(AgentsSessionsError, ValueError):
+    """An item cannot be stored losslessly (NaN, a circular reference, ...).
+
+    Raised before anything of the call is written.
+    """
+
+
+class ItemTypeError(InvalidItemError, TypeError):
+    """An item, or a value inside it, is of a type JSON cannot represent.
+
+    Raised before anything of the call is written. It is both a ``TypeError`` (what
+    ``json.dumps`` raises for such values) and an :class:`InvalidItemError`.
+    """
+
+
+class SchemaError(AgentsSessionsError, RuntimeError):
+    """The database schema is not what this version of the package needs."""
+
+
+class SchemaNotAtHeadError(SchemaError):
+    """The database is behind (or ahead of) the migrations this package ships.
+
+    Raised when auto-migration is off; the message says which command brings the
+    database to head.
+    """
+
+
+class DatabaseError(AgentsSessionsError):
+    """A database operation failed; the driver's exception is chained as ``__cause__``."""
+
+
+class PoolTimeoutError(DatabaseError, TimeoutError):
+    """No pooled connection became free within ``pool_timeout`` seconds."""
+
+
+@contextmanager
+def translate_database_errors(pool_description: str = "") -> Iterator[None]:
+    """Re-raise SQLAlchemy/driver errors as :class:`DatabaseError` subclasses.
+
+    ``pool_description`` (e.g. ``"pool_size=5, max_overflow=10, pool_timeout=30"``)
+    is added to pool-timeout messages so the reader knows which knob to turn.
+    Errors that already belong to this package pass through untouched.
+    """
+    try:
+        yield
+    except AgentsSessionsError:
+        raise
+    except sa_exc.TimeoutError as exc:
+        detail = f" ({pool_description})" if pool_description else ""
+        raise PoolTimeoutError(
+            "timed out waiting for a pooled database connection"
+            f"{detail}; raise pool_size/max_overflow in the database URL, or pool_timeout"
+        ) from exc
+    except sa_exc.SQLAlchemyError as exc:
+        # SQLAlchemy's messages carry the statement and bound parameters, never the URL,
+        # so they cannot leak the password; keep the first line for readability.
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DatabaseError(f"database operation failed: {first_line}") from exc

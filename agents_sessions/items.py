@@ -1,0 +1,194 @@
+"""Agent items in and out of the database: validation, lossless encoding, readable columns.
+
+Every item is checked and serialized *before* any SQL runs, so a bad item in a
+call means nothing of that call is written.
+
+An item is stored three ways in one ``messages`` row:
+
+* ``item`` -- the JSON document, the authoritative copy. It is compact JSON with
+  non-ASCII text kept as UTF-8; only an item holding a lone surrogate (which no
+  UTF-8 column can store raw) is written with ``\\u`` escapes instead. Either way
+  ``json.loads`` gives back a value equal to the original.
+* ``role`` -- the item's ``role`` (``user``, ``assistant``, ...), or its ``type``
+  (``function_call``, ``reasoning``, ...) when it has none.
+* ``content`` -- the item's human-readable text, for SQL analytics and search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidItemError, ItemTypeError
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedItem:
+    """One item ready to insert: its derived columns and its JSON document."""
+
+    role: str
+    content: str
+    document: str
+
+
+def _exactness_problem(item: Any) -> tuple[str, bool] | None:
+    """Find a value that JSON would store but not give back equal.
+
+    Returns ``(description, is_type_problem)`` or ``None``. Iterative, so deeply
+    nested items do not hit the recursion limit here.
+    """
+    stack: list[tuple[Any, str]] = [(item, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str) or value is None or isinstance(value, bool | int):
+            continue
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return f"{path or 'the item'} is {value!r}, which JSON cannot represent", False
+            continue
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if not isinstance(key, str):
+                    return (
+                        f"{path or 'the item'} has a non-string key {key!r} "
+                        "(JSON would turn it into a string)",
+                        True,
+                    )
+                stack.append((child, f"{path}[{key!r}]"))
+            continue
+        if isinstance(value, list):
+            stack.extend((child, f"{path}[{index}]") for index, child in enumerate(value))
+            continue
+        kind = type(value).__name__
+        return (
+            f"{path or 'the item'} is a {kind}, which is not JSON "
+            "(dict, list, str, number, bool, None)",
+            True,
+        )
+    return None
+
+
+def encode_document(item: Any, *, where: str) -> str:
+    """Serialize ``item`` to JSON text that parses back to an equal value.
+
+    Raises:
+        ItemTypeError: a value has a type JSON cannot hold exactly (bytes, datetime,
+            tuple, a non-string key, ...).
+        InvalidItemError: a value JSON cannot represent (NaN, infinity, a cycle,
+            nesting deeper than the serializer can follow).
+    """
+    try:
+        problem = _exactness_problem(item)
+    except RecursionError:  # pragma: no cover - iterative walk; defensive only
+        problem = None
+    if problem is not None:
+        message, is_type_problem = problem
+        error = ItemTypeError if is_type_problem else InvalidItemError
+        raise error(f"{where}: {message}; nothing was written")
+    try:
+        document = json.dumps(item, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise InvalidItemError(
+            f"{where} is nested too deeply to serialize; nothing was written"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        error = ItemTypeError if isinstance(exc, TypeError) else InvalidItemError
+        raise error(f"{where} cannot be stored as JSON: {exc}; nothing was written") from exc
+    if not document.isascii():
+        try:
+            document.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: valid in a Python str, impossible in UTF-8. The \\u
+            # escape form stores it, and json.loads restores the same code point.
+            document = json.dumps(item, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return document
+
+
+def _text_of_parts(parts: Sequence[Any]) -> str:
+    texts: list[str] = []
+    for part in parts:
+        if isinstance(part, Mapping):
+            for key in ("text", "refusal", "transcript"):
+                value = part.get(key)
+                if isinstance(value, str):
+                    texts.append(value)
+                    break
+        elif isinstance(part, str):
+            texts.append(part)
+    return "\n".join(texts)
+
+
+def readable_text(item: Mapping[str, Any]) -> str:
+    """The human-readable text of an item: message text, tool call, tool output, summary."""
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return _text_of_parts(content)
+    kind = item.get("type")
+    if kind == "function_call":
+        return f"{item.get('name', '')}({item.get('arguments', '')})"
+    if kind in ("function_call_output", "custom_tool_call_output", "computer_call_output"):
+        output = item.get("output")
+        if isinstance(output, str):
+            return output
+        if isinstance(output, list):
+            return _text_of_parts(output)
+        return "" if output is None else json.dumps(output, ensure_ascii=False, default=str)
+    if kind == "reasoning":
+        summary = item.get("summary")
+        return _text_of_parts(summary) if isinstance(summary, list) else ""
+    return ""
+
+
+def _column_safe(text: str) -> str:
+    # PostgreSQL `text` rejects NUL and cannot hold lone surrogates. These columns
+    # are derived and readable, so scrub them; the `item` document keeps the truth.
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def item_role(item: Mapping[str, Any]) -> str:
+    """The item's ``role``, else its ``type``, else ``"unknown"``."""
+    for key in ("role", "type"):
+        value = item.get(key)
+        if isinstance(value, str) and value:
+            return _column_safe(value)
+    return "unknown"
+
+
+def encode_items(items: Sequence[Any]) -> list[EncodedItem]:
+    """Validate and encode every item of one ``add_items`` call.
+
+    Raises:
+        ItemTypeError: ``items`` is not a list, or an item is not a mapping or holds
+            a value JSON cannot store exactly.
+        InvalidItemError: an item holds a value JSON cannot represent.
+    """
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence):
+        raise ItemTypeError(f"items must be a list of dicts, got {type(items).__name__}")
+    encoded: list[EncodedItem] = []
+    for index, item in enumerate(items):
+        where = f"items[{index}]"
+        if not isinstance(item, Mapping):
+            raise ItemTypeError(
+                f"{where} must be a dict, got {type(item).__name__}; nothing was written"
+            )
+        document = encode_document(item, where=where)
+        encoded.append(
+            EncodedItem(
+                role=item_role(item),
+                content=_column_safe(readable_text(item)),
+                document=document,
+            )
+        )
+    return encoded

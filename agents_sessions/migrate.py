@@ -1,0 +1,151 @@
+"""Programmatic Alembic: locate the shipped migrations, upgrade under a lock, check head.
+
+The same ``migrations/env.py`` serves the ``alembic`` command line and this module:
+code passes an open connection through ``Config.attributes["connection"]``, and
+``env.py`` takes the cross-process migration lock on it (a PostgreSQL advisory lock,
+or SQLite's write lock via ``BEGIN IMMEDIATE``) before Alembic reads the current
+revision. So any number of processes may upgrade one database at once: the first
+migrates, the others wait and then find nothing to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicError
+from sqlalchemy import Connection, Engine
+
+from .engine import parse_database_url
+from .errors import SchemaNotAtHeadError, translate_database_errors
+from .settings import Settings, load_settings
+
+
+def migrations_directory() -> Path:
+    """Where the Alembic scripts are: inside the installed package, or the checkout.
+
+    A built wheel carries them as the ``agents_sessions.migrations`` package; an
+    editable install maps that package onto the checkout's top-level
+    ``migrations/``; running from a bare checkout finds the folder next to the package.
+    """
+    spec = importlib.util.find_spec("agents_sessions.migrations")
+    if spec is not None and spec.origin:
+        return Path(spec.origin).parent
+    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    if (checkout / "env.py").is_file():
+        return checkout
+    raise FileNotFoundError("the agents_sessions migrations are not installed")  # pragma: no cover
+
+
+def alembic_config(
+    *,
+    connection: Connection | None = None,
+    database_url: str | None = None,
+    settings: Settings | None = None,
+) -> Config:
+    """An Alembic ``Config`` for the shipped migrations, without needing ``alembic.ini``.
+
+    Pass ``connection`` to migrate on it (the caller's engine and pool), or
+    ``database_url`` to let ``env.py`` open its own; with neither, ``env.py`` reads
+    the URL from the settings (``DATABASE_URL``).
+    """
+    config = Config()
+    config.set_main_option("script_location", str(migrations_directory()))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    if database_url is not None:
+        config.attributes["database_url"] = database_url
+    if settings is not None:
+        config.attributes["settings"] = settings
+    return config
+
+
+@functools.lru_cache(maxsize=1)
+def _script_directory() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The revision the shipped migrations end at."""
+    head = _script_directory().get_current_head()
+    if head is None:  # pragma: no cover - the package always ships a first revision
+        raise RuntimeError("the shipped migrations have no head revision")
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The revision the database is at (``None`` for an empty database)."""
+    heads = MigrationContext.configure(connection).get_current_heads()
+    return heads[0] if heads else None
+
+
+def upgrade(
+    database_url: str | None = None, *, revision: str = "head", settings: Settings | None = None
+) -> None:
+    """Upgrade the database to ``revision`` (default: head), under the migration lock.
+
+    The equivalent of ``alembic upgrade head`` from the repository root, usable
+    from an installed package. ``database_url`` defaults to the settings' URL.
+    """
+    settings = settings or load_settings()
+    url = database_url or settings.resolved_database_url()
+    parse_database_url(url)  # a bad URL fails here, with a clear message
+    with translate_database_errors():
+        command.upgrade(alembic_config(database_url=url, settings=settings), revision)
+
+
+def _is_known_revision(revision: str) -> bool:
+    try:
+        return _script_directory().get_revision(revision) is not None
+    except AlembicError:
+        return False
+
+
+def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Settings) -> None:
+    """Bring the database behind ``engine`` to head, or explain why it is not.
+
+    Called once per engine before its first operation. A database already at head
+    costs one query. Otherwise, with ``auto_migrate`` the upgrade runs through
+    Alembic under the migration lock; without it :class:`SchemaNotAtHeadError`
+    says which command to run.
+    """
+    head = head_revision()
+    with translate_database_errors(), engine.connect() as connection:
+        current = current_revision(connection)
+        connection.rollback()
+        if current == head:
+            return
+        if current is not None and not _is_known_revision(current):
+            raise SchemaNotAtHeadError(
+                f"the database is at revision {current}, which this version of "
+                f"agents_sessions does not know (its newest is {head}); a newer release "
+                "migrated it: upgrade agents_sessions"
+            )
+        if not auto_migrate:
+            where = "empty" if current is None else f"at revision {current}"
+            raise SchemaNotAtHeadError(
+                f"the database is {where}, but this version of agents_sessions needs "
+                f"revision {head}; run `alembic upgrade head` (or "
+                "`python -m agents_sessions.migrate`) with DATABASE_URL set, or enable "
+                "auto-migration (AGENTS_SESSIONS_AUTO_MIGRATE=true)"
+            )
+        command.upgrade(alembic_config(connection=connection, settings=settings), "head")
+
+
+def main() -> None:
+    """``python -m agents_sessions.migrate [REVISION]``: upgrade the configured database."""
+    import sys
+
+    revision = sys.argv[1] if len(sys.argv) > 1 else "head"
+    settings = load_settings()
+    upgrade(settings=settings, revision=revision)
+    print(f"{settings.safe_database_url()} is at revision {revision}")
+
+
+if __name__ == "__main__":
+    main()

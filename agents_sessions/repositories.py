@@ -1,0 +1,731 @@
+"""The repository API: conversations, messages and usage, over one SQLAlchemy ``Connection``.
+
+Repositories never own the transaction: the caller decides where it begins and
+ends (usually ``with store.transaction() as repos:``; see
+:class:`agents_sessions.store.SessionStore`). Every method validates its arguments
+before executing any SQL.
+
+Statements are built once, at import time, as SQLAlchemy Core constructs, so each
+call only binds parameters (SQLAlchemy's compiled cache does the rest). The hot
+paths used by the agent session -- append, latest N, pop -- are one statement each
+on PostgreSQL, so in autocommit mode a call is one round trip.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    JSON,
+    Connection,
+    Integer,
+    Text,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal_column,
+    select,
+    true,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
+
+from .errors import InvalidArgumentError
+from .items import EncodedItem, encode_items
+from .models import (
+    JSONDocument,
+    conversations_table,
+    messages_table,
+    usage_logs_table,
+    utcnow,
+)
+from .validation import validate_identifier, validate_limit, validate_metadata
+
+conversations = conversations_table
+messages = messages_table
+usage_logs = usage_logs_table
+
+# --------------------------------------------------------------------------------------
+# Records returned by the API
+# --------------------------------------------------------------------------------------
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything this package stores is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    """A conversation row.
+
+    Attributes:
+        id: The conversation id (the SDK session id).
+        user_id: Owner, if any.
+        created_at: When the conversation was first written (UTC).
+        updated_at: When it last changed (UTC): items added, popped or cleared.
+        metadata: Free-form JSON object.
+    """
+
+    id: str
+    user_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ConversationPage:
+    """One page of :meth:`ConversationRepository.list_by_user`.
+
+    Attributes:
+        conversations: Newest first.
+        next_cursor: Pass as ``after=`` to get the next page; ``None`` on the last page.
+    """
+
+    conversations: list[ConversationRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message row: the item plus its derived columns."""
+
+    id: int
+    conversation_id: str
+    role: str
+    content: str
+    item: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    """Token usage summed over a group (a model, a user or a conversation).
+
+    Attributes:
+        key: The group's value (model name, user id, conversation id); ``None`` for
+            conversations without a user in per-user totals.
+    """
+
+    key: str | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class UsageEntry:
+    """One row to record in ``usage_logs``; see :meth:`UsageRepository.record`."""
+
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int | None = None
+    requests: int = 1
+    run_id: str | None = None
+    response_id: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Statements, built once
+# --------------------------------------------------------------------------------------
+
+# None must bind as SQL NULL (not JSON 'null') so COALESCE can keep existing metadata.
+_metadata_param = bindparam(
+    "metadata", type_=JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+)
+
+
+def _conversation_upsert(dialect_insert: Any, *, replace_user: bool) -> Any:
+    """INSERT a conversation, or touch it (and update what was given) if it exists.
+
+    ON CONFLICT DO UPDATE also locks the conversation row until the transaction
+    ends; appends rely on that lock to serialise writers of one conversation.
+    """
+    statement = dialect_insert(conversations).values(
+        id=bindparam("conversation_id"),
+        user_id=bindparam("user_id", type_=Text),
+        metadata=func.coalesce(
+            _metadata_param, cast(literal_column("'{}'"), conversations.c.metadata.type)
+        ),
+        created_at=utcnow(),
+        updated_at=utcnow(),
+    )
+    excluded = statement.excluded
+    user_id = (
+        func.coalesce(excluded.user_id, conversations.c.user_id)
+        if replace_user
+        # The session facade never re-assigns an owned conversation to another user.
+        else func.coalesce(conversations.c.user_id, excluded.user_id)
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[conversations.c.id],
+        set_={
+            "updated_at": utcnow(),
+            "user_id": user_id,
+            "metadata": func.coalesce(_metadata_param, conversations.c.metadata),
+        },
+    )
+
+
+_ENSURE_CONVERSATION = {
+    "postgresql": _conversation_upsert(postgresql.insert, replace_user=False),
+    "sqlite": _conversation_upsert(sqlite.insert, replace_user=False),
+}
+_UPSERT_CONVERSATION = {
+    "postgresql": _conversation_upsert(postgresql.insert, replace_user=True).returning(
+        *conversations.c
+    ),
+    "sqlite": _conversation_upsert(sqlite.insert, replace_user=True).returning(*conversations.c),
+}
+
+
+def _postgres_append() -> Any:
+    """One statement: upsert (and lock) the conversation, then insert the items after it.
+
+    The CTE's ``ON CONFLICT DO UPDATE`` takes the conversation's row lock before
+    any message row is produced (the join needs its row), so ``nextval`` for this
+    call's ids runs only once earlier writers of the conversation have committed:
+    ids -- history order -- follow commit order, and each call's items are
+    contiguous. Items arrive as parallel arrays, unnested WITH ORDINALITY and
+    inserted in that order.
+    """
+    conversation = (
+        _ENSURE_CONVERSATION["postgresql"].returning(conversations.c.id).cte("conversation")
+    )
+    rows = (
+        func.unnest(
+            bindparam("roles", type_=ARRAY(Text)),
+            bindparam("contents", type_=ARRAY(Text)),
+            bindparam("documents", type_=ARRAY(Text)),
+        )
+        .table_valued("role", "content", "document", with_ordinality="position")
+        .render_derived(name="new_items")
+    )
+    source = (
+        select(
+            conversation.c.id,
+            rows.c.role,
+            rows.c.content,
+            cast(rows.c.document, JSONDocument),
+        )
+        .select_from(conversation.join(rows, true()))
+        .order_by(rows.c.position)
+    )
+    return insert(messages).from_select(["conversation_id", "role", "content", "item"], source)
+
+
+_POSTGRES_APPEND = _postgres_append()
+_INSERT_MESSAGE = insert(messages).values(
+    conversation_id=bindparam("conversation_id"),
+    role=bindparam("role"),
+    content=bindparam("content"),
+    item=bindparam("document", type_=JSONDocument),
+)
+
+_LATEST = (
+    select(messages.c.id, messages.c.item)
+    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .order_by(messages.c.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+    .subquery("latest")
+)
+_SELECT_LATEST = select(_LATEST.c.item).order_by(_LATEST.c.id)
+_SELECT_ALL = (
+    select(messages.c.item)
+    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .order_by(messages.c.id)
+)
+_SELECT_RECORDS = select(
+    messages.c.id,
+    messages.c.conversation_id,
+    messages.c.role,
+    messages.c.content,
+    messages.c.item,
+    messages.c.created_at,
+).where(messages.c.conversation_id == bindparam("conversation_id"))
+
+_NEWEST_ID = (
+    select(messages.c.id)
+    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .order_by(messages.c.id.desc())
+    .limit(1)
+    .scalar_subquery()
+)
+# DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
+# newest row, only the one whose DELETE removes it gets the payload back.
+_DELETE_NEWEST = (
+    delete(messages)
+    .where(messages.c.id == _NEWEST_ID)
+    .returning(messages.c.conversation_id, messages.c.item)
+)
+
+
+def _postgres_pop() -> Any:
+    popped = _DELETE_NEWEST.cte("popped")
+    # A data-modifying CTE runs even though the outer query does not read it.
+    touched = (
+        update(conversations)
+        .where(conversations.c.id.in_(select(popped.c.conversation_id)))
+        .values(updated_at=utcnow())
+        .cte("touched")
+    )
+    return select(popped.c.item).add_cte(touched)
+
+
+_POSTGRES_POP = _postgres_pop()
+_HAS_MESSAGES = select(exists().where(messages.c.conversation_id == bindparam("conversation_id")))
+_TOUCH_CONVERSATION = (
+    update(conversations)
+    .where(conversations.c.id == bindparam("conversation_id"))
+    .values(updated_at=utcnow())
+)
+_CLEAR = delete(messages).where(messages.c.conversation_id == bindparam("conversation_id"))
+_COUNT_MESSAGES = select(func.count()).where(
+    messages.c.conversation_id == bindparam("conversation_id")
+)
+
+
+def _dialect(connection: Connection) -> str:
+    return connection.dialect.name
+
+
+# --------------------------------------------------------------------------------------
+# Repositories
+# --------------------------------------------------------------------------------------
+
+
+def _conversation_record(row: Any) -> ConversationRecord:
+    return ConversationRecord(
+        id=row.id,
+        user_id=row.user_id,
+        created_at=_aware(row.created_at),
+        updated_at=_aware(row.updated_at),
+        metadata=dict(row.metadata or {}),
+    )
+
+
+def _encode_cursor(record: ConversationRecord) -> str:
+    payload = json.dumps([record.created_at.isoformat(), record.id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created_at, conversation_id = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created_at), str(conversation_id)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise InvalidArgumentError(
+            "after is not a cursor returned by list_by_user (next_cursor)"
+        ) from None
+
+
+class ConversationRepository:
+    """Conversations: get, create-or-update, list per user, delete (cascading)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def get(self, conversation_id: str) -> ConversationRecord | None:
+        """The conversation, or ``None`` if it does not exist."""
+        validate_identifier(conversation_id)
+        row = self.connection.execute(
+            select(conversations).where(conversations.c.id == conversation_id)
+        ).one_or_none()
+        return None if row is None else _conversation_record(row)
+
+    def upsert(
+        self,
+        conversation_id: str,
+        *,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ConversationRecord:
+        """Create the conversation, or update it if it exists.
+
+        ``user_id`` and ``metadata`` replace the stored values when given and leave
+        them as they are when ``None``; ``updated_at`` is set to now either way.
+        """
+        validate_identifier(conversation_id)
+        if user_id is not None:
+            validate_identifier(user_id, name="user_id")
+        row = self.connection.execute(
+            _UPSERT_CONVERSATION[_dialect(self.connection)],
+            {
+                "conversation_id": conversation_id,
+                "user_id": user_id,
+                "metadata": validate_metadata(metadata),
+            },
+        ).one()
+        return _conversation_record(row)
+
+    def ensure(
+        self,
+        conversation_id: str,
+        *,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Create the conversation if missing and touch ``updated_at``; lock its row.
+
+        Unlike :meth:`upsert`, an existing owner is kept (``user_id`` only fills a
+        missing one). Used by writers that must serialise on the conversation.
+        """
+        validate_identifier(conversation_id)
+        if user_id is not None:
+            validate_identifier(user_id, name="user_id")
+        self.connection.execute(
+            _ENSURE_CONVERSATION[_dialect(self.connection)],
+            {
+                "conversation_id": conversation_id,
+                "user_id": user_id,
+                "metadata": validate_metadata(metadata),
+            },
+        )
+
+    def list_by_user(
+        self, user_id: str, *, limit: int = 50, after: str | None = None
+    ) -> ConversationPage:
+        """A user's conversations, newest first, ``limit`` at a time.
+
+        Keyset pagination on ``(created_at, id)``: pages stay stable while new
+        conversations are added, and each page is one index range scan of
+        ``ix_conversations_user_id_created_at_id`` however deep it is.
+        """
+        validate_identifier(user_id, name="user_id")
+        page_size = validate_limit(limit)
+        if page_size is None or page_size == 0:
+            raise InvalidArgumentError("limit must be a positive int")
+        query = select(conversations).where(conversations.c.user_id == user_id)
+        if after is not None:
+            created_at, last_id = _decode_cursor(after)
+            query = query.where(
+                tuple_(conversations.c.created_at, conversations.c.id)
+                < tuple_(
+                    bindparam(
+                        "cursor_created_at", created_at, type_=conversations.c.created_at.type
+                    ),
+                    bindparam("cursor_id", last_id, type_=Text),
+                )
+            )
+        query = query.order_by(conversations.c.created_at.desc(), conversations.c.id.desc())
+        rows = self.connection.execute(query.limit(page_size + 1)).all()
+        records = [_conversation_record(row) for row in rows[:page_size]]
+        next_cursor = _encode_cursor(records[-1]) if len(rows) > page_size else None
+        return ConversationPage(conversations=records, next_cursor=next_cursor)
+
+    def delete(self, conversation_id: str) -> bool:
+        """Delete the conversation with its messages and usage (ON DELETE CASCADE).
+
+        Returns whether it existed.
+        """
+        validate_identifier(conversation_id)
+        result = self.connection.execute(
+            delete(conversations).where(conversations.c.id == conversation_id)
+        )
+        return bool(result.rowcount)
+
+
+class MessageRepository:
+    """Messages of one conversation, in history order (by monotonic ``id``)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def append(
+        self,
+        conversation_id: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append ``items`` after every item already committed; create the conversation.
+
+        All items are validated and encoded before any SQL runs. Returns the number
+        of items appended. On PostgreSQL this is one statement; on SQLite two, and the
+        caller's transaction must have begun with ``BEGIN IMMEDIATE``
+        (``store.transaction()`` does) for writers in several processes.
+        """
+        validate_identifier(conversation_id)
+        if user_id is not None:
+            validate_identifier(user_id, name="user_id")
+        encoded = encode_items(items)
+        return self.append_encoded(
+            conversation_id, encoded, user_id=user_id, metadata=validate_metadata(metadata)
+        )
+
+    def append_encoded(
+        self,
+        conversation_id: str,
+        encoded: Sequence[EncodedItem],
+        *,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> int:
+        """:meth:`append` for items already passed through :func:`encode_items`.
+
+        Arguments are trusted to be validated (the session facade validates them
+        before leaving the event loop).
+        """
+        if not encoded:
+            return 0
+        conversation = {
+            "conversation_id": conversation_id,
+            "user_id": user_id,
+            "metadata": metadata,
+        }
+        if _dialect(self.connection) == "postgresql":
+            self.connection.execute(
+                _POSTGRES_APPEND,
+                {
+                    **conversation,
+                    "roles": [item.role for item in encoded],
+                    "contents": [item.content for item in encoded],
+                    "documents": [item.document for item in encoded],
+                },
+            )
+        else:
+            # The upsert comes first: under BEGIN IMMEDIATE this transaction already
+            # holds SQLite's single write lock, so ids follow commit order.
+            self.connection.execute(_ENSURE_CONVERSATION["sqlite"], conversation)
+            self.connection.execute(
+                _INSERT_MESSAGE,
+                [
+                    {
+                        "conversation_id": conversation_id,
+                        "role": item.role,
+                        "content": item.content,
+                        "document": item.document,
+                    }
+                    for item in encoded
+                ],
+            )
+        return len(encoded)
+
+    def latest(self, conversation_id: str, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` items, oldest first (one backward index scan)."""
+        validate_identifier(conversation_id)
+        count = validate_limit(limit)
+        if not count:
+            return []
+        result = self.connection.execute(
+            _SELECT_LATEST, {"conversation_id": conversation_id, "limit": count}
+        )
+        return list(result.scalars())
+
+    def all(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Every item of the conversation, oldest first."""
+        validate_identifier(conversation_id)
+        result = self.connection.execute(_SELECT_ALL, {"conversation_id": conversation_id})
+        return list(result.scalars())
+
+    def records(
+        self, conversation_id: str, *, after_id: int | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
+        """Message rows with their derived columns, oldest first; page with ``after_id``."""
+        validate_identifier(conversation_id)
+        query = _SELECT_RECORDS
+        if after_id is not None:
+            query = query.where(messages.c.id > after_id)
+        query = query.order_by(messages.c.id)
+        count = validate_limit(limit)
+        if count is not None:
+            query = query.limit(count)
+        rows = self.connection.execute(query, {"conversation_id": conversation_id}).all()
+        return [
+            StoredMessage(
+                id=row.id,
+                conversation_id=row.conversation_id,
+                role=row.role,
+                content=row.content,
+                item=row.item,
+                created_at=_aware(row.created_at),
+            )
+            for row in rows
+        ]
+
+    def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
+        """Remove and return the newest item; ``None`` if there is none.
+
+        Safe under concurrency: each item is returned by exactly one caller. On
+        PostgreSQL the claim is one statement; if a concurrent pop took the row this
+        one aimed at, it looks again rather than report an empty conversation.
+        """
+        validate_identifier(conversation_id)
+        parameters = {"conversation_id": conversation_id}
+        if _dialect(self.connection) == "postgresql":
+            while True:
+                item = self.connection.execute(_POSTGRES_POP, parameters).scalar_one_or_none()
+                if item is not None:
+                    return item  # type: ignore[no-any-return]
+                # Nothing deleted: either the conversation is empty, or another
+                # transaction deleted our target first (READ COMMITTED re-checks the
+                # row, not the subquery). Only the first case ends the loop.
+                if not self.connection.execute(_HAS_MESSAGES, parameters).scalar():
+                    return None
+        row = self.connection.execute(_DELETE_NEWEST, parameters).one_or_none()
+        if row is None:
+            return None
+        self.connection.execute(_TOUCH_CONVERSATION, parameters)
+        return row.item  # type: ignore[no-any-return]
+
+    def clear(self, conversation_id: str) -> int:
+        """Delete every item of the conversation (it stays, with its metadata and usage).
+
+        Returns how many items were deleted. Idempotent.
+        """
+        validate_identifier(conversation_id)
+        parameters = {"conversation_id": conversation_id}
+        deleted = self.connection.execute(_CLEAR, parameters).rowcount
+        self.connection.execute(_TOUCH_CONVERSATION, parameters)
+        return int(deleted or 0)
+
+    def count(self, conversation_id: str) -> int:
+        """How many items the conversation holds."""
+        validate_identifier(conversation_id)
+        return int(
+            self.connection.execute(
+                _COUNT_MESSAGES, {"conversation_id": conversation_id}
+            ).scalar_one()
+        )
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+class UsageRepository:
+    """Token usage: record per request or per run; totals by model, user, conversation."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def record(self, conversation_id: str, entries: Sequence[UsageEntry]) -> int:
+        """Insert one ``usage_logs`` row per entry. The conversation must exist.
+
+        Returns the number of rows written.
+        """
+        validate_identifier(conversation_id)
+        rows = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry.model, str) or not entry.model:
+                raise InvalidArgumentError(f"entries[{index}].model must be a non-empty str")
+            prompt = _check_count(f"entries[{index}].prompt_tokens", entry.prompt_tokens)
+            completion = _check_count(
+                f"entries[{index}].completion_tokens", entry.completion_tokens
+            )
+            total = (
+                prompt + completion
+                if entry.total_tokens is None
+                else _check_count(f"entries[{index}].total_tokens", entry.total_tokens)
+            )
+            rows.append(
+                {
+                    "conversation_id": conversation_id,
+                    "model": entry.model,
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": total,
+                    "requests": _check_count(f"entries[{index}].requests", entry.requests),
+                    "run_id": entry.run_id,
+                    "response_id": entry.response_id,
+                }
+            )
+        if rows:
+            self.connection.execute(insert(usage_logs), rows)
+        return len(rows)
+
+    def _totals(self, key: Any, *, since: datetime | None, join_conversations: bool) -> Any:
+        query = select(
+            key.label("key"),
+            func.coalesce(func.sum(usage_logs.c.requests), 0).label("requests"),
+            func.coalesce(func.sum(usage_logs.c.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(usage_logs.c.completion_tokens), 0).label("completion_tokens"),
+            func.coalesce(func.sum(usage_logs.c.total_tokens), 0).label("total_tokens"),
+        )
+        if join_conversations:
+            query = query.select_from(
+                usage_logs.join(conversations, conversations.c.id == usage_logs.c.conversation_id)
+            )
+        if since is not None:
+            query = query.where(usage_logs.c.timestamp >= since)
+        return query.group_by(key).order_by(func.sum(usage_logs.c.total_tokens).desc(), key)
+
+    @staticmethod
+    def _rows(result: Any) -> list[UsageTotals]:
+        return [
+            UsageTotals(
+                key=row.key,
+                requests=int(row.requests),
+                prompt_tokens=int(row.prompt_tokens),
+                completion_tokens=int(row.completion_tokens),
+                total_tokens=int(row.total_tokens),
+            )
+            for row in result
+        ]
+
+    def totals_by_model(self, *, since: datetime | None = None) -> list[UsageTotals]:
+        """Usage per model, most tokens first; only rows at or after ``since`` if given."""
+        return self._rows(
+            self.connection.execute(
+                self._totals(usage_logs.c.model, since=since, join_conversations=False)
+            )
+        )
+
+    def totals_by_user(self, *, since: datetime | None = None) -> list[UsageTotals]:
+        """Usage per conversation owner (``key=None`` for conversations without a user)."""
+        return self._rows(
+            self.connection.execute(
+                self._totals(conversations.c.user_id, since=since, join_conversations=True)
+            )
+        )
+
+    def totals_for_conversation(self, conversation_id: str) -> UsageTotals:
+        """Usage of one conversation (zeros if it has none)."""
+        validate_identifier(conversation_id)
+        query = self._totals(
+            usage_logs.c.conversation_id, since=None, join_conversations=False
+        ).where(usage_logs.c.conversation_id == conversation_id)
+        rows = self._rows(self.connection.execute(query))
+        return rows[0] if rows else UsageTotals(conversation_id, 0, 0, 0, 0)
+
+
+class Repositories:
+    """The three repositories over one connection (and so one transaction)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.conversations = ConversationRepository(connection)
+        self.messages = MessageRepository(connection)
+        self.usage = UsageRepository(connection)
+
+
+__all__ = [
+    "ConversationPage",
+    "ConversationRecord",
+    "ConversationRepository",
+    "MessageRepository",
+    "Repositories",
+    "StoredMessage",
+    "UsageEntry",
+    "UsageRepository",
+    "UsageTotals",
+]

@@ -1,0 +1,133 @@
+"""Configuration, read from the environment (and a ``.env`` file) with pydantic-settings.
+
+Every field can be set by an environment variable named ``AGENTS_SESSIONS_<FIELD>``;
+the database URL also answers to the conventional ``DATABASE_URL``. Explicit
+constructor arguments win over the environment, which wins over ``.env``.
+
+With no database URL anywhere, the package uses an embedded SQLite file (see
+:attr:`Settings.sqlite_path`), so a first run needs no server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+
+def default_sqlite_path() -> Path:
+    """Where the embedded SQLite database lives when nothing else is configured.
+
+    ``$XDG_DATA_HOME/agents_sessions/sessions.sqlite3`` (``~/.local/share`` when unset):
+    a per-user location that survives restarts and does not depend on the working
+    directory the app was started from.
+    """
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "agents_sessions" / "sessions.sqlite3"
+
+
+class Settings(BaseSettings):
+    """Settings for engines, migrations and sessions.
+
+    The password inside :attr:`database_url` is kept as a secret: it never appears
+    in ``repr()``, logs or error messages (use :meth:`safe_database_url` to show the
+    URL to a person).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTS_SESSIONS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AGENTS_SESSIONS_DATABASE_URL", "DATABASE_URL"),
+        description=(
+            "SQLAlchemy URL of the database, e.g. "
+            "postgresql://user:pass@host:5432/db?pool_size=20&max_overflow=10. "
+            "Pool options in the query string configure the pool; the rest reach the "
+            "driver. When unset, the embedded SQLite file at sqlite_path is used."
+        ),
+    )
+    auto_migrate: bool = Field(
+        default=True,
+        description=(
+            "On the first operation per engine, upgrade a missing or outdated schema to "
+            "head (under a lock). When False, a database behind head raises "
+            "SchemaNotAtHeadError asking for `alembic upgrade head`."
+        ),
+    )
+    echo: bool = Field(default=False, description="Log every SQL statement (SQLAlchemy echo).")
+    sqlite_path: Path = Field(
+        default_factory=default_sqlite_path,
+        description="File of the embedded SQLite database used when no database_url is set.",
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        default=10_000,
+        ge=0,
+        description=(
+            "How long a SQLite connection waits for another process's write lock before "
+            "failing with 'database is locked'."
+        ),
+    )
+    migration_lock_id: int = Field(
+        default=0x6167_656E_7473,  # "agents" in ASCII: an arbitrary, recognisable key
+        description=(
+            "Key of the PostgreSQL advisory lock that serialises schema migrations "
+            "across processes and servers."
+        ),
+    )
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _blank_url_means_unset(cls, value: object) -> object:
+        # `DATABASE_URL=` in a .env file or a CI matrix means "not configured".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    def resolved_database_url(self) -> str:
+        """The URL to connect to: the configured one, or the embedded SQLite file."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.sqlite_path}"
+
+    def safe_database_url(self) -> str:
+        """The resolved URL with its password masked, fit for logs and messages."""
+        from .engine import mask_url  # local import: engine depends on this module
+
+        return mask_url(self.resolved_database_url())
+
+    @property
+    def uses_embedded_default(self) -> bool:
+        """True when no URL is configured and the embedded SQLite file is in use."""
+        return self.database_url is None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit ``overrides`` on top.
+
+    Validation problems surface as :class:`~agents_sessions.errors.ConfigurationError`
+    naming the field (the secret URL's value is never included).
+    """
+    from pydantic import ValidationError
+
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**clean)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors(include_input=False)
+        )
+        # `from None` on purpose: pydantic's own message quotes the input values,
+        # which for database_url would include the password.
+        raise ConfigurationError(f"invalid agents_sessions settings: {problems}") from None

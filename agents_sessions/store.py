@@ -1,0 +1,219 @@
+"""The store: one pooled engine per database URL per process, its schema check, its threads.
+
+:func:`get_store` is the entry point for the repository API and what every session
+object uses underneath. Thousands of session objects on one URL share one
+:class:`SessionStore`, so one ``QueuePool`` (at most ``pool_size + max_overflow``
+connections) and one thread pool of the same size.
+
+Transactions are owned here, never by the repositories:
+
+* :meth:`SessionStore.transaction` -- one transaction for several repository calls
+  (``BEGIN IMMEDIATE`` on SQLite, so writers in several processes queue instead of
+  deadlocking).
+* :meth:`SessionStore.read` -- reads; nothing is committed.
+* :meth:`SessionStore.single_statement` -- for an operation that is one statement on
+  PostgreSQL: runs it in autocommit mode there (one round trip: no BEGIN/COMMIT),
+  and as a transaction elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine
+
+from .engine import (
+    SQLITE_WRITE_OPTION,
+    DatabaseTarget,
+    create_pooled_engine,
+    log_embedded_default_once,
+    parse_database_url,
+)
+from .errors import translate_database_errors
+from .migrate import ensure_schema_at_head
+from .repositories import Repositories
+from .settings import Settings, load_settings
+
+
+@dataclass
+class _EngineState:
+    """What is shared by everything using one database URL in this process."""
+
+    target: DatabaseTarget
+    engine: Engine
+    executor: ThreadPoolExecutor
+    schema_lock: threading.Lock = field(default_factory=threading.Lock)
+    schema_ready: bool = False
+
+
+_states: dict[tuple[str, bool, int], _EngineState] = {}
+_states_lock = threading.Lock()
+
+
+def _engine_state(url: str, settings: Settings) -> _EngineState:
+    target = parse_database_url(url)
+    # The full URL (password included) is the identity: two passwords are two
+    # roles, and must not share connections. The key never leaves this dict.
+    key = (
+        target.url.render_as_string(hide_password=False),
+        settings.echo,
+        settings.sqlite_busy_timeout_ms,
+    )
+    with _states_lock:
+        state = _states.get(key)
+        if state is None:
+            engine = create_pooled_engine(
+                target, echo=settings.echo, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+            )
+            # One worker thread per connection the pool can hold: a blocking call
+            # never waits for a thread when a connection is free, and never holds a
+            # thread waiting for a connection that cannot exist.
+            executor = ThreadPoolExecutor(
+                max_workers=target.pool.max_connections, thread_name_prefix="agents_sessions"
+            )
+            state = _EngineState(target=target, engine=engine, executor=executor)
+            _states[key] = state
+    return state
+
+
+class SessionStore:
+    """A database of conversations: engine, pool, schema check and repositories.
+
+    Get one with :func:`get_store` (shared per URL), then::
+
+        with store.transaction() as repos:
+            repos.conversations.upsert("conv-1", user_id="u1", metadata={"channel": "web"})
+            repos.messages.append("conv-1", [{"role": "user", "content": "Hi"}])
+    """
+
+    def __init__(self, state: _EngineState, settings: Settings) -> None:
+        self._state = state
+        self.settings = settings
+
+    @property
+    def engine(self) -> Engine:
+        """The shared SQLAlchemy engine (``QueuePool``)."""
+        return self._state.engine
+
+    @property
+    def target(self) -> DatabaseTarget:
+        """The parsed URL and pool options."""
+        return self._state.target
+
+    @property
+    def dialect(self) -> str:
+        """``"postgresql"`` or ``"sqlite"``."""
+        return self._state.target.dialect
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Threads that run this store's blocking calls for the async session facade."""
+        return self._state.executor
+
+    def ensure_schema(self) -> None:
+        """Check (once per engine) that the schema is at head, migrating if allowed.
+
+        Thread-safe; after the first success it is a flag check, no I/O.
+        """
+        state = self._state
+        if state.schema_ready:
+            return
+        with state.schema_lock:
+            if state.schema_ready:
+                return
+            ensure_schema_at_head(
+                state.engine, auto_migrate=self.settings.auto_migrate, settings=self.settings
+            )
+            state.schema_ready = True
+
+    @contextmanager
+    def _connection(self, *, write: bool, autocommit: bool) -> Iterator[Connection]:
+        self.ensure_schema()
+        with (
+            translate_database_errors(self._state.target.pool.describe()),
+            self.engine.connect() as connection,
+        ):
+            if autocommit:
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+                yield connection
+                return
+            if write:
+                connection.execution_options(**{SQLITE_WRITE_OPTION: True})
+            with connection.begin():
+                yield connection
+
+    @contextmanager
+    def transaction(self) -> Iterator[Repositories]:
+        """Repositories inside one read-write transaction, committed on success.
+
+        Any exception rolls everything back. On SQLite the transaction starts with
+        ``BEGIN IMMEDIATE``.
+        """
+        with self._connection(write=True, autocommit=False) as connection:
+            yield Repositories(connection)
+
+    @contextmanager
+    def read(self) -> Iterator[Repositories]:
+        """Repositories for reading; the transaction is rolled back at the end."""
+        self.ensure_schema()
+        with (
+            translate_database_errors(self._state.target.pool.describe()),
+            self.engine.connect() as connection,
+        ):
+            yield Repositories(connection)
+            connection.rollback()
+
+    @contextmanager
+    def single_statement(self, *, write: bool) -> Iterator[Repositories]:
+        """Repositories for one operation that PostgreSQL runs as a single statement.
+
+        On PostgreSQL the connection is in autocommit mode: the statement is its own
+        transaction (atomic), and the call costs one round trip instead of three. On
+        SQLite, where the same operation takes several statements, it is a
+        transaction (``BEGIN IMMEDIATE`` when ``write``).
+        """
+        autocommit = self.dialect == "postgresql"
+        with self._connection(write=write, autocommit=autocommit) as connection:
+            yield Repositories(connection)
+
+    def dispose(self) -> None:
+        """Close the pooled connections of this store's engine (e.g. at shutdown)."""
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self._state.target.safe_url!r})"
+
+
+def get_store(database_url: str | None = None, *, settings: Settings | None = None) -> SessionStore:
+    """The shared :class:`SessionStore` for ``database_url``.
+
+    ``database_url`` defaults to the settings (``DATABASE_URL`` /
+    ``AGENTS_SESSIONS_DATABASE_URL`` / ``.env``), then to the embedded SQLite file.
+    Creating a store does not connect; the first operation does, and checks the
+    schema.
+
+    Raises:
+        ConfigurationError: the URL or a pool parameter in it is invalid.
+    """
+    settings = settings or load_settings()
+    url = database_url if database_url is not None else settings.resolved_database_url()
+    if database_url is None and settings.uses_embedded_default:
+        log_embedded_default_once(settings.sqlite_path)
+    return SessionStore(_engine_state(url, settings), settings)
+
+
+def dispose_all() -> None:
+    """Dispose every engine and stop every worker thread created by this package.
+
+    For graceful shutdown (and tests); stores obtained later start afresh.
+    """
+    with _states_lock:
+        states = list(_states.values())
+        _states.clear()
+    for state in states:
+        state.executor.shutdown(wait=True)
+        state.engine.dispose()
