@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool, QueuePool
 
 from .errors import ConfigurationError
@@ -176,8 +176,9 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
             raise ConfigurationError("database URL is empty")
         try:
             url = make_url(raw_url)
-        except ArgumentError:
-            # SQLAlchemy's message quotes the whole URL, password included.
+        except (ArgumentError, ValueError):
+            # SQLAlchemy's message quotes the whole URL, password included (a bad port
+            # surfaces as a bare ValueError from int()).
             raise ConfigurationError(
                 "database URL could not be parsed; expected e.g. "
                 "postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db"
@@ -188,8 +189,10 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     backend = url.get_backend_name()
     # A bare scheme means psycopg2 (SQLAlchemy 2.1 would pick psycopg 3); `postgres://`
     # is the Heroku-style alias SQLAlchemy no longer accepts.
-    bare_postgres = backend == "postgresql" and "+" not in url.drivername
-    if backend == "postgres" or bare_postgres:
+    if backend == "postgres":
+        driver = url.get_driver_name() if "+" in url.drivername else "psycopg2"
+        url = url.set(drivername=f"postgresql+{driver}")
+    elif backend == "postgresql" and "+" not in url.drivername:
         url = url.set(drivername="postgresql+psycopg2")
     elif backend not in ("postgresql", "sqlite"):
         raise ConfigurationError(
@@ -277,20 +280,29 @@ def create_pooled_engine(
         if pooled
         else {"poolclass": NullPool}
     )
-    engine = create_engine(target.url, echo=echo, connect_args=connect_args, **pool_arguments)
+    try:
+        engine = create_engine(target.url, echo=echo, connect_args=connect_args, **pool_arguments)
+    except (ImportError, NoSuchModuleError) as exc:
+        raise ConfigurationError(
+            f"the database driver {target.url.drivername!r} is not available ({exc}); "
+            "use postgresql:// (psycopg2, installed with agents_sessions) or install it"
+        ) from exc
     if target.dialect == "sqlite":
         _configure_sqlite(engine, sqlite_busy_timeout_ms)
     return engine
 
 
-_default_location_logged = threading.Event()
+_logged_default_locations: set[Path] = set()
+_logged_default_locations_lock = threading.Lock()
 
 
 def log_embedded_default_once(path: Path) -> None:
-    """Say once per process where the zero-configuration SQLite file is."""
-    if not _default_location_logged.is_set():
-        _default_location_logged.set()
-        logger.info(
-            "agents_sessions: no DATABASE_URL configured; using the embedded SQLite database at %s",
-            path,
-        )
+    """Say once per process (and per file) where the zero-configuration SQLite file is."""
+    with _logged_default_locations_lock:
+        if path in _logged_default_locations:
+            return
+        _logged_default_locations.add(path)
+    logger.info(
+        "agents_sessions: no DATABASE_URL configured; using the embedded SQLite database at %s",
+        path,
+    )

@@ -41,6 +41,9 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
     nested items do not hit the recursion limit here.
     """
     stack: list[tuple[Any, str]] = [(item, "")]
+    # Containers already checked: a shared sub-object is checked once, and a cycle
+    # ends the walk here (json.dumps then reports it as a circular reference).
+    seen: set[int] = set()
     while stack:
         value, path = stack.pop()
         if isinstance(value, str) or value is None or isinstance(value, bool | int):
@@ -49,6 +52,10 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
             if not math.isfinite(value):
                 return f"{path or 'the item'} is {value!r}, which JSON cannot represent", False
             continue
+        if isinstance(value, dict | list):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
         if isinstance(value, dict):
             for key, child in value.items():
                 if not isinstance(key, str):

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
         env_prefix="AGENTS_SESSIONS_",
         env_file=".env",
         env_file_encoding="utf-8",
+        # `AGENTS_SESSIONS_DATABASE_URL=` must not hide a configured DATABASE_URL.
+        env_ignore_empty=True,
         extra="ignore",
         populate_by_name=True,
         validate_default=True,

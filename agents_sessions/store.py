@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine
 from .engine import (
     SQLITE_WRITE_OPTION,
     DatabaseTarget,
+    PoolOptions,
     create_pooled_engine,
     log_embedded_default_once,
     parse_database_url,
@@ -50,16 +51,18 @@ class _EngineState:
     schema_ready: bool = False
 
 
-_states: dict[tuple[str, bool, int], _EngineState] = {}
+_states: dict[tuple[str, PoolOptions, bool, int], _EngineState] = {}
 _states_lock = threading.Lock()
 
 
 def _engine_state(url: str, settings: Settings) -> _EngineState:
     target = parse_database_url(url)
     # The full URL (password included) is the identity: two passwords are two
-    # roles, and must not share connections. The key never leaves this dict.
+    # roles, and must not share connections; two pool configurations are two pools.
+    # The key never leaves this dict.
     key = (
         target.url.render_as_string(hide_password=False),
+        target.pool,
         settings.echo,
         settings.sqlite_busy_timeout_ms,
     )

@@ -1,0 +1,173 @@
+"""Test fixtures: a real PostgreSQL server and real SQLite files, fresh databases per run.
+
+Where PostgreSQL comes from, in order:
+
+1. ``TEST_DATABASE_URL`` (any database on the server; the tests create their own
+   databases next to it and drop them afterwards);
+2. testcontainers, when a Docker engine answers;
+3. nowhere: the PostgreSQL tests are skipped with a loud reason -- unless the run
+   demands PostgreSQL (``CI`` or ``AGENTS_SESSIONS_REQUIRE_POSTGRES`` set), in which
+   case they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from agents_sessions import dispose_all
+from agents_sessions.engine import parse_database_url
+
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def _postgres_required() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in _TRUTHY
+        for name in ("CI", "AGENTS_SESSIONS_REQUIRE_POSTGRES")
+    )
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+class PostgresServer:
+    """A PostgreSQL server on which tests create (and drop) databases of their own."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = parse_database_url(admin_url).url
+        self._engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        self._created: list[str] = []
+
+    def create_database(self, prefix: str = "agents_sessions_test") -> str:
+        """Create an empty database and return its URL (with the admin credentials)."""
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with self._engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        self._created.append(name)
+        return self.admin_url.set(database=name).render_as_string(hide_password=False)
+
+    def execute(self, statement: str) -> None:
+        with self._engine.connect() as connection:
+            connection.execute(text(statement))
+
+    def drop_all(self) -> None:
+        dispose_all()  # our pools hold connections into these databases
+        with self._engine.connect() as connection:
+            for name in self._created:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self._created.clear()
+        self._engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The PostgreSQL server of this test run (see the module docstring)."""
+    url = os.environ.get("TEST_DATABASE_URL", "").strip()
+    container = None
+    if not url:
+        if _docker_answers():
+            from testcontainers.postgres import PostgresContainer
+
+            container = PostgresContainer("postgres:16-alpine", driver="psycopg2")
+            container.start()
+            url = container.get_connection_url()
+        elif _postgres_required():
+            pytest.fail(
+                "PostgreSQL is required (CI / AGENTS_SESSIONS_REQUIRE_POSTGRES is set) but "
+                "TEST_DATABASE_URL is unset and no Docker engine answers",
+                pytrace=False,
+            )
+        else:
+            pytest.skip(
+                "PostgreSQL TESTS SKIPPED: set TEST_DATABASE_URL (e.g. "
+                "postgresql://postgres@127.0.0.1:5432/postgres) or start Docker",
+            )
+    server = PostgresServer(url)
+    try:
+        with server._engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        message = f"cannot reach the PostgreSQL server at {make_url(url).render_as_string()}: {exc}"
+        if _postgres_required() or container is not None:
+            pytest.fail(message, pytrace=False)
+        pytest.skip("PostgreSQL TESTS SKIPPED: " + message)
+    yield server
+    server.drop_all()
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh database for this test run, shared by the behaviour tests."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh SQLite file for this test run, shared by the behaviour tests."""
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'sessions.sqlite3'}"
+
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each behaviour test runs once per backend."""
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """The shared database of this run for ``backend``."""
+    fixture = "postgres_url" if backend == "postgresql" else "sqlite_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def fresh_database_url(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[], str]:
+    """A factory of empty databases of ``backend`` (for migration and analytics tests)."""
+
+    def make() -> str:
+        if backend == "postgresql":
+            server: PostgresServer = request.getfixturevalue("postgres_server")
+            return server.create_database()
+        return f"sqlite:///{tmp_path / f'fresh-{uuid.uuid4().hex[:8]}.sqlite3'}"
+
+    return make
+
+
+@pytest.fixture
+def conversation_id() -> str:
+    """A conversation id no other test uses."""
+    return f"conv-{uuid.uuid4()}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Tests pass URLs explicitly; a developer's DATABASE_URL or .env must not leak in,
+    # and the embedded default must land in a temporary directory.
+    for name in list(os.environ):
+        configures_us = name == "DATABASE_URL" or name.startswith("AGENTS_SESSIONS_")
+        if configures_us and name != "AGENTS_SESSIONS_REQUIRE_POSTGRES":
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
