@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from agents import set_tracing_disabled
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -25,6 +26,9 @@ from agents_sessions import dispose_all
 from agents_sessions.engine import parse_database_url
 
 _TRUTHY = {"1", "true", "yes", "on"}
+
+# Offline runs: ScriptedModel needs no API key, and there is nowhere to export traces.
+set_tracing_disabled(True)
 
 
 def _postgres_required() -> bool:
