@@ -227,9 +227,11 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
+            # busy_timeout first: switching a new file to WAL needs a lock that another
+            # process opening the same file at the same moment may hold.
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             # WAL lets readers proceed while one writer writes, across processes.
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             cursor.execute("PRAGMA foreign_keys=ON")
             # NORMAL is durable against application crashes in WAL mode; only a power
             # loss can drop the last commits. It is SQLite's recommended WAL setting.
