@@ -83,6 +83,33 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
     return state
 
 
+@contextmanager
+def _driver_autocommit(connection: Connection) -> Iterator[None]:
+    """Run statements on ``connection`` in the driver's autocommit mode.
+
+    Each statement is then its own transaction, with no BEGIN/COMMIT round trips.
+    The driver's ``autocommit`` attribute is flipped directly rather than through
+    SQLAlchemy's ``isolation_level="AUTOCOMMIT"``: that option makes psycopg2 send
+    ``SET default_transaction_isolation`` when the connection goes back to the pool,
+    an extra round trip per call. Flipping the attribute outside a transaction
+    sends nothing, and it is flipped back before the connection is released, so the
+    pool only ever holds connections in their normal transactional mode.
+    """
+    driver_connection = connection.connection.dbapi_connection
+    assert driver_connection is not None
+    driver_connection.autocommit = True
+    try:
+        yield
+    finally:
+        # After a lost connection the driver object may be closed or replaced; the
+        # pool discards such connections anyway.
+        if (
+            connection.connection.dbapi_connection is driver_connection
+            and not getattr(driver_connection, "closed", False)
+        ):
+            driver_connection.autocommit = False
+
+
 class SessionStore:
     """A database of conversations: engine, pool, schema check and repositories.
 
@@ -141,8 +168,8 @@ class SessionStore:
             self.engine.connect() as connection,
         ):
             if autocommit:
-                connection.execution_options(isolation_level="AUTOCOMMIT")
-                yield connection
+                with _driver_autocommit(connection):
+                    yield connection
                 return
             if write:
                 connection.execution_options(**{SQLITE_WRITE_OPTION: True})
