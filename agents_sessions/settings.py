@@ -11,6 +11,7 @@ With no database URL anywhere, the package uses an embedded SQLite file (see
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -112,6 +113,46 @@ class Settings(BaseSettings):
     def uses_embedded_default(self) -> bool:
         """True when no URL is configured and the embedded SQLite file is in use."""
         return self.database_url is None
+
+
+_DefaultsKey = tuple[str, float | None, tuple[tuple[str, str], ...]]
+_defaults: dict[_DefaultsKey, Settings] = {}
+_defaults_lock = threading.Lock()
+
+
+def _environment_fingerprint() -> _DefaultsKey:
+    cwd = os.getcwd()
+    try:
+        env_file_mtime: float | None = os.stat(os.path.join(cwd, ".env")).st_mtime
+    except OSError:
+        env_file_mtime = None
+    relevant = tuple(
+        sorted(
+            (name, value)
+            for name, value in os.environ.items()
+            if name.startswith("AGENTS_SESSIONS_") or name in ("DATABASE_URL", "XDG_DATA_HOME")
+        )
+    )
+    return cwd, env_file_mtime, relevant
+
+
+def default_settings() -> Settings:
+    """The settings from the environment, parsed once per distinct environment.
+
+    Session objects are created per request; parsing the environment and ``.env``
+    each time would cost more than a database round trip. The cache is keyed by the
+    relevant environment variables, the working directory and ``.env``'s mtime, so
+    a changed environment is still seen.
+    """
+    key = _environment_fingerprint()
+    settings = _defaults.get(key)
+    if settings is None:
+        settings = load_settings()
+        with _defaults_lock:
+            if len(_defaults) > 64:  # environments churn only in tests; stay bounded
+                _defaults.clear()
+            _defaults[key] = settings
+    return settings
 
 
 def load_settings(**overrides: object) -> Settings:

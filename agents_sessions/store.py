@@ -37,7 +37,7 @@ from .engine import (
 from .errors import translate_database_errors
 from .migrate import ensure_schema_at_head
 from .repositories import Repositories
-from .settings import Settings, load_settings
+from .settings import Settings, default_settings
 
 
 @dataclass
@@ -55,7 +55,17 @@ _states: dict[tuple[str, PoolOptions, bool, int], _EngineState] = {}
 _states_lock = threading.Lock()
 
 
+# The same URL string as given by callers -> its state: a dict hit, so creating a
+# session object does not re-parse its URL. Entries are never removed except by
+# dispose_all(): an app uses a handful of URLs.
+_states_by_given_url: dict[tuple[str, bool, int], _EngineState] = {}
+
+
 def _engine_state(url: str, settings: Settings) -> _EngineState:
+    given = (url, settings.echo, settings.sqlite_busy_timeout_ms)
+    state = _states_by_given_url.get(given)
+    if state is not None:
+        return state
     target = parse_database_url(url)
     # The full URL (password included) is the identity: two passwords are two
     # roles, and must not share connections; two pool configurations are two pools.
@@ -80,6 +90,7 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
             )
             state = _EngineState(target=target, engine=engine, executor=executor)
             _states[key] = state
+        _states_by_given_url[given] = state
     return state
 
 
@@ -103,9 +114,8 @@ def _driver_autocommit(connection: Connection) -> Iterator[None]:
     finally:
         # After a lost connection the driver object may be closed or replaced; the
         # pool discards such connections anyway.
-        if (
-            connection.connection.dbapi_connection is driver_connection
-            and not getattr(driver_connection, "closed", False)
+        if connection.connection.dbapi_connection is driver_connection and not getattr(
+            driver_connection, "closed", False
         ):
             driver_connection.autocommit = False
 
@@ -229,7 +239,7 @@ def get_store(database_url: str | None = None, *, settings: Settings | None = No
     Raises:
         ConfigurationError: the URL or a pool parameter in it is invalid.
     """
-    settings = settings or load_settings()
+    settings = settings or default_settings()
     url = database_url if database_url is not None else settings.resolved_database_url()
     if database_url is None and settings.uses_embedded_default:
         log_embedded_default_once(settings.sqlite_path)
@@ -244,6 +254,7 @@ def dispose_all() -> None:
     with _states_lock:
         states = list(_states.values())
         _states.clear()
+        _states_by_given_url.clear()
     for state in states:
         state.executor.shutdown(wait=True)
         state.engine.dispose()
