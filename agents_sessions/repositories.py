@@ -335,6 +335,20 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         ) from None
 
 
+def _conversation_parameters(
+    conversation_id: str, user_id: str | None, metadata: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Validated parameters of the conversation upsert statements."""
+    validate_identifier(conversation_id)
+    if user_id is not None:
+        validate_identifier(user_id, name="user_id")
+    return {
+        "conversation_id": conversation_id,
+        "user_id": user_id,
+        "metadata": validate_metadata(metadata),
+    }
+
+
 class ConversationRepository:
     """Conversations: get, create-or-update, list per user, delete (cascading)."""
 
@@ -361,16 +375,9 @@ class ConversationRepository:
         ``user_id`` and ``metadata`` replace the stored values when given and leave
         them as they are when ``None``; ``updated_at`` is set to now either way.
         """
-        validate_identifier(conversation_id)
-        if user_id is not None:
-            validate_identifier(user_id, name="user_id")
         row = self.connection.execute(
             _UPSERT_CONVERSATION[_dialect(self.connection)],
-            {
-                "conversation_id": conversation_id,
-                "user_id": user_id,
-                "metadata": validate_metadata(metadata),
-            },
+            _conversation_parameters(conversation_id, user_id, metadata),
         ).one()
         return _conversation_record(row)
 
@@ -386,16 +393,9 @@ class ConversationRepository:
         Unlike :meth:`upsert`, an existing owner is kept (``user_id`` only fills a
         missing one). Used by writers that must serialise on the conversation.
         """
-        validate_identifier(conversation_id)
-        if user_id is not None:
-            validate_identifier(user_id, name="user_id")
         self.connection.execute(
             _ENSURE_CONVERSATION[_dialect(self.connection)],
-            {
-                "conversation_id": conversation_id,
-                "user_id": user_id,
-                "metadata": validate_metadata(metadata),
-            },
+            _conversation_parameters(conversation_id, user_id, metadata),
         )
 
     def list_by_user(

@@ -82,6 +82,22 @@ def _model_name(result: Any) -> str:
         return "unknown"
 
 
+def _usage_entry(
+    usage: Any, *, model: str, run_id: str, response_id: str | None = None
+) -> UsageEntry:
+    """A ``usage_logs`` row from an SDK ``Usage`` (of one request, or a whole run)."""
+    return UsageEntry(
+        model=model,
+        prompt_tokens=int(usage.input_tokens or 0),
+        completion_tokens=int(usage.output_tokens or 0),
+        total_tokens=int(usage.total_tokens or 0),
+        # A request's Usage may leave `requests` at 0; it still was one request.
+        requests=max(int(usage.requests or 0), 1 if response_id is not None else 0),
+        run_id=run_id,
+        response_id=response_id,
+    )
+
+
 class PostgreSQLSession:
     """An Agents SDK session stored in PostgreSQL (or the embedded SQLite default).
 
@@ -244,33 +260,16 @@ class PostgreSQLSession:
         """
         name = model or _model_name(result)
         run = run_id or uuid.uuid4().hex
-        entries: list[UsageEntry] = []
         if per_request:
-            for response in getattr(result, "raw_responses", []) or []:
-                usage = response.usage
-                entries.append(
-                    UsageEntry(
-                        model=name,
-                        prompt_tokens=int(usage.input_tokens or 0),
-                        completion_tokens=int(usage.output_tokens or 0),
-                        total_tokens=int(usage.total_tokens or 0),
-                        requests=max(int(usage.requests or 0), 1),
-                        run_id=run,
-                        response_id=response.response_id,
-                    )
+            responses = getattr(result, "raw_responses", None) or []
+            entries = [
+                _usage_entry(
+                    response.usage, model=name, run_id=run, response_id=response.response_id
                 )
+                for response in responses
+            ]
         else:
-            usage = result.context_wrapper.usage
-            entries.append(
-                UsageEntry(
-                    model=name,
-                    prompt_tokens=int(usage.input_tokens or 0),
-                    completion_tokens=int(usage.output_tokens or 0),
-                    total_tokens=int(usage.total_tokens or 0),
-                    requests=int(usage.requests or 0),
-                    run_id=run,
-                )
-            )
+            entries = [_usage_entry(result.context_wrapper.usage, model=name, run_id=run)]
         if not entries:
             return 0
         return await self._mutate(self._record_usage, entries)

@@ -14,20 +14,23 @@ from agents_sessions.engine import parse_database_url
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "01_basic_postgres.py"
 
 
-def test_basic_example_runs_and_stores_the_conversation(
-    fresh_database_url: object, tmp_path: Path
-) -> None:
-    url = fresh_database_url()  # type: ignore[operator]
-    env = {**os.environ, "DATABASE_URL": url}
-    env.pop("OPENAI_API_KEY", None)  # always the offline ScriptedModel here
-    completed = subprocess.run(
+def run_example(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in env.items() if key != "OPENAI_API_KEY"}  # offline
+    return subprocess.run(
         [sys.executable, str(EXAMPLE)],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_basic_example_runs_and_stores_the_conversation(
+    fresh_database_url: object, tmp_path: Path
+) -> None:
+    url = fresh_database_url()  # type: ignore[operator]
+    completed = run_example({**os.environ, "DATABASE_URL": url}, tmp_path)
     assert completed.returncode == 0, completed.stderr
     out = completed.stdout
     assert "You're Ada, and you're going to Lisbon." in out
@@ -51,16 +54,8 @@ def test_basic_example_needs_no_configuration(tmp_path: Path) -> None:
         for key, value in os.environ.items()
         if key != "DATABASE_URL" and not key.startswith("AGENTS_SESSIONS_")
     }
-    env.pop("OPENAI_API_KEY", None)
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
-    completed = subprocess.run(
-        [sys.executable, str(EXAMPLE)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    completed = run_example(env, tmp_path)
     assert completed.returncode == 0, completed.stderr
     database = tmp_path / "data" / "agents_sessions" / "sessions.sqlite3"
     assert database.is_file()
