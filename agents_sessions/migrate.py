@@ -144,7 +144,8 @@ def main() -> None:
     revision = sys.argv[1] if len(sys.argv) > 1 else "head"
     settings = load_settings()
     upgrade(settings=settings, revision=revision)
-    print(f"{settings.safe_database_url()} is at revision {revision}")
+    shown = head_revision() if revision == "head" else revision
+    print(f"{settings.safe_database_url()} is at revision {shown}")
 
 
 if __name__ == "__main__":
