@@ -17,7 +17,9 @@ for writes, so that two processes never deadlock upgrading read locks to write l
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,27 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     return DatabaseTarget(url=url, pool=pool)
 
 
+def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the file.
+
+    Switching a file to WAL needs an exclusive lock, and SQLite reports a conflict
+    there as "database is locked" at once, without consulting busy_timeout (seen
+    when several processes open a new file together). So retry, within the same
+    time budget busy_timeout would have given.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     database = engine.url.database
     assert database is not None
@@ -227,11 +250,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            # busy_timeout first: switching a new file to WAL needs a lock that another
-            # process opening the same file at the same moment may hold.
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             # WAL lets readers proceed while one writer writes, across processes.
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor, busy_timeout_ms)
             cursor.execute("PRAGMA foreign_keys=ON")
             # NORMAL is durable against application crashes in WAL mode; only a power
             # loss can drop the last commits. It is SQLite's recommended WAL setting.
