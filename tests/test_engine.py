@@ -411,7 +411,9 @@ def test_pool_exhaustion_raises_pool_timeout_error_naming_the_pool_settings(
     assert "pool_size=1" in message
     assert "max_overflow=0" in message
     assert "pool_timeout=0.5" in message
-    assert 0.4 <= outcome["elapsed"] < 5
+    # It waited for pool_timeout before giving up (that it gave up at all is the
+    # join above; no upper bound on a shared, noisy machine).
+    assert outcome["elapsed"] >= 0.4
     # The pool recovers once the connection is back.
     with store.read() as repos:
         assert repos.connection.exec_driver_sql("SELECT 1").scalar_one() == 1
@@ -479,11 +481,9 @@ def test_password_never_appears_in_reprs_of_store_session_settings_or_target() -
 def test_connection_error_is_database_error_with_cause_and_without_password() -> None:
     session = PostgreSQLSession("c", database_url=with_query(UNREACHABLE_PG, "connect_timeout=2"))
 
-    started = time.monotonic()
     with pytest.raises(DatabaseError) as info:
         asyncio.run(session.get_items())
 
-    assert time.monotonic() - started < 10
     assert not isinstance(info.value, PoolTimeoutError)
     assert isinstance(info.value.__cause__, sa_exc.OperationalError)
     assert_no_password(info.value)
