@@ -275,3 +275,23 @@ def test_constructing_a_session_does_no_io(tmp_path: Any) -> None:
     session = PostgreSQLSession("c", database_url=f"sqlite:///{path}")
     assert session.store.engine.pool.checkedout() == 0
     assert not path.parent.exists()
+
+
+async def test_an_explicit_psycopg3_url_still_works(
+    postgres_url: str, conversation_id: str
+) -> None:
+    pytest.importorskip("psycopg", reason="psycopg 3 is part of the test extra")
+    url = postgres_url.replace("postgresql+psycopg2://", "postgresql+psycopg://", 1)
+    assert url.startswith("postgresql+psycopg://")
+    session = PostgreSQLSession(conversation_id, database_url=url, metadata={"driver": 3})
+    assert session.store.engine.dialect.driver == "psycopg"
+    items = [user("a\x00b"), {"type": "function_call", "name": "f", "arguments": "{}"}]
+    await session.add_items(items)
+    assert await session.get_items() == items
+    assert await session.get_items(limit=1) == items[1:]
+    assert await session.pop_item() == items[1]
+    await session.clear_session()
+    assert await session.get_items() == []
+    with session.store.read() as repos:
+        record = repos.conversations.get(conversation_id)
+    assert record is not None and record.metadata == {"driver": 3}
