@@ -18,6 +18,7 @@ Transactions are owned here, never by the repositories:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,15 @@ _states_lock = threading.Lock()
 _states_by_given_url: dict[tuple[str, bool, int], _EngineState] = {}
 
 
+def _new_executor(target: DatabaseTarget) -> ThreadPoolExecutor:
+    # One worker thread per connection the pool can hold: a blocking call never
+    # waits for a thread when a connection is free, and never holds a thread
+    # waiting for a connection that cannot exist.
+    return ThreadPoolExecutor(
+        max_workers=target.pool.max_connections, thread_name_prefix="agents_sessions"
+    )
+
+
 def _engine_state(url: str, settings: Settings) -> _EngineState:
     given = (url, settings.echo, settings.sqlite_busy_timeout_ms)
     state = _states_by_given_url.get(given)
@@ -85,10 +95,7 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
             # One worker thread per connection the pool can hold: a blocking call
             # never waits for a thread when a connection is free, and never holds a
             # thread waiting for a connection that cannot exist.
-            executor = ThreadPoolExecutor(
-                max_workers=target.pool.max_connections, thread_name_prefix="agents_sessions"
-            )
-            state = _EngineState(target=target, engine=engine, executor=executor)
+            state = _EngineState(target=target, engine=engine, executor=_new_executor(target))
             _states[key] = state
         _states_by_given_url[given] = state
     return state
@@ -244,6 +251,26 @@ def get_store(database_url: str | None = None, *, settings: Settings | None = No
     if database_url is None and settings.uses_embedded_default:
         log_embedded_default_once(settings.sqlite_path)
     return SessionStore(_engine_state(url, settings), settings)
+
+
+def _reset_after_fork() -> None:
+    """In a forked child (gunicorn --preload, multiprocessing): fresh pools and threads.
+
+    Pooled connections inherited from the parent share its sockets; using them from
+    two processes corrupts both sessions, so the child drops them without closing
+    (closing would end the parent's connections too) and opens its own on demand.
+    Worker threads do not survive a fork, so the executors are replaced as well.
+    """
+    global _states_lock
+    _states_lock = threading.Lock()
+    for state in _states.values():
+        state.engine.dispose(close=False)
+        state.executor = _new_executor(state.target)
+        state.schema_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def dispose_all() -> None:

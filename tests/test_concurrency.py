@@ -193,3 +193,32 @@ async def test_pops_and_appends_interleave_without_loss(
     remaining = await session.get_items()
     contents = [item["content"] for item in popped + remaining]
     assert sorted(contents) == sorted(f"a{n}" for n in range(40))
+
+
+def test_a_forked_child_uses_its_own_connections(database_url: str, conversation_id: str) -> None:
+    # gunicorn --preload and multiprocessing fork a process whose pool already holds
+    # connections; child and parent must not share them.
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    asyncio.run(session.add_items([{"role": "user", "content": "parent before"}]))
+    assert session.store.engine.pool.checkedin() >= 1  # an inherited connection exists
+
+    context = multiprocessing.get_context("fork")
+    results: Any = context.Queue()
+
+    def child() -> None:
+        try:
+            asyncio.run(session.add_items([{"role": "user", "content": "child"}]))
+            results.put([item["content"] for item in asyncio.run(session.get_items())])
+        except BaseException as exc:
+            results.put(repr(exc))
+
+    process = context.Process(target=child)
+    process.start()
+    seen_by_child = results.get(timeout=60)
+    process.join(timeout=60)
+    assert seen_by_child == ["parent before", "child"]
+    assert process.exitcode == 0
+    # The parent's pooled connection survived the child's life and exit.
+    asyncio.run(session.add_items([{"role": "user", "content": "parent after"}]))
+    contents = [item["content"] for item in asyncio.run(session.get_items())]
+    assert contents == ["parent before", "child", "parent after"]
