@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -150,18 +150,32 @@ _metadata_param = bindparam(
 )
 
 
-def _conversation_upsert(dialect_insert: Any, *, replace_user: bool) -> Any:
+# An empty JSON object as each dialect wants it in COALESCE: PostgreSQL needs the
+# jsonb type spelled out; SQLite must NOT get CAST(... AS JSON), which its type
+# affinity rules turn into the number 0.
+_EMPTY_METADATA = {
+    "postgresql": cast(literal_column("'{}'"), JSONB),
+    "sqlite": literal_column("'{}'"),
+}
+
+
+# Both dialects' INSERTs offer on_conflict_do_update() with the same signature.
+_DIALECT_INSERT: dict[str, Callable[..., Any]] = {
+    "postgresql": postgresql.insert,
+    "sqlite": sqlite.insert,
+}
+
+
+def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
     """INSERT a conversation, or touch it (and update what was given) if it exists.
 
     ON CONFLICT DO UPDATE also locks the conversation row until the transaction
     ends; appends rely on that lock to serialise writers of one conversation.
     """
-    statement = dialect_insert(conversations).values(
+    statement = _DIALECT_INSERT[dialect_name](conversations).values(
         id=bindparam("conversation_id"),
         user_id=bindparam("user_id", type_=Text),
-        metadata=func.coalesce(
-            _metadata_param, cast(literal_column("'{}'"), conversations.c.metadata.type)
-        ),
+        metadata=func.coalesce(_metadata_param, _EMPTY_METADATA[dialect_name]),
         created_at=utcnow(),
         updated_at=utcnow(),
     )
@@ -183,14 +197,11 @@ def _conversation_upsert(dialect_insert: Any, *, replace_user: bool) -> Any:
 
 
 _ENSURE_CONVERSATION = {
-    "postgresql": _conversation_upsert(postgresql.insert, replace_user=False),
-    "sqlite": _conversation_upsert(sqlite.insert, replace_user=False),
+    name: _conversation_upsert(name, replace_user=False) for name in _DIALECT_INSERT
 }
 _UPSERT_CONVERSATION = {
-    "postgresql": _conversation_upsert(postgresql.insert, replace_user=True).returning(
-        *conversations.c
-    ),
-    "sqlite": _conversation_upsert(sqlite.insert, replace_user=True).returning(*conversations.c),
+    name: _conversation_upsert(name, replace_user=True).returning(*conversations.c)
+    for name in _DIALECT_INSERT
 }
 
 

@@ -49,6 +49,19 @@ def test_upsert_creates_then_updates_a_conversation(
         assert repos.conversations.get(conversation_id + "-missing") is None
 
 
+async def test_conversations_without_metadata_store_an_empty_json_object(
+    database_url: str, conversation_id: str
+) -> None:
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    await session.add_items([user("x")])
+    with session.store.engine.connect() as connection:
+        stored = connection.execute(
+            text("SELECT metadata FROM conversations WHERE id = :c"), {"c": conversation_id}
+        ).scalar_one()
+    # jsonb comes back parsed on PostgreSQL; SQLite hands back the JSON text.
+    assert stored in ({}, "{}"), stored
+
+
 def test_a_failed_transaction_leaves_nothing(database_url: str, conversation_id: str) -> None:
     store = get_store(database_url)
     with pytest.raises(RuntimeError, match="boom"), store.transaction() as repos:
