@@ -24,8 +24,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.pool import QueuePool
 
 from .engine import (
     SQLITE_WRITE_OPTION,
@@ -145,6 +147,11 @@ class SessionStore:
     def engine(self) -> Engine:
         """The shared SQLAlchemy engine (``QueuePool``)."""
         return self._state.engine
+
+    @property
+    def pool(self) -> QueuePool:
+        """The engine's connection pool (``checkedout()``, ``status()``, ...)."""
+        return cast(QueuePool, self._state.engine.pool)
 
     @property
     def target(self) -> DatabaseTarget:

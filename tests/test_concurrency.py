@@ -200,7 +200,7 @@ def test_a_forked_child_uses_its_own_connections(database_url: str, conversation
     # connections; child and parent must not share them.
     session = PostgreSQLSession(conversation_id, database_url=database_url)
     asyncio.run(session.add_items([{"role": "user", "content": "parent before"}]))
-    assert session.store.engine.pool.checkedin() >= 1  # an inherited connection exists
+    assert session.store.pool.checkedin() >= 1  # an inherited connection exists
 
     context = multiprocessing.get_context("fork")
     results: Any = context.Queue()

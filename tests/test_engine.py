@@ -277,20 +277,20 @@ def test_thousand_sessions_on_one_url_share_one_engine_and_open_no_connection(
     engine = sessions[0].store.engine
     assert all(session.store.engine is engine for session in sessions)
     assert all(session.store.executor is sessions[0].store.executor for session in sessions)
-    assert engine.pool.checkedout() == 0
+    assert sessions[0].store.pool.checkedout() == 0
+    database = make_url(url).database
+    assert database is not None
     if backend == "postgresql":
         admin = request.getfixturevalue("pg_admin")
-        database = make_url(url).database
-        assert database is not None
         assert backend_count(admin, database) == 0
     else:
-        assert not Path(make_url(url).database or "").exists()
+        assert not Path(database).exists()
 
     assert asyncio.run(sessions[0].get_items()) == []
 
     # The first call did connect (so the checks above could have seen it)...
-    assert engine.pool.checkedin() >= 1
-    assert engine.pool.checkedout() == 0
+    assert sessions[0].store.pool.checkedin() >= 1
+    assert sessions[0].store.pool.checkedout() == 0
     if backend == "postgresql":
         assert backend_count(admin, database) >= 1
     # ...and a different URL gets an engine of its own.
@@ -360,7 +360,7 @@ def test_pool_never_exceeds_pool_size_plus_max_overflow_under_50_concurrent_sess
         return stored
 
     async def main() -> list[Any]:
-        return await asyncio.gather(*(round_trip(index) for index in range(50)))
+        return list(await asyncio.gather(*(round_trip(index) for index in range(50))))
 
     poller = threading.Thread(target=poll_server, daemon=True)
     poller.start()

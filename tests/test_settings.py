@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from agents_sessions import (
     ConfigurationError,
@@ -124,7 +124,7 @@ def test_explicit_overrides_win_over_environment_and_dotenv(
     assert configured_url(settings) == EXPLICIT_URL
     assert settings.auto_migrate is True
     assert settings.sqlite_busy_timeout_ms == 77
-    assert configured_url(Settings(database_url=EXPLICIT_URL)) == EXPLICIT_URL
+    assert configured_url(Settings(database_url=SecretStr(EXPLICIT_URL))) == EXPLICIT_URL
     # An explicit URL given to a session or store beats every setting too.
     assert PostgreSQLSession("c", database_url=EXPLICIT_URL).store.target.url.database == (
         "explicit"
