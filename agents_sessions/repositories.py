@@ -51,7 +51,13 @@ from .models import (
     usage_logs_table,
     utcnow,
 )
-from .validation import validate_identifier, validate_limit, validate_metadata
+from .validation import (
+    validate_count,
+    validate_identifier,
+    validate_limit,
+    validate_metadata,
+    validate_text,
+)
 
 conversations = conversations_table
 messages = messages_table
@@ -63,8 +69,27 @@ usage_logs = usage_logs_table
 
 
 def _aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything this package stores is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    """A stored timestamp as an aware UTC datetime.
+
+    SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the
+    session's TimeZone.
+    """
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _utc(value: datetime, *, name: str) -> datetime:
+    """A caller's datetime as UTC (naive means UTC), for comparison with stored ones.
+
+    SQLite stores timestamps as UTC text and binds a datetime by its wall-clock
+    fields, ignoring any offset, so the conversion must happen here.
+    """
+    if not isinstance(value, datetime):
+        raise InvalidArgumentError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -278,7 +303,8 @@ _NEWEST_ID = (
     .scalar_subquery()
 )
 # DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
-# newest row, only the one whose DELETE removes it gets the payload back.
+# newest row, only the one whose DELETE removes it gets the payload back. (SQLite
+# form; under BEGIN IMMEDIATE nothing can race it.)
 _DELETE_NEWEST = (
     delete(messages)
     .where(messages.c.id == _NEWEST_ID)
@@ -287,7 +313,31 @@ _DELETE_NEWEST = (
 
 
 def _postgres_pop() -> Any:
-    popped = _DELETE_NEWEST.cte("popped")
+    """One statement: lock the conversation, delete its newest item, touch ``updated_at``.
+
+    Lock order matters: every writer (append, pop, clear, delete) locks the
+    conversation row *before* any message row, so none can deadlock another. The
+    ``locked`` CTE takes that lock; the newest-id subquery depends on it.
+    """
+    locked = (
+        select(conversations.c.id)
+        .where(conversations.c.id == bindparam("conversation_id"))
+        .with_for_update()
+        .cte("locked")
+    )
+    newest = (
+        select(messages.c.id)
+        .where(messages.c.conversation_id == select(locked.c.id).scalar_subquery())
+        .order_by(messages.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    popped = (
+        delete(messages)
+        .where(messages.c.id == newest)
+        .returning(messages.c.conversation_id, messages.c.item)
+        .cte("popped")
+    )
     # A data-modifying CTE runs even though the outer query does not read it.
     touched = (
         update(conversations)
@@ -339,7 +389,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created_at, conversation_id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created_at), str(conversation_id)
+        return _utc(datetime.fromisoformat(created_at), name="after"), str(conversation_id)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         raise InvalidArgumentError(
             "after is not a cursor returned by list_by_user (next_cursor)"
@@ -446,6 +496,8 @@ class ConversationRepository:
         Returns whether it existed.
         """
         validate_identifier(conversation_id)
+        # DELETE locks the conversation row, then ON DELETE CASCADE the message and
+        # usage rows: the same conversation-first order as every other writer.
         result = self.connection.execute(
             delete(conversations).where(conversations.c.id == conversation_id)
         )
@@ -553,7 +605,7 @@ class MessageRepository:
         validate_identifier(conversation_id)
         query = _SELECT_RECORDS
         if after_id is not None:
-            query = query.where(messages.c.id > after_id)
+            query = query.where(messages.c.id > validate_count(after_id, name="after_id"))
         query = query.order_by(messages.c.id)
         count = validate_limit(limit)
         if count is not None:
@@ -603,8 +655,10 @@ class MessageRepository:
         """
         validate_identifier(conversation_id)
         parameters = {"conversation_id": conversation_id}
-        deleted = self.connection.execute(_CLEAR, parameters).rowcount
+        # Conversation row first, then its messages: the lock order every writer
+        # follows, so clear cannot deadlock with pop or delete.
         self.connection.execute(_TOUCH_CONVERSATION, parameters)
+        deleted = self.connection.execute(_CLEAR, parameters).rowcount
         return int(deleted or 0)
 
     def count(self, conversation_id: str) -> int:
@@ -615,12 +669,6 @@ class MessageRepository:
                 _COUNT_MESSAGES, {"conversation_id": conversation_id}
             ).scalar_one()
         )
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
-    return value
 
 
 class UsageRepository:
@@ -637,27 +685,28 @@ class UsageRepository:
         validate_identifier(conversation_id)
         rows = []
         for index, entry in enumerate(entries):
-            if not isinstance(entry.model, str) or not entry.model:
-                raise InvalidArgumentError(f"entries[{index}].model must be a non-empty str")
-            prompt = _check_count(f"entries[{index}].prompt_tokens", entry.prompt_tokens)
-            completion = _check_count(
-                f"entries[{index}].completion_tokens", entry.completion_tokens
-            )
-            total = (
-                prompt + completion
-                if entry.total_tokens is None
-                else _check_count(f"entries[{index}].total_tokens", entry.total_tokens)
+            where = f"entries[{index}]"
+            model = validate_text(entry.model, name=f"{where}.model")
+            if not model:
+                raise InvalidArgumentError(f"{where}.model must not be empty")
+            prompt = validate_count(entry.prompt_tokens, name=f"{where}.prompt_tokens")
+            completion = validate_count(entry.completion_tokens, name=f"{where}.completion_tokens")
+            total = validate_count(
+                prompt + completion if entry.total_tokens is None else entry.total_tokens,
+                name=f"{where}.total_tokens",
             )
             rows.append(
                 {
                     "conversation_id": conversation_id,
-                    "model": entry.model,
+                    "model": model,
                     "prompt_tokens": prompt,
                     "completion_tokens": completion,
                     "total_tokens": total,
-                    "requests": _check_count(f"entries[{index}].requests", entry.requests),
-                    "run_id": entry.run_id,
-                    "response_id": entry.response_id,
+                    "requests": validate_count(entry.requests, name=f"{where}.requests"),
+                    "run_id": validate_text(entry.run_id, name=f"{where}.run_id", optional=True),
+                    "response_id": validate_text(
+                        entry.response_id, name=f"{where}.response_id", optional=True
+                    ),
                 }
             )
         if rows:
@@ -677,7 +726,7 @@ class UsageRepository:
                 usage_logs.join(conversations, conversations.c.id == usage_logs.c.conversation_id)
             )
         if since is not None:
-            query = query.where(usage_logs.c.timestamp >= since)
+            query = query.where(usage_logs.c.timestamp >= _utc(since, name="since"))
         return query.group_by(key).order_by(func.sum(usage_logs.c.total_tokens).desc(), key)
 
     @staticmethod
