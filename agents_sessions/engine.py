@@ -133,12 +133,23 @@ def _parse_pool_options(url: URL) -> PoolOptions:
     return PoolOptions(**values)
 
 
+# libpq also takes secrets as query parameters (?password=...).
+_SECRET_QUERY_PARAMETERS = ("password", "sslpassword")
+
+
 def mask_url(url: str | URL) -> str:
-    """Render ``url`` with its password replaced by ``***``; safe for logs and errors."""
+    """Render ``url`` with its password replaced by ``***``; safe for logs and errors.
+
+    Masks the ``user:password@`` part and secret query parameters (``password=``,
+    ``sslpassword=``), which libpq accepts too.
+    """
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return "<unparseable database URL>"
+    secrets = [name for name in parsed.query if name.lower() in _SECRET_QUERY_PARAMETERS]
+    if secrets:
+        parsed = parsed.update_query_dict({name: "***" for name in secrets})
     return parsed.render_as_string(hide_password=True)
 
 
@@ -209,6 +220,10 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
 
     pool = _parse_pool_options(url)
     url = url.difference_update_query(_POOL_PARAMETERS)
+    if "password" in url.query and url.password is None:
+        # libpq's ?password= moved where SQLAlchemy masks it (reprs, logs); the
+        # driver receives it the same way.
+        url = url.set(password=_single_value(url, "password")).difference_update_query(["password"])
     return DatabaseTarget(url=url, pool=pool)
 
 
@@ -272,6 +287,25 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
             connection.exec_driver_sql("BEGIN")
 
 
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _pin_read_committed(dbapi_connection: Any, _record: Any) -> None:
+        # The ordering and pop guarantees rely on READ COMMITTED: each statement
+        # sees what committed before it began, and a row lock wait re-checks the
+        # row. A role or database defaulting to REPEATABLE READ or SERIALIZABLE
+        # would turn concurrent appends and pops into serialization failures.
+        # Once per new connection, in autocommit so no transaction is left open.
+        dbapi_connection.autocommit = True
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute(
+                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"
+            )
+            cursor.close()
+        finally:
+            dbapi_connection.autocommit = False
+
+
 def create_pooled_engine(
     target: DatabaseTarget,
     *,
@@ -312,6 +346,8 @@ def create_pooled_engine(
         ) from exc
     if target.dialect == "sqlite":
         _configure_sqlite(engine, sqlite_busy_timeout_ms)
+    else:
+        _configure_postgresql(engine)
     return engine
 
 

@@ -34,18 +34,24 @@ class EncodedItem:
     document: str
 
 
+#: Deepest nesting of lists/objects accepted in an item. Python's JSON parser
+#: recurses once per level and runs deep inside the driver's result fetching, so
+#: an item much deeper than this could be written but never read back.
+MAX_NESTING_DEPTH = 512
+
+
 def _exactness_problem(item: Any) -> tuple[str, bool] | None:
-    """Find a value that JSON would store but not give back equal.
+    """Find a value that JSON would store but not give back equal (or not read back).
 
     Returns ``(description, is_type_problem)`` or ``None``. Iterative, so deeply
     nested items do not hit the recursion limit here.
     """
-    stack: list[tuple[Any, str]] = [(item, "")]
+    stack: list[tuple[Any, str, int]] = [(item, "", 0)]
     # Containers already checked: a shared sub-object is checked once, and a cycle
     # ends the walk here (json.dumps then reports it as a circular reference).
     seen: set[int] = set()
     while stack:
-        value, path = stack.pop()
+        value, path, depth = stack.pop()
         if isinstance(value, str) or value is None or isinstance(value, bool | int):
             continue
         if isinstance(value, float):
@@ -53,6 +59,8 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
                 return f"{path or 'the item'} is {value!r}, which JSON cannot represent", False
             continue
         if isinstance(value, dict | list):
+            if depth >= MAX_NESTING_DEPTH:
+                return f"the item is nested too deeply (over {MAX_NESTING_DEPTH} levels)", False
             if id(value) in seen:
                 continue
             seen.add(id(value))
@@ -64,10 +72,12 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
                         "(JSON would turn it into a string)",
                         True,
                     )
-                stack.append((child, f"{path}[{key!r}]"))
+                stack.append((child, f"{path}[{key!r}]", depth + 1))
             continue
         if isinstance(value, list):
-            stack.extend((child, f"{path}[{index}]") for index, child in enumerate(value))
+            stack.extend(
+                (child, f"{path}[{index}]", depth + 1) for index, child in enumerate(value)
+            )
             continue
         kind = type(value).__name__
         return (

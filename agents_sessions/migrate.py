@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -24,6 +25,11 @@ from sqlalchemy import Connection, Engine
 from .engine import parse_database_url
 from .errors import SchemaNotAtHeadError, translate_database_errors
 from .settings import Settings, load_settings
+
+# Alembic's `context` and `op` are process-global proxies: two migrations running in
+# one process at once (two engines' first use, say) would cross their wires. The
+# database lock in env.py serialises processes; this serialises threads.
+_alembic_lock = threading.Lock()
 
 
 def migrations_directory() -> Path:
@@ -95,7 +101,7 @@ def upgrade(
     settings = settings or load_settings()
     url = database_url or settings.resolved_database_url()
     parse_database_url(url)  # a bad URL fails here, with a clear message
-    with translate_database_errors():
+    with translate_database_errors(), _alembic_lock:
         command.upgrade(alembic_config(database_url=url, settings=settings), revision)
 
 
@@ -134,7 +140,8 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
                 "`python -m agents_sessions.migrate`) with DATABASE_URL set, or enable "
                 "auto-migration (AGENTS_SESSIONS_AUTO_MIGRATE=true)"
             )
-        command.upgrade(alembic_config(connection=connection, settings=settings), "head")
+        with _alembic_lock:
+            command.upgrade(alembic_config(connection=connection, settings=settings), "head")
 
 
 def main() -> None:

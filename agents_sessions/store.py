@@ -29,6 +29,9 @@ from typing import cast
 from sqlalchemy import Connection, Engine
 from sqlalchemy.pool import QueuePool
 
+from . import engine as engine_module
+from . import migrate as migrate_module
+from . import settings as settings_module
 from .engine import (
     SQLITE_WRITE_OPTION,
     DatabaseTarget,
@@ -52,6 +55,8 @@ class _EngineState:
     executor: ThreadPoolExecutor
     schema_lock: threading.Lock = field(default_factory=threading.Lock)
     schema_ready: bool = False
+    # Set by dispose_all(): stores holding this state look up a fresh one.
+    disposed: bool = False
 
 
 _states: dict[tuple[str, PoolOptions, bool, int], _EngineState] = {}
@@ -115,15 +120,17 @@ def _driver_autocommit(connection: Connection) -> Iterator[None]:
     sends nothing, and it is flipped back before the connection is released, so the
     pool only ever holds connections in their normal transactional mode.
     """
-    driver_connection = connection.connection.dbapi_connection
+    pooled = connection.connection  # taken once: after a disconnect this would raise
+    driver_connection = pooled.dbapi_connection
     assert driver_connection is not None
     driver_connection.autocommit = True
     try:
         yield
     finally:
-        # After a lost connection the driver object may be closed or replaced; the
-        # pool discards such connections anyway.
-        if connection.connection.dbapi_connection is driver_connection and not getattr(
+        # After a lost connection SQLAlchemy has invalidated the pooled connection
+        # (its dbapi_connection is gone) and will discard it; the original error
+        # then propagates untouched.
+        if pooled.dbapi_connection is driver_connection and not getattr(
             driver_connection, "closed", False
         ):
             driver_connection.autocommit = False
@@ -139,9 +146,19 @@ class SessionStore:
             repos.messages.append("conv-1", [{"role": "user", "content": "Hi"}])
     """
 
-    def __init__(self, state: _EngineState, settings: Settings) -> None:
-        self._state = state
+    def __init__(self, url: str, settings: Settings) -> None:
+        self._url = url
         self.settings = settings
+        self._current = _engine_state(url, settings)
+
+    @property
+    def _state(self) -> _EngineState:
+        state = self._current
+        if state.disposed:
+            # dispose_all() ran (a test, a graceful restart): carry on with a fresh
+            # engine for the same URL rather than fail on a shut-down executor.
+            state = self._current = _engine_state(self._url, self.settings)
+        return state
 
     @property
     def engine(self) -> Engine:
@@ -235,7 +252,10 @@ class SessionStore:
             yield Repositories(connection)
 
     def dispose(self) -> None:
-        """Close the pooled connections of this store's engine (e.g. at shutdown)."""
+        """Close the pooled connections of this store's engine (e.g. at shutdown).
+
+        The engine stays usable: it opens new connections when next needed.
+        """
         self.engine.dispose()
 
     def __repr__(self) -> str:
@@ -257,7 +277,7 @@ def get_store(database_url: str | None = None, *, settings: Settings | None = No
     url = database_url if database_url is not None else settings.resolved_database_url()
     if database_url is None and settings.uses_embedded_default:
         log_embedded_default_once(settings.sqlite_path)
-    return SessionStore(_engine_state(url, settings), settings)
+    return SessionStore(url, settings)
 
 
 def _reset_after_fork() -> None:
@@ -269,7 +289,11 @@ def _reset_after_fork() -> None:
     Worker threads do not survive a fork, so the executors are replaced as well.
     """
     global _states_lock
+    # A lock held by a parent thread at fork time would stay held in the child.
     _states_lock = threading.Lock()
+    settings_module._defaults_lock = threading.Lock()
+    engine_module._logged_default_locations_lock = threading.Lock()
+    migrate_module._alembic_lock = threading.Lock()
     for state in _states.values():
         state.engine.dispose(close=False)
         state.executor = _new_executor(state.target)
@@ -290,5 +314,6 @@ def dispose_all() -> None:
         _states.clear()
         _states_by_given_url.clear()
     for state in states:
+        state.disposed = True
         state.executor.shutdown(wait=True)
         state.engine.dispose()

@@ -7,11 +7,24 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InvalidArgumentError, InvalidConversationIdError, ItemTypeError
+from .errors import (
+    InvalidArgumentError,
+    InvalidConversationIdError,
+    InvalidItemError,
+    ItemTypeError,
+)
+from .items import encode_document
 from .models import MAX_ID_LENGTH
 
 # A JSON \\u0000 escape that is not itself an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# Any \uD800-\uDFFF escape; ensure_ascii writes valid pairs as two escapes too, so
+# only flag a high surrogate not followed by a low one, or a low one on its own.
+_SURROGATE_ESCAPE = re.compile(
+    r"(?<!\\)(?:\\\\)*(?:\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})"
+    r"|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2})",
+    re.IGNORECASE,
+)
 
 
 def validate_identifier(value: object, *, name: str = "conversation_id") -> str:
@@ -42,35 +55,73 @@ def validate_identifier(value: object, *, name: str = "conversation_id") -> str:
     return value
 
 
+#: Largest value any 64-bit integer column or LIMIT accepts (both backends).
+MAX_INT64 = 2**63 - 1
+
+
+def validate_count(value: object, *, name: str) -> int:
+    """Return ``value`` if it is an int from 0 to 2**63-1, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= MAX_INT64:
+        raise InvalidArgumentError(f"{name} must be between 0 and 2**63-1, got {value}")
+    return value
+
+
+def validate_text(value: object, *, name: str, optional: bool = False) -> str | None:
+    """Return ``value`` if it is a storable string (no NUL, valid Unicode), else raise."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be a str, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidArgumentError(f"{name} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"{name} must be valid Unicode text") from None
+    return value
+
+
 def validate_limit(limit: object, *, name: str = "limit") -> int | None:
-    """Return ``limit`` if it is ``None`` or a non-negative int, else raise."""
+    """Return ``limit`` if it is ``None`` or a non-negative int, else raise.
+
+    A limit beyond any possible history (over 2**63-1) simply means "everything".
+    """
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise InvalidArgumentError(f"{name} must be an int or None, got {type(limit).__name__}")
     if limit < 0:
         raise InvalidArgumentError(f"{name} must be >= 0, got {limit}")
-    return limit
+    return min(limit, MAX_INT64)
 
 
 def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Check conversation metadata can be stored (as JSONB on PostgreSQL) and return a copy.
+    """Check conversation metadata can be stored exactly (as JSONB on PostgreSQL).
+
+    Returns a shallow copy. The same rules as items apply (string keys, JSON types,
+    finite numbers, bounded nesting), plus what ``jsonb`` rejects: NUL characters
+    and lone surrogates.
 
     Raises:
-        ItemTypeError: not a mapping, or not JSON-serializable.
-        InvalidArgumentError: holds a NUL character (``jsonb`` rejects it) or a
-            non-finite number.
+        ItemTypeError: not a mapping, or a value JSON cannot hold exactly.
+        InvalidArgumentError: a value ``jsonb`` or JSON cannot store.
     """
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
         raise ItemTypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        document = json.dumps(dict(metadata), ensure_ascii=False, allow_nan=False)
-    except TypeError as exc:
-        raise ItemTypeError(f"metadata is not JSON-serializable: {exc}") from exc
-    except ValueError as exc:
-        raise InvalidArgumentError(f"metadata cannot be stored as JSON: {exc}") from exc
+        encode_document(dict(metadata), where="metadata")
+    except ItemTypeError:
+        raise
+    except InvalidItemError as exc:
+        raise InvalidArgumentError(str(exc).replace("; nothing was written", "")) from None
+    # ensure_ascii: every NUL and lone surrogate shows up as an escape to look for.
+    document = json.dumps(dict(metadata), ensure_ascii=True)
     if _NUL_ESCAPE.search(document):
         raise InvalidArgumentError("metadata must not contain NUL characters")
+    if _SURROGATE_ESCAPE.search(document):
+        raise InvalidArgumentError("metadata must be valid Unicode text (a lone surrogate)")
     return dict(metadata)

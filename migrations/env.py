@@ -12,8 +12,8 @@ time (deploy jobs, or app servers auto-migrating on first use). Each takes a loc
 *before* Alembic reads the current revision, so the first one migrates and the
 others, once they get the lock, find the database at head and do nothing:
 
-* PostgreSQL: a session-level ``pg_advisory_lock``, held across Alembic's own
-  transaction and released afterwards.
+* PostgreSQL: ``pg_advisory_xact_lock`` as the first statement of Alembic's
+  (single) migration transaction, released when that transaction ends.
 * SQLite: the migration transaction begins with ``BEGIN IMMEDIATE`` (SQLite's one
   write lock), and DDL runs inside that transaction.
 """
@@ -77,20 +77,16 @@ def run_migrations_offline() -> None:
 
 def _migrate_locked(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
-        lock_id = _settings().migration_lock_id
-        # Session-level, so it outlives the transaction we commit right away; Alembic
-        # then reads the current revision and migrates in a transaction of its own.
-        connection.execute(text("SELECT pg_advisory_lock(:lock_id)"), {"lock_id": lock_id})
-        connection.commit()
-        try:
-            _configure(connection)
-            with context.begin_transaction():
-                context.run_migrations()
-        finally:
-            if connection.in_transaction():
-                connection.rollback()
-            connection.execute(text("SELECT pg_advisory_unlock(:lock_id)"), {"lock_id": lock_id})
-            connection.commit()
+        _configure(connection)
+        with context.begin_transaction():
+            # A transaction-level lock inside Alembic's one transaction: taken
+            # before Alembic reads the current revision, released by the COMMIT or
+            # ROLLBACK that ends the migration, so it cannot be left behind.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:lock_id)"),
+                {"lock_id": _settings().migration_lock_id},
+            )
+            context.run_migrations()
         return
 
     # SQLite: the listener installed by create_pooled_engine turns this option into

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from agents_sessions import InvalidItemError, PostgreSQLSession
-from agents_sessions.items import encode_items, readable_text
+from agents_sessions.items import MAX_NESTING_DEPTH, encode_items, readable_text
 
 
 def nested(depth: int) -> dict[str, Any]:
@@ -77,6 +77,29 @@ async def test_absurdly_deep_item_gets_a_clear_error_and_writes_nothing(
     with pytest.raises(InvalidItemError, match="nested too deeply"):
         await session.add_items([{"role": "user", "content": "ok"}, nested(5_000)])
     assert await session.get_items() == []
+
+
+def nested_lists(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+async def test_items_at_the_nesting_limit_round_trip_and_deeper_ones_are_refused(
+    database_url: str, conversation_id: str
+) -> None:
+    # The item dict is level 1, so MAX_NESTING_DEPTH - 1 nested lists fill the limit.
+    deepest = {"role": "user", "content": "deep", "data": nested_lists(MAX_NESTING_DEPTH - 1)}
+    too_deep = {"role": "user", "content": "deep", "data": nested_lists(MAX_NESTING_DEPTH)}
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    with pytest.raises(InvalidItemError, match="nested too deeply"):
+        await session.add_items([too_deep])
+    await session.add_items([deepest])
+    # Readable back by every path, including pop's DELETE ... RETURNING.
+    assert await session.get_items() == [deepest]
+    assert await session.get_items(limit=1) == [deepest]
+    assert await session.pop_item() == deepest
 
 
 async def test_floats_keep_their_type(database_url: str, conversation_id: str) -> None:

@@ -254,6 +254,23 @@ def test_usage_totals_by_model_user_and_conversation(
     assert future == []
 
 
+def test_usage_since_respects_time_zones(
+    backend: str, fresh_database_url: Callable[[], str]
+) -> None:
+    store = get_store(fresh_database_url())
+    with store.transaction() as repos:
+        repos.conversations.upsert("tz")
+        repos.usage.record("tz", [UsageEntry(model="m", prompt_tokens=1)])
+    india = timezone(timedelta(hours=5, minutes=30))
+    a_minute_ago = datetime.now(india) - timedelta(minutes=1)
+    in_a_minute = datetime.now(india) + timedelta(minutes=1)
+    with store.read() as repos:
+        assert [row.key for row in repos.usage.totals_by_model(since=a_minute_ago)] == ["m"]
+        assert repos.usage.totals_by_model(since=in_a_minute) == []
+        record = repos.conversations.get("tz")
+    assert record is not None and record.created_at.utcoffset() == timedelta(0)
+
+
 async def test_seed_analytics_sql_runs_verbatim(postgres_server: PostgresServer) -> None:
     # PostgreSQL only: the seed's SQL uses NOW() - INTERVAL.
     url = postgres_server.create_database()
