@@ -97,10 +97,7 @@ def encode_document(item: Any, *, where: str) -> str:
         InvalidItemError: a value JSON cannot represent (NaN, infinity, a cycle,
             nesting deeper than the serializer can follow).
     """
-    try:
-        problem = _exactness_problem(item)
-    except RecursionError:  # pragma: no cover - iterative walk; defensive only
-        problem = None
+    problem = _exactness_problem(item)
     if problem is not None:
         message, is_type_problem = problem
         error = ItemTypeError if is_type_problem else InvalidItemError

@@ -295,21 +295,29 @@ _SELECT_RECORDS = select(
     messages.c.created_at,
 ).where(messages.c.conversation_id == bindparam("conversation_id"))
 
-_NEWEST_ID = (
-    select(messages.c.id)
-    .where(messages.c.conversation_id == bindparam("conversation_id"))
-    .order_by(messages.c.id.desc())
-    .limit(1)
-    .scalar_subquery()
-)
-# DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
-# newest row, only the one whose DELETE removes it gets the payload back. (SQLite
-# form; under BEGIN IMMEDIATE nothing can race it.)
-_DELETE_NEWEST = (
-    delete(messages)
-    .where(messages.c.id == _NEWEST_ID)
-    .returning(messages.c.conversation_id, messages.c.item)
-)
+
+def _delete_newest(conversation_id: Any) -> Any:
+    """DELETE the newest message of ``conversation_id`` RETURNING it.
+
+    DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
+    newest row, only the one whose DELETE removes it gets the payload back.
+    """
+    newest = (
+        select(messages.c.id)
+        .where(messages.c.conversation_id == conversation_id)
+        .order_by(messages.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return (
+        delete(messages)
+        .where(messages.c.id == newest)
+        .returning(messages.c.conversation_id, messages.c.item)
+    )
+
+
+# SQLite form: under BEGIN IMMEDIATE nothing can race it.
+_DELETE_NEWEST = _delete_newest(bindparam("conversation_id"))
 
 
 def _postgres_pop() -> Any:
@@ -325,19 +333,7 @@ def _postgres_pop() -> Any:
         .with_for_update()
         .cte("locked")
     )
-    newest = (
-        select(messages.c.id)
-        .where(messages.c.conversation_id == select(locked.c.id).scalar_subquery())
-        .order_by(messages.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    popped = (
-        delete(messages)
-        .where(messages.c.id == newest)
-        .returning(messages.c.conversation_id, messages.c.item)
-        .cte("popped")
-    )
+    popped = _delete_newest(select(locked.c.id).scalar_subquery()).cte("popped")
     # A data-modifying CTE runs even though the outer query does not read it.
     touched = (
         update(conversations)

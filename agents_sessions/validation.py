@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -90,11 +89,9 @@ def validate_limit(limit: object, *, name: str = "limit") -> int | None:
     """
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise InvalidArgumentError(f"{name} must be an int or None, got {type(limit).__name__}")
-    if limit < 0:
-        raise InvalidArgumentError(f"{name} must be >= 0, got {limit}")
-    return min(limit, MAX_INT64)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_INT64:
+        return MAX_INT64
+    return validate_count(limit, name=name)
 
 
 def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -113,13 +110,13 @@ def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | No
     if not isinstance(metadata, Mapping):
         raise ItemTypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        encode_document(dict(metadata), where="metadata")
+        document = encode_document(dict(metadata), where="metadata")
     except ItemTypeError:
         raise
     except InvalidItemError as exc:
         raise InvalidArgumentError(str(exc).replace("; nothing was written", "")) from None
-    # ensure_ascii: every NUL and lone surrogate shows up as an escape to look for.
-    document = json.dumps(dict(metadata), ensure_ascii=True)
+    # JSON always escapes NUL, and encode_document escapes lone surrogates (and
+    # only then); both show up as \u escapes in the document.
     if _NUL_ESCAPE.search(document):
         raise InvalidArgumentError("metadata must not contain NUL characters")
     if _SURROGATE_ESCAPE.search(document):
