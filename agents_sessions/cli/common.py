@@ -1,0 +1,143 @@
+"""Conventions shared by every ``agents-sessions`` command.
+
+* The database URL comes from ``--database-url`` (on the top-level group), else
+  ``DATABASE_URL`` / ``AGENTS_SESSIONS_DATABASE_URL`` / ``.env`` like everything else,
+  else the embedded SQLite file. It is never printed with its password.
+* ``--json`` on a command prints one JSON document (or JSON Lines where a stream
+  is the natural shape) on stdout and nothing else there; human text and progress
+  bars go to stderr so a pipe stays clean.
+* Exit codes mean one thing each (see :class:`ExitCode`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from ..errors import AgentsSessionsError, ConfigurationError, DatabaseError, SchemaError
+from ..settings import Settings, load_settings
+from ..store import SessionStore, get_store
+
+_T = TypeVar("_T")
+
+
+class ExitCode(enum.IntEnum):
+    """What an ``agents-sessions`` exit status means."""
+
+    OK = 0
+    #: The command ran and found a problem (``doctor``, ``migrate check``), or was declined.
+    PROBLEM = 1
+    #: Bad command line (click's own usage errors use 2 as well).
+    USAGE = 2
+    #: Bad configuration: the URL, a setting, or a file argument.
+    CONFIGURATION = 3
+    #: The database could not be reached or refused the operation.
+    DATABASE = 4
+    #: The schema is not at the revision this package needs.
+    SCHEMA = 5
+    #: An external program the command needs (pg_dump, psql) is missing or failed.
+    TOOL = 6
+
+
+@dataclass
+class CliContext:
+    """What the top-level group resolved, handed to every command (``click.pass_obj``)."""
+
+    database_url: str | None
+
+    def settings(self) -> Settings:
+        """Settings from the environment, with ``--database-url`` on top."""
+        return load_settings(database_url=self.database_url)
+
+    def resolved_url(self) -> str:
+        """The URL commands connect to (secret: never print it; see :meth:`safe_url`)."""
+        return self.settings().resolved_database_url()
+
+    def safe_url(self) -> str:
+        """The URL with its password masked, for messages."""
+        return self.settings().safe_database_url()
+
+    def store(self) -> SessionStore:
+        """The shared store for the resolved URL (schema checked on first use)."""
+        settings = self.settings()
+        return get_store(settings.resolved_database_url(), settings=settings)
+
+
+pass_cli_context = click.make_pass_decorator(CliContext)
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    """Print ``message`` to stderr and exit with ``code``."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(int(code))
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn package errors into one clear line on stderr and a meaningful exit code."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        fail(str(exc), ExitCode.CONFIGURATION)
+    except SchemaError as exc:
+        fail(str(exc), ExitCode.SCHEMA)
+    except DatabaseError as exc:
+        fail(str(exc), ExitCode.DATABASE)
+    except AgentsSessionsError as exc:  # invalid ids, arguments
+        fail(str(exc), ExitCode.USAGE)
+
+
+def json_option(function: Any) -> Any:
+    """``--json``: machine-readable output on stdout."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON on stdout instead of a table."
+    )(function)
+
+
+def emit_json(document: Any) -> None:
+    """Print one JSON document on stdout (datetimes as ISO 8601)."""
+    click.echo(json.dumps(document, default=_json_default, ensure_ascii=False, indent=2))
+
+
+def _json_default(value: Any) -> Any:
+    isoformat = getattr(value, "isoformat", None)
+    if callable(isoformat):
+        return isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain aligned text table (no extra dependency)."""
+    text_rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    widths = [len(header) for header in headers]
+    for row in text_rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], len(cell))
+    lines = [
+        "  ".join(header.ljust(width) for header, width in zip(headers, widths, strict=True)),
+        "  ".join("-" * width for width in widths),
+    ]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in text_rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@contextmanager
+def progress(label: str, length: int | None = None) -> Iterator[Any]:
+    """A progress bar on stderr (hidden when stderr is not a terminal).
+
+    Yields click's bar: call ``bar.update(n)`` as rows are processed.
+    """
+    with click.progressbar(
+        length=length, label=label, file=sys.stderr, show_pos=True, show_eta=length is not None
+    ) as bar:
+        yield bar
