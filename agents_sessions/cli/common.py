@@ -137,7 +137,8 @@ def progress(label: str, length: int | None = None) -> Iterator[Any]:
 
     Yields click's bar: call ``bar.update(n)`` as rows are processed.
     """
-    with click.progressbar(
+    bar: Any = click.progressbar(
         length=length, label=label, file=sys.stderr, show_pos=True, show_eta=length is not None
-    ) as bar:
+    )
+    with bar:
         yield bar
