@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -142,3 +143,24 @@ def progress(label: str, length: int | None = None) -> Iterator[Any]:
     )
     with bar:
         yield bar
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, name: str) -> timedelta:
+    """``"90d"``, ``"24h"``, ``"30m"``, ``"2w"``, ``"45s"`` -> a positive ``timedelta``.
+
+    Raises:
+        click.BadParameter: naming ``name`` and the accepted forms.
+    """
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _DURATION_UNITS else ""
+    number = value[: -len(unit)] if unit else value
+    if not unit or not number.isdigit() or int(number) <= 0:
+        raise click.BadParameter(
+            f"{text!r} is not a duration; use a positive whole number with a unit: "
+            "45s, 30m, 24h, 90d or 2w",
+            param_hint=name,
+        )
+    return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
