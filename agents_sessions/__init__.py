@@ -13,14 +13,17 @@ from .engine import DatabaseTarget, PoolOptions, parse_database_url
 from .errors import (
     AgentsSessionsError,
     ConfigurationError,
+    ConnectionLostError,
     DatabaseError,
     InvalidArgumentError,
     InvalidConversationIdError,
     InvalidItemError,
+    ItemTooLargeError,
     ItemTypeError,
     PoolTimeoutError,
     SchemaError,
     SchemaNotAtHeadError,
+    StatementTimeoutError,
 )
 from .migrate import upgrade
 from .repositories import (
@@ -43,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentsSessionsError",
     "ConfigurationError",
+    "ConnectionLostError",
     "ConversationPage",
     "ConversationRecord",
     "ConversationRepository",
@@ -51,6 +55,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidConversationIdError",
     "InvalidItemError",
+    "ItemTooLargeError",
     "ItemTypeError",
     "MessageRepository",
     "PoolOptions",
@@ -61,6 +66,7 @@ __all__ = [
     "SchemaNotAtHeadError",
     "SessionStore",
     "Settings",
+    "StatementTimeoutError",
     "StoredMessage",
     "UsageEntry",
     "UsageRepository",

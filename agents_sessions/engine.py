@@ -17,6 +17,7 @@ for writes, so that two processes never deadlock upgrading read locks to write l
 from __future__ import annotations
 
 import logging
+import select
 import sqlite3
 import threading
 import time
@@ -26,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool, QueuePool
 
 from .errors import ConfigurationError
@@ -287,23 +288,91 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
             connection.exec_driver_sql("BEGIN")
 
 
+def _socket_has_news(dbapi_connection: Any) -> bool:
+    """True if an idle connection's socket is readable: the server closed it, or is about to.
+
+    An idle PostgreSQL connection receives nothing unsolicited in normal operation
+    (this package never LISTENs). When its backend is terminated
+    (``pg_terminate_backend``, a restart, an idle-session timeout, a proxy closing
+    it) the server sends a FATAL message and/or closes the socket, and the socket
+    turns readable. Polling it with a zero timeout costs one system call, no round
+    trip -- the same check Go's database/sql drivers make before reusing a connection.
+    """
+    try:
+        descriptor = dbapi_connection.fileno()
+    except Exception:  # closed at the driver level already
+        return True
+    try:
+        readable, _, _ = select.select([descriptor], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 def _configure_postgresql(engine: Engine) -> None:
+    read_committed = {"confirmed": False}
+
+    @event.listens_for(engine, "checkout")
+    def _replace_dead_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # A pooled connection whose server side has gone is replaced *before* any
+        # statement is sent on it, so a restart or killed backends never make an
+        # operation fail (or leave its outcome unknown). DisconnectionError tells
+        # the pool to discard this connection and check out a fresh one.
+        if _socket_has_news(dbapi_connection):
+            raise DisconnectionError("the pooled connection was closed by the server")
+
     @event.listens_for(engine, "connect")
-    def _pin_read_committed(dbapi_connection: Any, _record: Any) -> None:
+    def _ensure_read_committed(dbapi_connection: Any, _record: Any) -> None:
         # The ordering and pop guarantees rely on READ COMMITTED: each statement
         # sees what committed before it began, and a row lock wait re-checks the
-        # row. A role or database defaulting to REPEATABLE READ or SERIALIZABLE
-        # would turn concurrent appends and pops into serialization failures.
-        # Once per new connection, in autocommit so no transaction is left open.
+        # row. It is PostgreSQL's default. A role or database defaulting to
+        # REPEATABLE READ or SERIALIZABLE would turn concurrent appends and pops
+        # into serialization failures, so such a default is overridden per
+        # connection. Nothing is SET when the default is already right: behind
+        # PgBouncer (transaction pooling) session state would leak to other
+        # clients. Checked until one connection has confirmed the default.
+        if read_committed["confirmed"]:
+            return
         dbapi_connection.autocommit = True
         try:
             cursor = dbapi_connection.cursor()
-            cursor.execute(
-                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"
-            )
+            cursor.execute("SHOW default_transaction_isolation")
+            (level,) = cursor.fetchone()
+            if level == "read committed":
+                read_committed["confirmed"] = True
+            else:
+                logger.warning(
+                    "agents_sessions: the server's default_transaction_isolation is %r; "
+                    "setting READ COMMITTED on each connection. Behind a transaction-"
+                    "pooling proxy set it on the role instead: ALTER ROLE ... SET "
+                    "default_transaction_isolation = 'read committed'",
+                    level,
+                )
+                cursor.execute(
+                    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"
+                )
             cursor.close()
         finally:
             dbapi_connection.autocommit = False
+
+
+def _postgresql_startup_options(
+    url: URL, *, statement_timeout_ms: int | None, lock_timeout_ms: int | None
+) -> str | None:
+    """libpq ``options`` carrying the timeouts, appended to any ``options`` in the URL.
+
+    Startup options cost no round trip (they travel in the connection handshake),
+    and a server restart or a new pooled connection gets them again.
+    """
+    parts = []
+    given = url.query.get("options")
+    if given:
+        parts.append(given if isinstance(given, str) else " ".join(given))
+    if statement_timeout_ms is not None:
+        parts.append(f"-c statement_timeout={int(statement_timeout_ms)}")
+    if lock_timeout_ms is not None:
+        parts.append(f"-c lock_timeout={int(lock_timeout_ms)}")
+    return " ".join(parts) if parts else None
 
 
 def create_pooled_engine(
@@ -311,6 +380,8 @@ def create_pooled_engine(
     *,
     echo: bool = False,
     sqlite_busy_timeout_ms: int = 10_000,
+    statement_timeout_ms: int | None = None,
+    lock_timeout_ms: int | None = None,
     pooled: bool = True,
 ) -> Engine:
     """Create a new engine for ``target``, with a ``QueuePool`` sized from its URL.
@@ -325,6 +396,12 @@ def create_pooled_engine(
         # Connections move between the executor's threads; the pool guarantees that
         # only one thread uses a connection at a time.
         connect_args["check_same_thread"] = False
+    else:
+        options = _postgresql_startup_options(
+            target.url, statement_timeout_ms=statement_timeout_ms, lock_timeout_ms=lock_timeout_ms
+        )
+        if options is not None:
+            connect_args["options"] = options
     pool_arguments: dict[str, Any] = (
         {
             "poolclass": QueuePool,

@@ -52,6 +52,14 @@ class ItemTypeError(InvalidItemError, TypeError):
     """
 
 
+class ItemTooLargeError(InvalidItemError):
+    """An item's JSON document is larger than ``max_item_bytes`` allows.
+
+    Raised before anything of the call is written; the message names the item, its
+    size, the limit and the setting (``AGENTS_SESSIONS_MAX_ITEM_BYTES``).
+    """
+
+
 class SchemaError(AgentsSessionsError, RuntimeError):
     """The database schema is not what this version of the package needs."""
 
@@ -70,6 +78,27 @@ class DatabaseError(AgentsSessionsError):
 
 class PoolTimeoutError(DatabaseError, TimeoutError):
     """No pooled connection became free within ``pool_timeout`` seconds."""
+
+
+class StatementTimeoutError(DatabaseError, TimeoutError):
+    """The server cancelled a statement: ``statement_timeout`` or ``lock_timeout`` ran out.
+
+    Nothing of the cancelled statement was written.
+    """
+
+
+class ConnectionLostError(DatabaseError):
+    """The connection died while an operation that cannot be safely retried was running.
+
+    Whether that operation took effect is unknown (e.g. a ``pop_item`` may have
+    removed the newest item). Every other operation of the package is retried
+    automatically in that situation; the next call gets a fresh connection.
+    """
+
+
+# SQLSTATEs of statements the server cancelled on a timeout: query_canceled
+# (statement_timeout) and lock_not_available (lock_timeout).
+_TIMEOUT_SQLSTATES = {"57014", "55P03"}
 
 
 @contextmanager
@@ -94,4 +123,9 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
         # SQLAlchemy's messages carry the statement and bound parameters, never the URL,
         # so they cannot leak the password; keep the first line for readability.
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if getattr(getattr(exc, "orig", None), "pgcode", None) in _TIMEOUT_SQLSTATES:
+            raise StatementTimeoutError(
+                f"database statement cancelled: {first_line} (statement_timeout_ms / "
+                "lock_timeout_ms settings, or the server's own timeouts)"
+            ) from exc
         raise DatabaseError(f"database operation failed: {first_line}") from exc

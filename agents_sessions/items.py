@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidItemError, ItemTypeError
+from .errors import InvalidItemError, ItemTooLargeError, ItemTypeError
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +180,31 @@ def item_role(item: Mapping[str, Any]) -> str:
     return "unknown"
 
 
-def encode_items(items: Sequence[Any]) -> list[EncodedItem]:
+def _check_size(document: str, *, where: str, max_item_bytes: int) -> None:
+    # len(str) bounds the UTF-8 size from below (and from above by 4x), so the
+    # exact byte count is computed only for documents near the limit.
+    if len(document) * 4 <= max_item_bytes:
+        return
+    size = len(document.encode("utf-8"))
+    if size > max_item_bytes:
+        raise ItemTooLargeError(
+            f"{where} is {size:,} bytes as JSON, over the limit of {max_item_bytes:,} "
+            "(max_item_bytes, AGENTS_SESSIONS_MAX_ITEM_BYTES); nothing was written"
+        )
+
+
+def encode_items(items: Sequence[Any], *, max_item_bytes: int | None = None) -> list[EncodedItem]:
     """Validate and encode every item of one ``add_items`` call.
+
+    Args:
+        items: The items, a list of dicts.
+        max_item_bytes: Largest accepted JSON document per item, in UTF-8 bytes;
+            ``None`` for no limit.
 
     Raises:
         ItemTypeError: ``items`` is not a list, or an item is not a mapping or holds
             a value JSON cannot store exactly.
+        ItemTooLargeError: an item's JSON is larger than ``max_item_bytes``.
         InvalidItemError: an item holds a value JSON cannot represent.
     """
     if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence):
@@ -198,6 +217,8 @@ def encode_items(items: Sequence[Any]) -> list[EncodedItem]:
                 f"{where} must be a dict, got {type(item).__name__}; nothing was written"
             )
         document = encode_document(item, where=where)
+        if max_item_bytes is not None:
+            _check_size(document, where=where, max_item_bytes=max_item_bytes)
         encoded.append(
             EncodedItem(
                 role=item_role(item),

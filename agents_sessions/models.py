@@ -184,6 +184,11 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=utcnow(), nullable=False
     )
+    # The idempotency key of the append call that wrote this row, set on the first
+    # row of each keyed call only. A retried call whose first attempt did commit
+    # finds its key and writes nothing: appends are exactly-once across lost
+    # connections (see MessageRepository.append).
+    append_key: Mapped[str | None] = mapped_column(Text)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 
@@ -193,6 +198,17 @@ class Message(Base):
         # conversation_id lookup, so no separate single-column index is kept.
         Index(None, "conversation_id", "id"),
         Index(None, "created_at"),
+        # The backstop of exactly-once appends: two attempts of one call that race
+        # (the first still running when the retry starts) cannot both commit.
+        # Partial: unkeyed rows (most of them) cost nothing in it.
+        Index(
+            "uq_messages_conversation_id_append_key",
+            "conversation_id",
+            "append_key",
+            unique=True,
+            postgresql_where=text("append_key IS NOT NULL"),
+            sqlite_where=text("append_key IS NOT NULL"),
+        ),
         # AUTOINCREMENT: SQLite never reuses the id of a popped newest row.
         {"sqlite_autoincrement": True},
     )

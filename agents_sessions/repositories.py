@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -28,12 +29,14 @@ from sqlalchemy import (
     Integer,
     Text,
     bindparam,
+    case,
     cast,
     delete,
     exists,
     func,
     insert,
     literal_column,
+    null,
     select,
     true,
     tuple_,
@@ -41,6 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import IntegrityError
 
 from .errors import InvalidArgumentError
 from .items import EncodedItem, encode_items
@@ -252,17 +256,38 @@ def _postgres_append() -> Any:
         .table_valued("role", "content", "document", with_ordinality="position")
         .render_derived(name="new_items")
     )
+    append_key = bindparam("append_key", type_=Text)
     source = (
         select(
             conversation.c.id,
             rows.c.role,
             rows.c.content,
             cast(rows.c.document, JSONDocument),
+            # The call's key goes on its first row only (see _APPEND_KEY_SEEN).
+            case((rows.c.position == 1, append_key), else_=null()),
         )
         .select_from(conversation.join(rows, true()))
+        .where(~_append_key_seen(append_key))
         .order_by(rows.c.position)
     )
-    return insert(messages).from_select(["conversation_id", "role", "content", "item"], source)
+    return insert(messages).from_select(
+        ["conversation_id", "role", "content", "item", "append_key"], source
+    )
+
+
+def _append_key_seen(append_key: Any) -> Any:
+    """EXISTS: a message of this conversation carries ``append_key`` (false for NULL).
+
+    This check answers the common retry -- the first attempt committed, then its
+    connection died before the reply. Its snapshot may predate a first attempt
+    still committing concurrently; the partial unique index on
+    ``(conversation_id, append_key)`` turns that rare race into a unique violation,
+    which the caller reads as "already appended".
+    """
+    return exists().where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        messages.c.append_key == append_key,
+    )
 
 
 _POSTGRES_APPEND = _postgres_append()
@@ -271,7 +296,9 @@ _INSERT_MESSAGE = insert(messages).values(
     role=bindparam("role"),
     content=bindparam("content"),
     item=bindparam("document", type_=JSONDocument),
+    append_key=bindparam("append_key", type_=Text),
 )
+_SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
 
 _LATEST = (
     select(messages.c.id, messages.c.item)
@@ -355,6 +382,11 @@ _CLEAR = delete(messages).where(messages.c.conversation_id == bindparam("convers
 _COUNT_MESSAGES = select(func.count()).where(
     messages.c.conversation_id == bindparam("conversation_id")
 )
+
+
+def _violates_append_key(error: IntegrityError) -> bool:
+    diag = getattr(error.orig, "diag", None)
+    return getattr(diag, "constraint_name", None) == "uq_messages_conversation_id_append_key"
 
 
 def _dialect(connection: Connection) -> str:
@@ -513,20 +545,43 @@ class MessageRepository:
         *,
         user_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        max_item_bytes: int | None = None,
     ) -> int:
         """Append ``items`` after every item already committed; create the conversation.
 
-        All items are validated and encoded before any SQL runs. Returns the number
-        of items appended. On PostgreSQL this is one statement; on SQLite two, and the
-        caller's transaction must have begun with ``BEGIN IMMEDIATE``
-        (``store.transaction()`` does) for writers in several processes.
+        All items are validated and encoded before any SQL runs. On PostgreSQL this
+        is one statement; on SQLite several, and the caller's transaction must have
+        begun with ``BEGIN IMMEDIATE`` (``store.transaction()`` does) for writers in
+        several processes.
+
+        Args:
+            conversation_id: The conversation; created if missing.
+            items: The items, stored in this order.
+            user_id: Owner recorded on a new (or unowned) conversation.
+            metadata: Replaces the conversation's metadata when given.
+            idempotency_key: Makes the call exactly-once: if a message of this
+                conversation already carries the key (an earlier attempt of the same
+                call committed), nothing is written. Use a fresh key (e.g. a UUID)
+                per logical append and reuse it only to retry that append.
+            max_item_bytes: Largest accepted JSON document per item.
+
+        Returns:
+            The number of items written (0 when ``idempotency_key`` was already used).
+
         """
         validate_identifier(conversation_id)
         if user_id is not None:
             validate_identifier(user_id, name="user_id")
-        encoded = encode_items(items)
+        if idempotency_key is not None:
+            validate_identifier(idempotency_key, name="idempotency_key")
+        encoded = encode_items(items, max_item_bytes=max_item_bytes)
         return self.append_encoded(
-            conversation_id, encoded, user_id=user_id, metadata=validate_metadata(metadata)
+            conversation_id,
+            encoded,
+            user_id=user_id,
+            metadata=validate_metadata(metadata),
+            idempotency_key=idempotency_key,
         )
 
     def append_encoded(
@@ -536,6 +591,7 @@ class MessageRepository:
         *,
         user_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> int:
         """:meth:`append` for items already passed through :func:`encode_items`.
 
@@ -550,31 +606,58 @@ class MessageRepository:
             "metadata": metadata,
         }
         if _dialect(self.connection) == "postgresql":
-            self.connection.execute(
-                _POSTGRES_APPEND,
+            # Inside a caller's transaction, a savepoint keeps the unique-violation
+            # answer below from aborting the rest of that transaction. (In the
+            # facade's autocommit statements there is no transaction to protect.)
+            guard = (
+                self.connection.begin_nested()
+                if idempotency_key is not None and self.connection.in_transaction()
+                else nullcontext()
+            )
+            try:
+                with guard:
+                    result = self.connection.execute(
+                        _POSTGRES_APPEND,
+                        {
+                            **conversation,
+                            "append_key": idempotency_key,
+                            "roles": [item.role for item in encoded],
+                            "contents": [item.content for item in encoded],
+                            "documents": [item.document for item in encoded],
+                        },
+                    )
+            except IntegrityError as exc:
+                if idempotency_key is not None and _violates_append_key(exc):
+                    # An earlier attempt of this very call committed while this one
+                    # ran: the statement wrote nothing, and the items are stored once.
+                    return 0
+                raise
+            return int(result.rowcount)
+        # The upsert comes first: under BEGIN IMMEDIATE this transaction already
+        # holds SQLite's single write lock, so ids follow commit order, and the key
+        # check below cannot race another writer.
+        self.connection.execute(_ENSURE_CONVERSATION["sqlite"], conversation)
+        if (
+            idempotency_key is not None
+            and self.connection.execute(
+                _SELECT_APPEND_KEY_SEEN,
+                {"conversation_id": conversation_id, "append_key": idempotency_key},
+            ).scalar_one()
+        ):
+            return 0
+        self.connection.execute(
+            _INSERT_MESSAGE,
+            [
                 {
-                    **conversation,
-                    "roles": [item.role for item in encoded],
-                    "contents": [item.content for item in encoded],
-                    "documents": [item.document for item in encoded],
-                },
-            )
-        else:
-            # The upsert comes first: under BEGIN IMMEDIATE this transaction already
-            # holds SQLite's single write lock, so ids follow commit order.
-            self.connection.execute(_ENSURE_CONVERSATION["sqlite"], conversation)
-            self.connection.execute(
-                _INSERT_MESSAGE,
-                [
-                    {
-                        "conversation_id": conversation_id,
-                        "role": item.role,
-                        "content": item.content,
-                        "document": item.document,
-                    }
-                    for item in encoded
-                ],
-            )
+                    "conversation_id": conversation_id,
+                    "role": item.role,
+                    "content": item.content,
+                    "document": item.document,
+                    "append_key": idempotency_key if position == 0 else None,
+                }
+                for position, item in enumerate(encoded)
+            ],
+        )
         return len(encoded)
 
     def latest(self, conversation_id: str, limit: int) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .items import encode_items
-from .repositories import UsageEntry
+from .repositories import Repositories, UsageEntry
 from .settings import Settings
 from .store import SessionStore, get_store
 from .validation import validate_identifier, validate_limit, validate_metadata
@@ -182,10 +182,12 @@ class PostgreSQLSession:
         return await self._in_thread(self._get_items, count)
 
     def _get_items(self, limit: int | None) -> list[Any]:
-        with self._store.single_statement(write=False) as repos:
+        def read(repos: Repositories) -> list[Any]:
             if limit is None:
                 return repos.messages.all(self.session_id)
             return repos.messages.latest(self.session_id, limit)
+
+        return self._store.run(read, write=False, repeatable=True)
 
     async def add_items(self, items: list[Any]) -> None:
         """Append ``items`` atomically, after everything already stored.
@@ -193,36 +195,53 @@ class PostgreSQLSession:
         Every item is validated before anything is written: an item that cannot be
         stored exactly raises :class:`~agents_sessions.errors.ItemTypeError` (a
         ``TypeError``) or :class:`~agents_sessions.errors.InvalidItemError` (a
-        ``ValueError``) and nothing of the call is stored. ``add_items([])`` does
-        nothing.
+        ``ValueError``; :class:`~agents_sessions.errors.ItemTooLargeError` above
+        ``max_item_bytes``) and nothing of the call is stored. ``add_items([])``
+        does nothing.
+
+        Exactly once: each call carries a fresh idempotency key, so when the
+        connection dies around the commit the call is retried on a new connection
+        and its items are stored once -- never lost, never twice.
         """
         if isinstance(items, list) and not items:
             return
         await self._mutate(self._add_items, items)
 
     def _add_items(self, items: list[Any]) -> None:
-        encoded = encode_items(items)  # in the worker thread: large items stay off the loop
+        # In the worker thread: large items stay off the loop.
+        encoded = encode_items(items, max_item_bytes=self._store.settings.max_item_bytes)
         owner = self._owner_pending
-        with self._store.single_statement(write=True) as repos:
-            repos.messages.append_encoded(
+        # One key for every attempt of this call: a retry after an unknown commit
+        # outcome finds the key if the first attempt committed, and writes nothing.
+        key = uuid.uuid4().hex
+        self._store.run(
+            lambda repos: repos.messages.append_encoded(
                 self.session_id,
                 encoded,
                 user_id=self.user_id if owner else None,
                 metadata=self._metadata if owner else None,
-            )
+                idempotency_key=key,
+            ),
+            write=True,
+            repeatable=True,
+        )
         if owner:
             self._owner_pending = False
 
     async def pop_item(self) -> Any | None:
         """Remove and return the newest item, or ``None`` when there is none.
 
-        Concurrent pops never return the same item.
+        Concurrent pops never return the same item. A pop is never repeated
+        automatically: if the connection dies while it runs,
+        :class:`~agents_sessions.errors.ConnectionLostError` says so (the item may
+        or may not be gone).
         """
         return await self._mutate(self._pop_item)
 
     def _pop_item(self) -> Any | None:
-        with self._store.single_statement(write=True) as repos:
-            return repos.messages.pop_latest(self.session_id)
+        return self._store.run(
+            lambda repos: repos.messages.pop_latest(self.session_id), write=True, repeatable=False
+        )
 
     async def clear_session(self) -> None:
         """Delete every item of this conversation. Idempotent; the session stays usable.
@@ -233,8 +252,13 @@ class PostgreSQLSession:
         await self._mutate(self._clear)
 
     def _clear(self) -> None:
-        with self._store.transaction() as repos:
-            repos.messages.clear(self.session_id)
+        # Repeating a clear changes nothing more, so it is retried like a read.
+        self._store.run(
+            lambda repos: repos.messages.clear(self.session_id),
+            write=True,
+            repeatable=True,
+            transaction=True,
+        )
 
     # ------------------------------------------------------------------ usage
 
@@ -276,13 +300,16 @@ class PostgreSQLSession:
 
     def _record_usage(self, entries: list[UsageEntry]) -> int:
         owner = self._owner_pending
-        with self._store.transaction() as repos:
+
+        def record(repos: Repositories) -> int:
             repos.conversations.ensure(
                 self.session_id,
                 user_id=self.user_id if owner else None,
                 metadata=self._metadata if owner else None,
             )
-            written = repos.usage.record(self.session_id, entries)
+            return repos.usage.record(self.session_id, entries)
+
+        written = self._store.run(record, write=True, repeatable=False, transaction=True)
         if owner:
             self._owner_pending = False
         return written

@@ -81,6 +81,43 @@ class Settings(BaseSettings):
             "failing with 'database is locked'."
         ),
     )
+    max_item_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Largest item a session stores, measured as its JSON document in UTF-8 bytes. "
+            "A larger item fails add_items with ItemTooLargeError before anything is written."
+        ),
+    )
+    statement_timeout_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "PostgreSQL statement_timeout for this package's connections, in milliseconds "
+            "(None: the server's setting). A cancelled statement raises "
+            "StatementTimeoutError and writes nothing. Sent as a connection startup "
+            "option; behind PgBouncer set it on the role instead (ALTER ROLE ... SET)."
+        ),
+    )
+    lock_timeout_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "PostgreSQL lock_timeout, in milliseconds: how long a statement waits for a "
+            "row or table lock before failing with StatementTimeoutError (None: the "
+            "server's setting). Same delivery as statement_timeout_ms."
+        ),
+    )
+    retry_attempts: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description=(
+            "How many times an operation that is safe to repeat is retried after a lost "
+            "connection or a failed connect (reads, exactly-once appends, clears), with "
+            "exponential backoff from 50 ms. 0 disables retries."
+        ),
+    )
     migration_lock_id: int = Field(
         default=0x6167_656E_7473,  # "agents" in ASCII: an arbitrary, recognisable key
         description=(

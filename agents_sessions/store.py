@@ -18,15 +18,19 @@ Transactions are owned here, never by the repositories:
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 
 from . import engine as engine_module
@@ -40,10 +44,14 @@ from .engine import (
     log_embedded_default_once,
     parse_database_url,
 )
-from .errors import translate_database_errors
+from .errors import ConnectionLostError, DatabaseError, translate_database_errors
 from .migrate import ensure_schema_at_head
 from .repositories import Repositories
 from .settings import Settings, default_settings
+
+logger = logging.getLogger("agents_sessions")
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -59,14 +67,33 @@ class _EngineState:
     disposed: bool = False
 
 
-_states: dict[tuple[str, PoolOptions, bool, int], _EngineState] = {}
+@dataclass(frozen=True)
+class _EngineOptions:
+    """The settings that shape an engine; different values mean a different engine."""
+
+    echo: bool
+    sqlite_busy_timeout_ms: int
+    statement_timeout_ms: int | None
+    lock_timeout_ms: int | None
+
+    @classmethod
+    def of(cls, settings: Settings) -> _EngineOptions:
+        return cls(
+            echo=settings.echo,
+            sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            lock_timeout_ms=settings.lock_timeout_ms,
+        )
+
+
+_states: dict[tuple[str, PoolOptions, _EngineOptions], _EngineState] = {}
 _states_lock = threading.Lock()
 
 
 # The same URL string as given by callers -> its state: a dict hit, so creating a
 # session object does not re-parse its URL. Entries are never removed except by
 # dispose_all(): an app uses a handful of URLs.
-_states_by_given_url: dict[tuple[str, bool, int], _EngineState] = {}
+_states_by_given_url: dict[tuple[str, _EngineOptions], _EngineState] = {}
 
 
 def _new_executor(target: DatabaseTarget) -> ThreadPoolExecutor:
@@ -79,7 +106,8 @@ def _new_executor(target: DatabaseTarget) -> ThreadPoolExecutor:
 
 
 def _engine_state(url: str, settings: Settings) -> _EngineState:
-    given = (url, settings.echo, settings.sqlite_busy_timeout_ms)
+    options = _EngineOptions.of(settings)
+    given = (url, options)
     state = _states_by_given_url.get(given)
     if state is not None:
         return state
@@ -87,21 +115,17 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
     # The full URL (password included) is the identity: two passwords are two
     # roles, and must not share connections; two pool configurations are two pools.
     # The key never leaves this dict.
-    key = (
-        target.url.render_as_string(hide_password=False),
-        target.pool,
-        settings.echo,
-        settings.sqlite_busy_timeout_ms,
-    )
+    key = (target.url.render_as_string(hide_password=False), target.pool, options)
     with _states_lock:
         state = _states.get(key)
         if state is None:
             engine = create_pooled_engine(
-                target, echo=settings.echo, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+                target,
+                echo=options.echo,
+                sqlite_busy_timeout_ms=options.sqlite_busy_timeout_ms,
+                statement_timeout_ms=options.statement_timeout_ms,
+                lock_timeout_ms=options.lock_timeout_ms,
             )
-            # One worker thread per connection the pool can hold: a blocking call
-            # never waits for a thread when a connection is free, and never holds a
-            # thread waiting for a connection that cannot exist.
             state = _EngineState(target=target, engine=engine, executor=_new_executor(target))
             _states[key] = state
         _states_by_given_url[given] = state
@@ -251,6 +275,71 @@ class SessionStore:
         with self._connection(write=write, autocommit=autocommit) as connection:
             yield Repositories(connection)
 
+    def run(
+        self,
+        work: Callable[[Repositories], _T],
+        *,
+        write: bool,
+        repeatable: bool,
+        transaction: bool = False,
+    ) -> _T:
+        """Run ``work`` on a pooled connection, retrying where that is safe.
+
+        Args:
+            work: Repository calls to make.
+            write: Whether ``work`` writes (on SQLite: ``BEGIN IMMEDIATE``).
+            repeatable: Whether running ``work`` twice has the effect of running it
+                once (reads, keyed appends, clears). A repeatable operation is
+                retried when its connection dies under it; any operation is retried
+                when a connection could not be opened at all (nothing was sent).
+            transaction: Run ``work`` in one read-write transaction
+                (:meth:`transaction`); otherwise as :meth:`single_statement`.
+
+        Retries (``settings.retry_attempts``, exponential backoff from 50 ms) get a
+        fresh connection: the pool discards the broken one.
+
+        Raises:
+            ConnectionLostError: the connection died while a non-repeatable
+                ``work`` ran; whether it took effect is unknown.
+        """
+        attempt = 0
+        while True:
+            sent = False
+            try:
+                if transaction:
+                    with self.transaction() as repos:
+                        sent = True
+                        return work(repos)
+                with self.single_statement(write=write) as repos:
+                    sent = True
+                    return work(repos)
+            except DatabaseError as exc:
+                cause = exc.__cause__
+                # Could not open a connection (refused, server starting up): nothing
+                # was sent, so any operation may be tried again.
+                connect_failed = not sent and isinstance(cause, sa_exc.OperationalError)
+                if not (connect_failed or _connection_lost(exc)):
+                    raise  # an SQL error, a pool timeout: retrying would not help
+                if sent and not repeatable:
+                    raise ConnectionLostError(
+                        "the database connection was lost during an operation that cannot "
+                        "be retried safely; it may or may not have taken effect (the next "
+                        "call uses a fresh connection)"
+                    ) from exc
+                if attempt >= self.settings.retry_attempts:
+                    raise
+                attempt += 1
+                delay = min(0.05 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random() / 2)
+                logger.warning(
+                    "agents_sessions: %s on %s; retry %d of %d in %.0f ms",
+                    "connection lost" if sent else "could not connect",
+                    self.target.safe_url,
+                    attempt,
+                    self.settings.retry_attempts,
+                    delay * 1000,
+                )
+                time.sleep(delay)
+
     def dispose(self) -> None:
         """Close the pooled connections of this store's engine (e.g. at shutdown).
 
@@ -260,6 +349,15 @@ class SessionStore:
 
     def __repr__(self) -> str:
         return f"SessionStore({self._state.target.safe_url!r})"
+
+
+def _connection_lost(error: DatabaseError) -> bool:
+    """Did ``error`` come from a connection that broke (rather than from SQL)?"""
+    cause = error.__cause__
+    if isinstance(cause, sa_exc.DBAPIError):
+        return bool(cause.connection_invalidated)
+    # A pool checkout that kept meeting dead connections.
+    return isinstance(cause, sa_exc.DisconnectionError)
 
 
 def get_store(database_url: str | None = None, *, settings: Settings | None = None) -> SessionStore:

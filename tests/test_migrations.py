@@ -41,7 +41,7 @@ WORKER_SCRIPT = Path(__file__).resolve().parent / "_migration_workers.py"
 
 EXPECTED_COLUMNS = {
     "conversations": {"id", "user_id", "created_at", "updated_at", "metadata"},
-    "messages": {"id", "conversation_id", "role", "content", "item", "created_at"},
+    "messages": {"id", "conversation_id", "role", "content", "item", "created_at", "append_key"},
     "usage_logs": {
         "id",
         "conversation_id",
@@ -55,7 +55,11 @@ EXPECTED_COLUMNS = {
         "timestamp",
     },
 }
-NULLABLE_COLUMNS = {"conversations": {"user_id"}, "usage_logs": {"run_id", "response_id"}}
+NULLABLE_COLUMNS = {
+    "conversations": {"user_id"},
+    "messages": {"append_key"},
+    "usage_logs": {"run_id", "response_id"},
+}
 SCHEMA_TABLES = set(EXPECTED_COLUMNS)
 CONCURRENT_PROCESSES = 5
 SUBPROCESS_TIMEOUT = 120
@@ -231,9 +235,8 @@ def test_offline_sql_needs_no_server_and_never_prints_the_password() -> None:
     assert result.returncode == 0, report
     for table in SCHEMA_TABLES:
         assert f"CREATE TABLE {table}" in result.stdout, report
-    assert f"INSERT INTO alembic_version (version_num) VALUES ('{head_revision()}')" in (
-        result.stdout
-    ), report
+    assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in result.stdout, report
+    assert f"UPDATE alembic_version SET version_num='{head_revision()}'" in result.stdout, report
     assert "s3cretpw" not in result.stdout + result.stderr
 
 
@@ -423,6 +426,7 @@ def test_the_wheel_ships_the_migrations_and_migrates_without_a_checkout(
             "agents_sessions/migrations/script.py.mako",
             "agents_sessions/migrations/versions/__init__.py",
             "agents_sessions/migrations/versions/0001_initial_schema.py",
+            "agents_sessions/migrations/versions/0002_message_append_keys.py",
         ):
             assert shipped in names, sorted(names)
         unpacked = tmp_path / "unpacked"

@@ -14,7 +14,6 @@ from conftest import PostgresServer
 from sqlalchemy import create_engine
 
 from agents_sessions import (
-    DatabaseError,
     InvalidArgumentError,
     ItemTypeError,
     PostgreSQLSession,
@@ -66,7 +65,7 @@ def _delete(store: Any, conversation_id: str) -> None:
         repos.conversations.delete(conversation_id)
 
 
-async def test_a_killed_connection_reports_the_real_error_and_the_next_call_works(
+async def test_killed_pooled_connections_are_replaced_before_the_next_call_uses_them(
     postgres_server: PostgresServer, conversation_id: str
 ) -> None:
     url = postgres_server.create_database() + "?pool_size=1&max_overflow=0"
@@ -77,14 +76,12 @@ async def test_a_killed_connection_reports_the_real_error_and_the_next_call_work
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         f"WHERE datname = '{database}' AND pid <> pg_backend_pid()"
     )
-    with pytest.raises(DatabaseError) as info:
-        await session.get_items()
-    # The driver's own error is what the caller sees, not a pending-rollback muddle.
-    assert "server closed the connection" in str(info.value)
-    assert type(info.value.__cause__).__name__ == "OperationalError"
-    # The pool threw the dead connection away: the next call just works.
+    # The only pooled connection is dead; the checkout notices (its socket turned
+    # readable) and opens a new one before any statement is sent: no error at all.
+    assert await session.get_items() == [user("before")]
     await session.add_items([user("after")])
     assert await session.get_items() == [user("before"), user("after")]
+    assert session.store.pool.checkedout() == 0
 
 
 def test_first_use_of_several_databases_at_once_in_one_process(
