@@ -11,6 +11,7 @@ Three ways in:
 
 from .engine import DatabaseTarget, PoolOptions, parse_database_url
 from .errors import (
+    AccessDeniedError,
     AgentsSessionsError,
     ConfigurationError,
     ConnectionLostError,
@@ -44,6 +45,7 @@ from .store import SessionStore, dispose_all, get_store
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDeniedError",
     "AgentsSessionsError",
     "ConfigurationError",
     "ConnectionLostError",

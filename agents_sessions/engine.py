@@ -37,6 +37,12 @@ logger = logging.getLogger("agents_sessions")
 #: Execution option that makes a SQLite transaction start with ``BEGIN IMMEDIATE``.
 SQLITE_WRITE_OPTION = "agents_sessions_sqlite_write"
 
+#: Execution option naming the user a connection acts for under row-level security.
+TENANT_OPTION = "agents_sessions_tenant_id"
+
+#: The PostgreSQL setting the row-level security policies read (migration 0003).
+TENANT_SETTING = "agents_sessions.tenant_id"
+
 
 @dataclass(frozen=True)
 class PoolOptions:
@@ -320,6 +326,39 @@ def _configure_postgresql(engine: Engine) -> None:
         # the pool to discard this connection and check out a fresh one.
         if _socket_has_news(dbapi_connection):
             raise DisconnectionError("the pooled connection was closed by the server")
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def _act_for_tenant(
+        connection: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        _context: Any,
+        executemany: bool,
+    ) -> tuple[str, Any]:
+        # Row-level security reads the acting tenant from a transaction-local
+        # setting. Prefixing set_config(..., is_local => true) to the statement sets
+        # it in the same round trip and the same transaction: an autocommit
+        # statement sent as a two-statement query runs as one implicit transaction,
+        # and inside an explicit transaction it is set again before each statement.
+        # Nothing outlives the transaction, so a proxy that pools by transaction
+        # (PgBouncer) cannot carry one tenant's setting to another client.
+        tenant = connection.get_execution_options().get(TENANT_OPTION)
+        if tenant is None:
+            return statement, parameters
+        if executemany or not isinstance(parameters, dict):
+            # No single parameter dict to extend: set it on its own first.
+            cursor.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, tenant))
+            return statement, parameters
+        return (
+            "SELECT set_config(%(agents_sessions_tenant_setting)s, "
+            "%(agents_sessions_tenant_id)s, true); " + statement,
+            {
+                **parameters,
+                "agents_sessions_tenant_setting": TENANT_SETTING,
+                "agents_sessions_tenant_id": tenant,
+            },
+        )
 
     @event.listens_for(engine, "connect")
     def _ensure_read_committed(dbapi_connection: Any, _record: Any) -> None:

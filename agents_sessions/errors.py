@@ -87,6 +87,13 @@ class StatementTimeoutError(DatabaseError, TimeoutError):
     """
 
 
+class AccessDeniedError(DatabaseError, PermissionError):
+    """The database refused the operation: missing privilege, or a row-level security policy.
+
+    Nothing of the refused statement was written.
+    """
+
+
 class ConnectionLostError(DatabaseError):
     """The connection died while an operation that cannot be safely retried was running.
 
@@ -99,6 +106,8 @@ class ConnectionLostError(DatabaseError):
 # SQLSTATEs of statements the server cancelled on a timeout: query_canceled
 # (statement_timeout) and lock_not_available (lock_timeout).
 _TIMEOUT_SQLSTATES = {"57014", "55P03"}
+# insufficient_privilege: a missing GRANT, or a row-level security policy violation.
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 @contextmanager
@@ -123,7 +132,10 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
         # SQLAlchemy's messages carry the statement and bound parameters, never the URL,
         # so they cannot leak the password; keep the first line for readability.
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if getattr(getattr(exc, "orig", None), "pgcode", None) in _TIMEOUT_SQLSTATES:
+        sqlstate = getattr(getattr(exc, "orig", None), "pgcode", None)
+        if sqlstate == _INSUFFICIENT_PRIVILEGE:
+            raise AccessDeniedError(f"database refused the operation: {first_line}") from exc
+        if sqlstate in _TIMEOUT_SQLSTATES:
             raise StatementTimeoutError(
                 f"database statement cancelled: {first_line} (statement_timeout_ms / "
                 "lock_timeout_ms settings, or the server's own timeouts)"

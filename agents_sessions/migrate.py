@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from alembic import command
 from alembic.config import Config
@@ -22,8 +24,8 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicError
 from sqlalchemy import Connection, Engine
 
-from .engine import parse_database_url
-from .errors import SchemaNotAtHeadError, translate_database_errors
+from .engine import create_pooled_engine, parse_database_url
+from .errors import InvalidArgumentError, SchemaNotAtHeadError, translate_database_errors
 from .settings import Settings, load_settings
 
 # Alembic's `context` and `op` are process-global proxies: two migrations running in
@@ -142,6 +144,157 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
             )
         with _alembic_lock:
             command.upgrade(alembic_config(connection=connection, settings=settings), "head")
+
+
+def downgrade(
+    database_url: str | None = None, *, revision: str, settings: Settings | None = None
+) -> None:
+    """Downgrade the database to ``revision`` (``"base"`` removes every table).
+
+    The equivalent of ``alembic downgrade REVISION``: the same migrations, under the
+    same cross-process migration lock as :func:`upgrade`. Destroys the data of every
+    table a downgraded revision drops.
+
+    Raises:
+        InvalidArgumentError: ``revision`` is unknown, or not below the current one.
+    """
+    settings = settings or load_settings()
+    url = database_url or settings.resolved_database_url()
+    parse_database_url(url)  # a bad URL fails here, with a clear message
+    try:
+        with translate_database_errors(), _alembic_lock:
+            command.downgrade(alembic_config(database_url=url, settings=settings), revision)
+    except AlembicError as exc:
+        raise InvalidArgumentError(f"cannot downgrade to revision {revision!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RevisionInfo:
+    """One shipped migration.
+
+    Attributes:
+        revision: Its id (what ``alembic_version`` holds once it is applied).
+        down_revisions: The revision(s) it follows; empty for the first one.
+        description: The first paragraph of its docstring.
+        is_head: Whether it is the newest revision.
+    """
+
+    revision: str
+    down_revisions: tuple[str, ...]
+    description: str
+    is_head: bool
+
+
+def history() -> list[RevisionInfo]:
+    """The shipped migrations, newest first (what ``alembic history`` lists)."""
+    revisions = []
+    for script in _script_directory().walk_revisions():
+        down = script.down_revision
+        down_revisions = (down,) if isinstance(down, str) else tuple(down or ())
+        revisions.append(
+            RevisionInfo(
+                revision=script.revision,
+                down_revisions=down_revisions,
+                description=" ".join((script.doc or "").split()),
+                is_head=script.is_head,
+            )
+        )
+    return revisions
+
+
+#: Where a database stands against the shipped migrations.
+SchemaState = Literal["at_head", "behind", "ahead", "empty"]
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """A database's schema revision compared with the head of the shipped migrations.
+
+    Attributes:
+        current: The database's revision; ``None`` when it has no schema yet.
+        head: The revision this version of agents_sessions needs.
+    """
+
+    current: str | None
+    head: str
+
+    @property
+    def state(self) -> SchemaState:
+        """``at_head``; ``empty`` (no schema); ``behind`` (an older revision this
+        package can upgrade); ``ahead`` (a revision unknown here: a newer release
+        migrated the database)."""
+        if self.current == self.head:
+            return "at_head"
+        if self.current is None:
+            return "empty"
+        if not _is_known_revision(self.current):
+            return "ahead"
+        return "behind"
+
+    @property
+    def at_head(self) -> bool:
+        """Whether the database is exactly at :attr:`head`."""
+        return self.state == "at_head"
+
+    def describe(self) -> str:
+        """One sentence saying where the database stands."""
+        state = self.state
+        if state == "at_head":
+            return f"the database is at the head revision {self.head}"
+        if state == "empty":
+            return (
+                "the database has no schema yet; this version of agents_sessions "
+                f"needs revision {self.head}"
+            )
+        if state == "ahead":
+            return (
+                f"the database is at revision {self.current}, which this version of "
+                f"agents_sessions does not know (its newest is {self.head})"
+            )
+        return f"the database is at revision {self.current}, behind the head revision {self.head}"
+
+    def advice(self) -> str | None:
+        """What to run to bring the database to head; ``None`` when it is there."""
+        state = self.state
+        if state == "at_head":
+            return None
+        if state == "ahead":
+            return (
+                "a newer release of agents_sessions migrated this database: upgrade the "
+                "agents_sessions package (or run `agents-sessions migrate downgrade "
+                f"{self.head}` with that newer release installed)"
+            )
+        return (
+            "run `agents-sessions migrate upgrade` (or `alembic upgrade head`) with this "
+            "database URL"
+        )
+
+
+def schema_status_of(connection: Connection) -> SchemaStatus:
+    """The :class:`SchemaStatus` of the database behind ``connection`` (one query)."""
+    return SchemaStatus(current=current_revision(connection), head=head_revision())
+
+
+def schema_status(
+    database_url: str | None = None, *, settings: Settings | None = None
+) -> SchemaStatus:
+    """The :class:`SchemaStatus` of a database, on a one-off connection (no pool).
+
+    ``database_url`` defaults to the settings' URL. A SQLite file that does not
+    exist is reported as empty without creating it.
+    """
+    settings = settings or load_settings()
+    target = parse_database_url(database_url or settings.resolved_database_url())
+    if target.dialect == "sqlite" and not Path(str(target.url.database)).expanduser().exists():
+        return SchemaStatus(current=None, head=head_revision())
+    engine = create_pooled_engine(
+        target, pooled=False, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+    )
+    try:
+        with translate_database_errors(), engine.connect() as connection:
+            return schema_status_of(connection)
+    finally:
+        engine.dispose()
 
 
 def main() -> None:

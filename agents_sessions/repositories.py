@@ -46,6 +46,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
+from .engine import TENANT_OPTION
 from .errors import InvalidArgumentError
 from .items import EncodedItem, encode_items
 from .models import (
@@ -531,6 +532,40 @@ class ConversationRepository:
         )
         return bool(result.rowcount)
 
+    def list_all(self, *, limit: int = 50, after: str | None = None) -> ConversationPage:
+        """Every conversation, whatever its owner, newest first, ``limit`` at a time.
+
+        The same keyset pagination on ``(created_at, id)`` and the same cursors as
+        :meth:`list_by_user`; each page is one range scan of
+        ``ix_conversations_created_at`` (ties on ``created_at`` are few and are
+        ordered by ``id`` after the scan).
+        """
+        page_size = validate_limit(limit)
+        if page_size is None or page_size == 0:
+            raise InvalidArgumentError("limit must be a positive int")
+        query = select(conversations)
+        if after is not None:
+            try:
+                created_at, last_id = _decode_cursor(after)
+            except InvalidArgumentError:
+                raise InvalidArgumentError(
+                    "after is not a cursor returned by list_all (next_cursor)"
+                ) from None
+            query = query.where(
+                tuple_(conversations.c.created_at, conversations.c.id)
+                < tuple_(
+                    bindparam(
+                        "cursor_created_at", created_at, type_=conversations.c.created_at.type
+                    ),
+                    bindparam("cursor_id", last_id, type_=Text),
+                )
+            )
+        query = query.order_by(conversations.c.created_at.desc(), conversations.c.id.desc())
+        rows = self.connection.execute(query.limit(page_size + 1)).all()
+        records = [_conversation_record(row) for row in rows[:page_size]]
+        next_cursor = _encode_cursor(records[-1]) if len(rows) > page_size else None
+        return ConversationPage(conversations=records, next_cursor=next_cursor)
+
 
 class MessageRepository:
     """Messages of one conversation, in history order (by monotonic ``id``)."""
@@ -605,7 +640,8 @@ class MessageRepository:
             "user_id": user_id,
             "metadata": metadata,
         }
-        if _dialect(self.connection) == "postgresql":
+        acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
+        if _dialect(self.connection) == "postgresql" and not acting_for_tenant:
             # Inside a caller's transaction, a savepoint keeps the unique-violation
             # answer below from aborting the rest of that transaction. (In the
             # facade's autocommit statements there is no transaction to protect.)
@@ -633,10 +669,13 @@ class MessageRepository:
                     return 0
                 raise
             return int(result.rowcount)
-        # The upsert comes first: under BEGIN IMMEDIATE this transaction already
-        # holds SQLite's single write lock, so ids follow commit order, and the key
-        # check below cannot race another writer.
-        self.connection.execute(_ENSURE_CONVERSATION["sqlite"], conversation)
+        # Statement by statement, in the caller's transaction: SQLite, and PostgreSQL
+        # under row-level security (whose messages policy looks the conversation up
+        # and would not see one created by a CTE of the same statement).
+        # The upsert comes first: it takes the conversation's lock (on SQLite, under
+        # BEGIN IMMEDIATE, the single write lock), so ids follow commit order, and
+        # the key check below cannot race another writer of this conversation.
+        self.connection.execute(_ENSURE_CONVERSATION[_dialect(self.connection)], conversation)
         if (
             idempotency_key is not None
             and self.connection.execute(

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .errors import InvalidArgumentError
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
 from .settings import Settings
@@ -25,7 +26,11 @@ from .store import SessionStore, get_store
 from .validation import validate_identifier, validate_limit, validate_metadata
 
 if TYPE_CHECKING:
+    from agents import RunContextWrapper
     from agents.memory import SessionSettings
+
+#: Resolves the acting tenant of a run from the SDK's run context.
+TenantResolver = Callable[["RunContextWrapper[Any]"], str]
 
 _T = TypeVar("_T")
 
@@ -116,6 +121,11 @@ class PostgreSQLSession:
             ``limit`` caps ``get_items()`` when no explicit limit is passed.
         settings: Package settings; defaults to :class:`~agents_sessions.settings.Settings`
             read from the environment.
+        tenant_id: The user this session acts for under PostgreSQL row-level
+            security (see :mod:`agents_sessions.tenancy`): a user id, or a callable
+            that takes the run's ``RunContextWrapper`` (which the Runner passes to
+            every call as ``wrapper``) and returns one. New conversations are owned
+            by the tenant; ``user_id``, if also given, must be the same user.
 
     Construction validates its arguments and does no I/O; the first database call
     checks (and by default migrates) the schema, once per engine.
@@ -133,9 +143,23 @@ class PostgreSQLSession:
         metadata: Mapping[str, Any] | None = None,
         session_settings: SessionSettings | Mapping[str, Any] | None = None,
         settings: Settings | None = None,
+        tenant_id: str | TenantResolver | None = None,
     ) -> None:
         self.session_id = validate_identifier(conversation_id)
         self.user_id = None if user_id is None else validate_identifier(user_id, name="user_id")
+        self._tenant_resolver: TenantResolver | None = None
+        self.tenant_id: str | None = None
+        if callable(tenant_id):
+            self._tenant_resolver = tenant_id
+        elif tenant_id is not None:
+            self.tenant_id = validate_identifier(tenant_id, name="tenant_id")
+            if self.user_id is None:
+                self.user_id = self.tenant_id
+            elif self.user_id != self.tenant_id:
+                raise InvalidArgumentError(
+                    "user_id and tenant_id name different users; a tenant-scoped "
+                    "session can only own conversations of its tenant"
+                )
         self._metadata = validate_metadata(metadata)
         self.session_settings = _coerce_session_settings(session_settings)
         self._store = get_store(database_url, settings=settings)
@@ -165,31 +189,59 @@ class PostgreSQLSession:
     async def _mutate(self, function: Callable[..., _T], *args: Any) -> _T:
         return await _settle_then_propagate_cancellation(self._in_thread(function, *args))
 
+    def _acting_tenant(self, wrapper: RunContextWrapper[Any] | None) -> str | None:
+        """The tenant of this call: fixed, or resolved from the run's context."""
+        if self._tenant_resolver is None:
+            return self.tenant_id
+        if wrapper is None:
+            raise InvalidArgumentError(
+                "this session resolves its tenant from the run context: pass wrapper= "
+                "(the Runner does), or construct it with a fixed tenant_id"
+            )
+        return validate_identifier(self._tenant_resolver(wrapper), name="tenant_id")
+
+    def _owner(self, tenant: str | None) -> tuple[str | None, dict[str, Any] | None]:
+        """The user_id/metadata to store with this write (until they are stored)."""
+        if tenant is not None:
+            # Always: a conversation created under row-level security must name its
+            # owner, even one re-created after somebody deleted it.
+            return tenant, self._metadata if self._owner_pending else None
+        if self._owner_pending:
+            return self.user_id, self._metadata
+        return None, None
+
     # ------------------------------------------------------------------ protocol
 
-    async def get_items(self, limit: int | None = None) -> list[Any]:
+    async def get_items(
+        self, limit: int | None = None, *, wrapper: RunContextWrapper[Any] | None = None
+    ) -> list[Any]:
         """The latest ``limit`` items, oldest first.
 
         ``limit=None`` falls back to ``session_settings.limit``; if that is ``None``
         too, every item. ``limit=0`` returns ``[]``. A negative limit raises
         :class:`~agents_sessions.errors.InvalidArgumentError` (a ``ValueError``).
+        ``wrapper`` is the run's context, passed by the Runner (used to resolve a
+        callable ``tenant_id``).
         """
         if limit is None and self.session_settings is not None:
             limit = self.session_settings.limit
         count = validate_limit(limit)
+        tenant = self._acting_tenant(wrapper)
         if count == 0:
             return []
-        return await self._in_thread(self._get_items, count)
+        return await self._in_thread(self._get_items, count, tenant)
 
-    def _get_items(self, limit: int | None) -> list[Any]:
+    def _get_items(self, limit: int | None, tenant: str | None) -> list[Any]:
         def read(repos: Repositories) -> list[Any]:
             if limit is None:
                 return repos.messages.all(self.session_id)
             return repos.messages.latest(self.session_id, limit)
 
-        return self._store.run(read, write=False, repeatable=True)
+        return self._store.run(read, write=False, repeatable=True, tenant_id=tenant)
 
-    async def add_items(self, items: list[Any]) -> None:
+    async def add_items(
+        self, items: list[Any], *, wrapper: RunContextWrapper[Any] | None = None
+    ) -> None:
         """Append ``items`` atomically, after everything already stored.
 
         Every item is validated before anything is written: an item that cannot be
@@ -203,14 +255,15 @@ class PostgreSQLSession:
         connection dies around the commit the call is retried on a new connection
         and its items are stored once -- never lost, never twice.
         """
+        tenant = self._acting_tenant(wrapper)
         if isinstance(items, list) and not items:
             return
-        await self._mutate(self._add_items, items)
+        await self._mutate(self._add_items, items, tenant)
 
-    def _add_items(self, items: list[Any]) -> None:
+    def _add_items(self, items: list[Any], tenant: str | None) -> None:
         # In the worker thread: large items stay off the loop.
         encoded = encode_items(items, max_item_bytes=self._store.settings.max_item_bytes)
-        owner = self._owner_pending
+        user_id, metadata = self._owner(tenant)
         # One key for every attempt of this call: a retry after an unknown commit
         # outcome finds the key if the first attempt committed, and writes nothing.
         key = uuid.uuid4().hex
@@ -218,17 +271,17 @@ class PostgreSQLSession:
             lambda repos: repos.messages.append_encoded(
                 self.session_id,
                 encoded,
-                user_id=self.user_id if owner else None,
-                metadata=self._metadata if owner else None,
+                user_id=user_id,
+                metadata=metadata,
                 idempotency_key=key,
             ),
             write=True,
             repeatable=True,
+            tenant_id=tenant,
         )
-        if owner:
-            self._owner_pending = False
+        self._owner_pending = False
 
-    async def pop_item(self) -> Any | None:
+    async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> Any | None:
         """Remove and return the newest item, or ``None`` when there is none.
 
         Concurrent pops never return the same item. A pop is never repeated
@@ -236,28 +289,34 @@ class PostgreSQLSession:
         :class:`~agents_sessions.errors.ConnectionLostError` says so (the item may
         or may not be gone).
         """
-        return await self._mutate(self._pop_item)
+        tenant = self._acting_tenant(wrapper)
+        return await self._mutate(self._pop_item, tenant)
 
-    def _pop_item(self) -> Any | None:
+    def _pop_item(self, tenant: str | None) -> Any | None:
         return self._store.run(
-            lambda repos: repos.messages.pop_latest(self.session_id), write=True, repeatable=False
+            lambda repos: repos.messages.pop_latest(self.session_id),
+            write=True,
+            repeatable=False,
+            tenant_id=tenant,
         )
 
-    async def clear_session(self) -> None:
+    async def clear_session(self, *, wrapper: RunContextWrapper[Any] | None = None) -> None:
         """Delete every item of this conversation. Idempotent; the session stays usable.
 
         The conversation row, its metadata and its usage records are kept; delete
         the conversation through the repository API to remove those too.
         """
-        await self._mutate(self._clear)
+        tenant = self._acting_tenant(wrapper)
+        await self._mutate(self._clear, tenant)
 
-    def _clear(self) -> None:
+    def _clear(self, tenant: str | None) -> None:
         # Repeating a clear changes nothing more, so it is retried like a read.
         self._store.run(
             lambda repos: repos.messages.clear(self.session_id),
             write=True,
             repeatable=True,
             transaction=True,
+            tenant_id=tenant,
         )
 
     # ------------------------------------------------------------------ usage
@@ -269,6 +328,7 @@ class PostgreSQLSession:
         model: str | None = None,
         per_request: bool = True,
         run_id: str | None = None,
+        wrapper: RunContextWrapper[Any] | None = None,
     ) -> int:
         """Store the token usage of a finished run in ``usage_logs``.
 
@@ -278,6 +338,8 @@ class PostgreSQLSession:
             per_request: One row per model request (``True``, the default) or one
                 row for the whole run.
             run_id: Groups the rows of this run; a new UUID by default.
+            wrapper: The run context, for a callable ``tenant_id`` (defaults to
+                ``result.context_wrapper``).
 
         Returns:
             The number of rows written.
@@ -296,20 +358,20 @@ class PostgreSQLSession:
             entries = [_usage_entry(result.context_wrapper.usage, model=name, run_id=run)]
         if not entries:
             return 0
-        return await self._mutate(self._record_usage, entries)
+        if wrapper is None and self._tenant_resolver is not None:
+            wrapper = getattr(result, "context_wrapper", None)
+        tenant = self._acting_tenant(wrapper)
+        return await self._mutate(self._record_usage, entries, tenant)
 
-    def _record_usage(self, entries: list[UsageEntry]) -> int:
-        owner = self._owner_pending
+    def _record_usage(self, entries: list[UsageEntry], tenant: str | None) -> int:
+        user_id, metadata = self._owner(tenant)
 
         def record(repos: Repositories) -> int:
-            repos.conversations.ensure(
-                self.session_id,
-                user_id=self.user_id if owner else None,
-                metadata=self._metadata if owner else None,
-            )
+            repos.conversations.ensure(self.session_id, user_id=user_id, metadata=metadata)
             return repos.usage.record(self.session_id, entries)
 
-        written = self._store.run(record, write=True, repeatable=False, transaction=True)
-        if owner:
-            self._owner_pending = False
+        written = self._store.run(
+            record, write=True, repeatable=False, transaction=True, tenant_id=tenant
+        )
+        self._owner_pending = False
         return written

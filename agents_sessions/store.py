@@ -38,16 +38,23 @@ from . import migrate as migrate_module
 from . import settings as settings_module
 from .engine import (
     SQLITE_WRITE_OPTION,
+    TENANT_OPTION,
     DatabaseTarget,
     PoolOptions,
     create_pooled_engine,
     log_embedded_default_once,
     parse_database_url,
 )
-from .errors import ConnectionLostError, DatabaseError, translate_database_errors
+from .errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseError,
+    translate_database_errors,
+)
 from .migrate import ensure_schema_at_head
 from .repositories import Repositories
 from .settings import Settings, default_settings
+from .validation import validate_identifier
 
 logger = logging.getLogger("agents_sessions")
 
@@ -225,13 +232,27 @@ class SessionStore:
             )
             state.schema_ready = True
 
+    def _act_for(self, connection: Connection, tenant_id: str | None) -> None:
+        if tenant_id is None:
+            return
+        if self.dialect != "postgresql":
+            raise ConfigurationError(
+                "tenant_id needs PostgreSQL row-level security; SQLite has none"
+            )
+        connection.execution_options(
+            **{TENANT_OPTION: validate_identifier(tenant_id, name="tenant_id")}
+        )
+
     @contextmanager
-    def _connection(self, *, write: bool, autocommit: bool) -> Iterator[Connection]:
+    def _connection(
+        self, *, write: bool, autocommit: bool, tenant_id: str | None = None
+    ) -> Iterator[Connection]:
         self.ensure_schema()
         with (
             translate_database_errors(self._state.target.pool.describe()),
             self.engine.connect() as connection,
         ):
+            self._act_for(connection, tenant_id)
             if autocommit:
                 with _driver_autocommit(connection):
                     yield connection
@@ -242,28 +263,32 @@ class SessionStore:
                 yield connection
 
     @contextmanager
-    def transaction(self) -> Iterator[Repositories]:
+    def transaction(self, *, tenant_id: str | None = None) -> Iterator[Repositories]:
         """Repositories inside one read-write transaction, committed on success.
 
         Any exception rolls everything back. On SQLite the transaction starts with
-        ``BEGIN IMMEDIATE``.
+        ``BEGIN IMMEDIATE``. ``tenant_id`` makes every statement act for that user
+        under PostgreSQL row-level security (see :mod:`agents_sessions.tenancy`).
         """
-        with self._connection(write=True, autocommit=False) as connection:
+        with self._connection(write=True, autocommit=False, tenant_id=tenant_id) as connection:
             yield Repositories(connection)
 
     @contextmanager
-    def read(self) -> Iterator[Repositories]:
+    def read(self, *, tenant_id: str | None = None) -> Iterator[Repositories]:
         """Repositories for reading; the transaction is rolled back at the end."""
         self.ensure_schema()
         with (
             translate_database_errors(self._state.target.pool.describe()),
             self.engine.connect() as connection,
         ):
+            self._act_for(connection, tenant_id)
             yield Repositories(connection)
             connection.rollback()
 
     @contextmanager
-    def single_statement(self, *, write: bool) -> Iterator[Repositories]:
+    def single_statement(
+        self, *, write: bool, tenant_id: str | None = None
+    ) -> Iterator[Repositories]:
         """Repositories for one operation that PostgreSQL runs as a single statement.
 
         On PostgreSQL the connection is in autocommit mode: the statement is its own
@@ -271,8 +296,13 @@ class SessionStore:
         SQLite, where the same operation takes several statements, it is a
         transaction (``BEGIN IMMEDIATE`` when ``write``).
         """
-        autocommit = self.dialect == "postgresql"
-        with self._connection(write=write, autocommit=autocommit) as connection:
+        # Acting for a tenant, a write is several statements (see
+        # MessageRepository.append_encoded), so it gets a real transaction; a read
+        # stays one autocommit round trip (the tenant rides along with it).
+        autocommit = self.dialect == "postgresql" and not (write and tenant_id is not None)
+        with self._connection(
+            write=write, autocommit=autocommit, tenant_id=tenant_id
+        ) as connection:
             yield Repositories(connection)
 
     def run(
@@ -282,6 +312,7 @@ class SessionStore:
         write: bool,
         repeatable: bool,
         transaction: bool = False,
+        tenant_id: str | None = None,
     ) -> _T:
         """Run ``work`` on a pooled connection, retrying where that is safe.
 
@@ -294,6 +325,7 @@ class SessionStore:
                 when a connection could not be opened at all (nothing was sent).
             transaction: Run ``work`` in one read-write transaction
                 (:meth:`transaction`); otherwise as :meth:`single_statement`.
+            tenant_id: Act for this user under row-level security.
 
         Retries (``settings.retry_attempts``, exponential backoff from 50 ms) get a
         fresh connection: the pool discards the broken one.
@@ -307,10 +339,10 @@ class SessionStore:
             sent = False
             try:
                 if transaction:
-                    with self.transaction() as repos:
+                    with self.transaction(tenant_id=tenant_id) as repos:
                         sent = True
                         return work(repos)
-                with self.single_statement(write=write) as repos:
+                with self.single_statement(write=write, tenant_id=tenant_id) as repos:
                     sent = True
                     return work(repos)
             except DatabaseError as exc:

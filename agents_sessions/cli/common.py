@@ -103,8 +103,17 @@ def json_option(function: Any) -> Any:
 
 
 def emit_json(document: Any) -> None:
-    """Print one JSON document on stdout (datetimes as ISO 8601)."""
-    click.echo(json.dumps(document, default=_json_default, ensure_ascii=False, indent=2))
+    """Print one JSON document on stdout (datetimes as ISO 8601).
+
+    Text stays readable UTF-8; a document holding a lone surrogate (valid in an
+    item, impossible in UTF-8) is written with ``\\u`` escapes instead.
+    """
+    rendered = json.dumps(document, default=_json_default, ensure_ascii=False, indent=2)
+    try:
+        rendered.encode("utf-8")
+    except UnicodeEncodeError:
+        rendered = json.dumps(document, default=_json_default, ensure_ascii=True, indent=2)
+    click.echo(rendered)
 
 
 def _json_default(value: Any) -> Any:

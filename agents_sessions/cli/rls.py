@@ -1,0 +1,54 @@
+"""``agents-sessions rls``: switch tenant row-level security on or off, or show it."""
+
+from __future__ import annotations
+
+import click
+
+from ..tenancy import (
+    disable_row_level_security,
+    enable_row_level_security,
+    row_level_security_status,
+)
+from .common import CliContext, emit_json, json_option, pass_cli_context, reported_errors
+from .main import cli
+
+
+@cli.group()
+def rls() -> None:
+    """Tenant isolation by PostgreSQL row-level security (run as the tables' owner).
+
+    Once enabled, a non-owner role sees only rows of the user it acts for
+    (PostgreSQLSession(..., tenant_id=...)); with no tenant, nothing.
+    """
+
+
+@rls.command()
+@json_option
+@pass_cli_context
+def status(context: CliContext, as_json: bool) -> None:
+    """Show, per table, whether row-level security is enforced."""
+    with reported_errors(), context.store().read() as repos:
+        states = row_level_security_status(repos.connection)
+    if as_json:
+        emit_json(states)
+        return
+    for table, enabled in states.items():
+        click.echo(f"{table}: {'enabled' if enabled else 'disabled'}")
+
+
+@rls.command()
+@pass_cli_context
+def enable(context: CliContext) -> None:
+    """Enforce the tenant policies on conversations, messages and usage_logs."""
+    with reported_errors(), context.store().transaction() as repos:
+        enable_row_level_security(repos.connection)
+    click.echo("row-level security enabled on conversations, messages, usage_logs")
+
+
+@rls.command()
+@pass_cli_context
+def disable(context: CliContext) -> None:
+    """Stop enforcing the tenant policies (they stay defined)."""
+    with reported_errors(), context.store().transaction() as repos:
+        disable_row_level_security(repos.connection)
+    click.echo("row-level security disabled on conversations, messages, usage_logs")
