@@ -16,9 +16,17 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agents import set_tracing_disabled
+from pgcluster import (
+    Cluster,
+    PgBouncer,
+    ToolMissingError,
+    check_server_tools,
+    require_program,
+)
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -175,3 +183,85 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
+
+
+# ---------------------------------------------------------------- throwaway servers
+# Tests that restart, crash or re-wire a server get one of their own (tests/pgcluster.py):
+# the shared TEST_DATABASE_URL server is never restarted or reconfigured.
+
+
+def _require_throwaway_tools(check: Callable[[], object], what: str) -> None:
+    """Fail (CI / AGENTS_SESSIONS_REQUIRE_POSTGRES) or skip loudly when ``check`` finds
+    a missing program."""
+    try:
+        check()
+    except ToolMissingError as exc:
+        if _postgres_required():
+            pytest.fail(
+                f"{what} is required (CI / AGENTS_SESSIONS_REQUIRE_POSTGRES is set): {exc}",
+                pytrace=False,
+            )
+        pytest.skip(f"THROWAWAY-SERVER TESTS SKIPPED ({what} unavailable): {exc}")
+
+
+@pytest.fixture(scope="session")
+def tls_cluster() -> Iterator[Cluster]:
+    """A throwaway server that accepts TCP connections only over TLS.
+
+    Its CA certificate (for ``sslrootcert``) is ``tls_cluster.ca.cert``; the server
+    certificate names ``localhost`` and ``127.0.0.1``.
+    """
+    _require_throwaway_tools(lambda: check_server_tools(tls=True), "a throwaway TLS PostgreSQL")
+    with Cluster(tls=True, name="tls") as cluster:
+        yield cluster
+        dispose_all()  # our pools hold connections into it
+
+
+@pytest.fixture
+def throwaway_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL server of this test's own, to stop, crash and restart at will."""
+    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL")
+    with Cluster(name="throwaway") as cluster:
+        yield cluster
+        dispose_all()
+
+
+@pytest.fixture(scope="module")
+def replica_pair() -> Iterator[tuple[Cluster, Cluster]]:
+    """``(primary, replica)``: a throwaway server and its streaming standby.
+
+    Shared by a module's tests: create databases of your own on the primary, then
+    ``pgcluster.wait_for_replay(primary, replica)`` before reading them on the replica.
+    """
+    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL replica")
+    with Cluster(name="primary") as primary:
+        replica = primary.make_replica()
+        yield primary, replica
+        dispose_all()
+
+
+@pytest.fixture(scope="module")
+def pgbouncer_server() -> Iterator[Cluster]:
+    """The throwaway server behind the ``pgbouncer`` fixture (shared by a module)."""
+    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL for PgBouncer")
+    with Cluster(name="bounced") as cluster:
+        yield cluster
+        dispose_all()
+
+
+@pytest.fixture
+def pgbouncer(pgbouncer_server: Cluster, request: pytest.FixtureRequest) -> Iterator[PgBouncer]:
+    """A fresh PgBouncer (transaction pooling) in front of ``pgbouncer_server``.
+
+    Configure it with indirect parametrization, e.g.
+    ``@pytest.mark.parametrize("pgbouncer", [{"pool_size": 3}], indirect=True)``;
+    the keywords are :class:`pgcluster.PgBouncer`'s (default ``pool_size=2``).
+    """
+    _require_throwaway_tools(
+        lambda: require_program("pgbouncer", "install it (Debian: apt-get install pgbouncer)"),
+        "PgBouncer",
+    )
+    options: dict[str, Any] = dict(getattr(request, "param", {}))
+    with PgBouncer(pgbouncer_server, **options) as bouncer:
+        yield bouncer
+        dispose_all()
