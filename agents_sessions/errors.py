@@ -94,6 +94,13 @@ class AccessDeniedError(DatabaseError, PermissionError):
     """
 
 
+class ReadOnlyDatabaseError(DatabaseError):
+    """A write reached a read-only database: a hot-standby replica, or a read-only session.
+
+    Writes must go to the primary (``DATABASE_URL``); nothing was written.
+    """
+
+
 class ConnectionLostError(DatabaseError):
     """The connection died while an operation that cannot be safely retried was running.
 
@@ -108,6 +115,8 @@ class ConnectionLostError(DatabaseError):
 _TIMEOUT_SQLSTATES = {"57014", "55P03"}
 # insufficient_privilege: a missing GRANT, or a row-level security policy violation.
 _INSUFFICIENT_PRIVILEGE = "42501"
+# read_only_sql_transaction: a write on a hot standby (or a read-only transaction).
+_READ_ONLY_TRANSACTION = "25006"
 
 
 @contextmanager
@@ -135,6 +144,11 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
         sqlstate = getattr(getattr(exc, "orig", None), "pgcode", None)
         if sqlstate == _INSUFFICIENT_PRIVILEGE:
             raise AccessDeniedError(f"database refused the operation: {first_line}") from exc
+        if sqlstate == _READ_ONLY_TRANSACTION:
+            raise ReadOnlyDatabaseError(
+                f"the database is read-only (a hot-standby replica?): {first_line}; "
+                "writes must go to the primary (DATABASE_URL)"
+            ) from exc
         if sqlstate in _TIMEOUT_SQLSTATES:
             raise StatementTimeoutError(
                 f"database statement cancelled: {first_line} (statement_timeout_ms / "

@@ -101,7 +101,7 @@ def upgrade(
     from an installed package. ``database_url`` defaults to the settings' URL.
     """
     settings = settings or load_settings()
-    url = database_url or settings.resolved_database_url()
+    url = database_url or settings.resolved_migration_url()
     parse_database_url(url)  # a bad URL fails here, with a clear message
     with translate_database_errors(), _alembic_lock:
         command.upgrade(alembic_config(database_url=url, settings=settings), revision)
@@ -143,6 +143,16 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
                 "auto-migration (AGENTS_SESSIONS_AUTO_MIGRATE=true)"
             )
         with _alembic_lock:
+            if settings.migration_url is not None:
+                # Behind a transaction-pooling proxy: migrate on the direct URL.
+                connection.close()
+                command.upgrade(
+                    alembic_config(
+                        database_url=settings.resolved_migration_url(), settings=settings
+                    ),
+                    "head",
+                )
+                return
             command.upgrade(alembic_config(connection=connection, settings=settings), "head")
 
 
@@ -159,7 +169,7 @@ def downgrade(
         InvalidArgumentError: ``revision`` is unknown, or not below the current one.
     """
     settings = settings or load_settings()
-    url = database_url or settings.resolved_database_url()
+    url = database_url or settings.resolved_migration_url()
     parse_database_url(url)  # a bad URL fails here, with a clear message
     try:
         with translate_database_errors(), _alembic_lock:

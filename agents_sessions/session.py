@@ -237,7 +237,14 @@ class PostgreSQLSession:
                 return repos.messages.all(self.session_id)
             return repos.messages.latest(self.session_id, limit)
 
-        return self._store.run(read, write=False, repeatable=True, tenant_id=tenant)
+        return self._store.run(
+            read,
+            write=False,
+            repeatable=True,
+            tenant_id=tenant,
+            # Off by default: a turn reads back what the previous turn wrote.
+            lag_tolerant=self._store.settings.history_reads_from_replica,
+        )
 
     async def add_items(
         self, items: list[Any], *, wrapper: RunContextWrapper[Any] | None = None

@@ -60,6 +60,42 @@ class Settings(BaseSettings):
             "driver. When unset, the embedded SQLite file at sqlite_path is used."
         ),
     )
+    migration_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AGENTS_SESSIONS_MIGRATION_URL", "DATABASE_MIGRATION_URL"),
+        description=(
+            "A direct URL to the same database as database_url, used for migrations "
+            "(the CLI, alembic, auto-migration). Set it when database_url goes through a "
+            "transaction-pooling proxy such as PgBouncer, or when migrations run as a "
+            "different (owner) role. Defaults to database_url."
+        ),
+    )
+    replica_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AGENTS_SESSIONS_REPLICA_URL", "DATABASE_REPLICA_URL"),
+        description=(
+            "URL of a read replica (a hot standby of the primary). Read-only work that "
+            "tolerates replication lag -- analytics, listings, exports, stats -- goes "
+            "there; if it cannot be reached it falls back to the primary (logged). "
+            "Conversation history stays on the primary unless history_reads_from_replica."
+        ),
+    )
+    history_reads_from_replica: bool = Field(
+        default=False,
+        description=(
+            "Send the sessions' get_items() to the replica too. A turn writes its items "
+            "and the next turn reads them back: with replication lag that read can miss "
+            "the newest items, so enable this only where a stale history is acceptable."
+        ),
+    )
+    replica_retry_after_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "After the replica failed to connect, how long replica-routed reads go "
+            "straight to the primary before the replica is tried again."
+        ),
+    )
     auto_migrate: bool = Field(
         default=True,
         description=(
@@ -126,7 +162,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("database_url", mode="before")
+    @field_validator("database_url", "migration_url", "replica_url", mode="before")
     @classmethod
     def _blank_url_means_unset(cls, value: object) -> object:
         # `DATABASE_URL=` in a .env file or a CI matrix means "not configured".
@@ -139,6 +175,16 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         return f"sqlite:///{self.sqlite_path}"
+
+    def resolved_migration_url(self) -> str:
+        """The URL migrations run on: :attr:`migration_url`, else the database URL."""
+        if self.migration_url is not None:
+            return self.migration_url.get_secret_value()
+        return self.resolved_database_url()
+
+    def resolved_replica_url(self) -> str | None:
+        """The replica's URL, or ``None`` when no replica is configured."""
+        return None if self.replica_url is None else self.replica_url.get_secret_value()
 
     def safe_database_url(self) -> str:
         """The resolved URL with its password masked, fit for logs and messages."""
@@ -167,7 +213,8 @@ def _environment_fingerprint() -> _DefaultsKey:
         sorted(
             (name, value)
             for name, value in os.environ.items()
-            if name.startswith("AGENTS_SESSIONS_") or name in ("DATABASE_URL", "XDG_DATA_HOME")
+            if name.startswith(("AGENTS_SESSIONS_", "DATABASE_"))
+            or name in ("DATABASE_URL", "XDG_DATA_HOME")
         )
     )
     return cwd, env_file_mtime, relevant

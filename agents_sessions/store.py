@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -72,6 +72,9 @@ class _EngineState:
     schema_ready: bool = False
     # Set by dispose_all(): stores holding this state look up a fresh one.
     disposed: bool = False
+    # For a read replica: until when (time.monotonic()) reads skip it after it
+    # failed to connect, rather than pay a failed connect on every call.
+    unavailable_until: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -177,10 +180,51 @@ class SessionStore:
             repos.messages.append("conv-1", [{"role": "user", "content": "Hi"}])
     """
 
-    def __init__(self, url: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        url: str,
+        settings: Settings,
+        *,
+        replica_url: str | None = None,
+        is_replica: bool = False,
+    ) -> None:
         self._url = url
         self.settings = settings
         self._current = _engine_state(url, settings)
+        self._replica_url = replica_url
+        self._replica: SessionStore | None = None
+        self.is_replica = is_replica
+
+    @property
+    def replica(self) -> SessionStore | None:
+        """The store of the read replica, or ``None`` when none is configured.
+
+        Reads that tolerate replication lag reach it through
+        ``read(lag_tolerant=True)`` / ``run(..., lag_tolerant=True)``, which fall
+        back to this (primary) store when the replica cannot be reached.
+        """
+        if self._replica_url is None:
+            return None
+        if self._replica is None:
+            self._replica = SessionStore(self._replica_url, self.settings, is_replica=True)
+        return self._replica
+
+    def _available_replica(self) -> SessionStore | None:
+        replica = self.replica
+        if replica is None or time.monotonic() < replica._state.unavailable_until:
+            return None
+        return replica
+
+    def _replica_failed(self, replica: SessionStore, error: DatabaseError) -> None:
+        retry_after = self.settings.replica_retry_after_s
+        replica._state.unavailable_until = time.monotonic() + retry_after
+        logger.warning(
+            "agents_sessions: the read replica %s is unavailable (%s); reading from the "
+            "primary for the next %.0f s",
+            replica.target.safe_url,
+            error,
+            retry_after,
+        )
 
     @property
     def _state(self) -> _EngineState:
@@ -219,8 +263,11 @@ class SessionStore:
     def ensure_schema(self) -> None:
         """Check (once per engine) that the schema is at head, migrating if allowed.
 
-        Thread-safe; after the first success it is a flag check, no I/O.
+        Thread-safe; after the first success it is a flag check, no I/O. A replica's
+        schema is the primary's (replicated), so a replica store checks nothing.
         """
+        if self.is_replica:
+            return
         state = self._state
         if state.schema_ready:
             return
@@ -274,8 +321,27 @@ class SessionStore:
             yield Repositories(connection)
 
     @contextmanager
-    def read(self, *, tenant_id: str | None = None) -> Iterator[Repositories]:
-        """Repositories for reading; the transaction is rolled back at the end."""
+    def read(
+        self, *, tenant_id: str | None = None, lag_tolerant: bool = False
+    ) -> Iterator[Repositories]:
+        """Repositories for reading; the transaction is rolled back at the end.
+
+        ``lag_tolerant=True`` reads from the replica when one is configured
+        (analytics, listings, exports: work that can miss the last moments of
+        writes); if the replica cannot be reached, from the primary (logged).
+        """
+        replica = self._available_replica() if lag_tolerant else None
+        if replica is not None:
+            with ExitStack() as stack:
+                try:
+                    repos = stack.enter_context(replica.read(tenant_id=tenant_id))
+                except DatabaseError as exc:
+                    if not isinstance(exc.__cause__, sa_exc.OperationalError):
+                        raise
+                    self._replica_failed(replica, exc)
+                else:
+                    yield repos
+                    return
         self.ensure_schema()
         with (
             translate_database_errors(self._state.target.pool.describe()),
@@ -313,6 +379,8 @@ class SessionStore:
         repeatable: bool,
         transaction: bool = False,
         tenant_id: str | None = None,
+        lag_tolerant: bool = False,
+        retry_attempts: int | None = None,
     ) -> _T:
         """Run ``work`` on a pooled connection, retrying where that is safe.
 
@@ -326,6 +394,9 @@ class SessionStore:
             transaction: Run ``work`` in one read-write transaction
                 (:meth:`transaction`); otherwise as :meth:`single_statement`.
             tenant_id: Act for this user under row-level security.
+            lag_tolerant: For reads: use the replica when one is configured and
+                reachable (falling back to this store).
+            retry_attempts: Overrides ``settings.retry_attempts``.
 
         Retries (``settings.retry_attempts``, exponential backoff from 50 ms) get a
         fresh connection: the pool discards the broken one.
@@ -334,6 +405,25 @@ class SessionStore:
             ConnectionLostError: the connection died while a non-repeatable
                 ``work`` ran; whether it took effect is unknown.
         """
+        if lag_tolerant and not (write or transaction):
+            replica = self._available_replica()
+            if replica is not None:
+                try:
+                    # No retries there: when the replica is down the primary answers.
+                    return replica.run(
+                        work,
+                        write=False,
+                        repeatable=repeatable,
+                        tenant_id=tenant_id,
+                        retry_attempts=0,
+                    )
+                except DatabaseError as exc:
+                    if not (
+                        _connection_lost(exc) or isinstance(exc.__cause__, sa_exc.OperationalError)
+                    ):
+                        raise
+                    self._replica_failed(replica, exc)
+        attempts = self.settings.retry_attempts if retry_attempts is None else retry_attempts
         attempt = 0
         while True:
             sent = False
@@ -349,7 +439,7 @@ class SessionStore:
                 cause = exc.__cause__
                 # Could not open a connection (refused, server starting up): nothing
                 # was sent, so any operation may be tried again.
-                connect_failed = not sent and isinstance(cause, sa_exc.OperationalError)
+                connect_failed = not sent and _transient_connect_failure(cause)
                 if not (connect_failed or _connection_lost(exc)):
                     raise  # an SQL error, a pool timeout: retrying would not help
                 if sent and not repeatable:
@@ -358,7 +448,7 @@ class SessionStore:
                         "be retried safely; it may or may not have taken effect (the next "
                         "call uses a fresh connection)"
                     ) from exc
-                if attempt >= self.settings.retry_attempts:
+                if attempt >= attempts:
                     raise
                 attempt += 1
                 delay = min(0.05 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random() / 2)
@@ -367,7 +457,7 @@ class SessionStore:
                     "connection lost" if sent else "could not connect",
                     self.target.safe_url,
                     attempt,
-                    self.settings.retry_attempts,
+                    attempts,
                     delay * 1000,
                 )
                 time.sleep(delay)
@@ -383,6 +473,36 @@ class SessionStore:
         return f"SessionStore({self._state.target.safe_url!r})"
 
 
+# What a connect failure says when waiting may help: the server is down, starting,
+# stopping or restarting, or the network dropped. A bad password, a pg_hba refusal,
+# a certificate that does not verify or a missing database will not heal by retrying.
+_TRANSIENT_CONNECT_MARKERS = (
+    "connection refused",
+    "starting up",
+    "shutting down",
+    "in recovery mode",
+    "not yet accepting connections",
+    "server closed the connection",
+    "terminating connection",
+    "could not receive data",
+    "could not send data",
+    "connection reset",
+    "timeout expired",
+    "timed out",
+    "no route to host",
+    "network is unreachable",
+    "too many connections",
+    "remaining connection slots",
+)
+
+
+def _transient_connect_failure(cause: BaseException | None) -> bool:
+    if not isinstance(cause, sa_exc.OperationalError):
+        return False
+    message = str(cause.orig if cause.orig is not None else cause).lower()
+    return any(marker in message for marker in _TRANSIENT_CONNECT_MARKERS)
+
+
 def _connection_lost(error: DatabaseError) -> bool:
     """Did ``error`` come from a connection that broke (rather than from SQL)?"""
     cause = error.__cause__
@@ -392,13 +512,19 @@ def _connection_lost(error: DatabaseError) -> bool:
     return isinstance(cause, sa_exc.DisconnectionError)
 
 
-def get_store(database_url: str | None = None, *, settings: Settings | None = None) -> SessionStore:
+def get_store(
+    database_url: str | None = None,
+    *,
+    settings: Settings | None = None,
+    replica_url: str | None = None,
+) -> SessionStore:
     """The shared :class:`SessionStore` for ``database_url``.
 
     ``database_url`` defaults to the settings (``DATABASE_URL`` /
     ``AGENTS_SESSIONS_DATABASE_URL`` / ``.env``), then to the embedded SQLite file.
-    Creating a store does not connect; the first operation does, and checks the
-    schema.
+    ``replica_url`` (default: the settings' ``replica_url``) names a read replica of
+    that database for lag-tolerant reads. Creating a store does not connect; the
+    first operation does, and checks the schema.
 
     Raises:
         ConfigurationError: the URL or a pool parameter in it is invalid.
@@ -407,7 +533,8 @@ def get_store(database_url: str | None = None, *, settings: Settings | None = No
     url = database_url if database_url is not None else settings.resolved_database_url()
     if database_url is None and settings.uses_embedded_default:
         log_embedded_default_once(settings.sqlite_path)
-    return SessionStore(url, settings)
+    replica = replica_url if replica_url is not None else settings.resolved_replica_url()
+    return SessionStore(url, settings, replica_url=replica)
 
 
 def _reset_after_fork() -> None:

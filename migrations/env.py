@@ -44,7 +44,9 @@ def _settings() -> Settings:
 
 def _database_url() -> str:
     url = config.attributes.get("database_url")
-    return url if isinstance(url, str) else _settings().resolved_database_url()
+    # The migration URL: a direct connection when the app's URL goes through a
+    # transaction-pooling proxy (it defaults to the app's URL).
+    return url if isinstance(url, str) else _settings().resolved_migration_url()
 
 
 def _configure(connection: Connection) -> None:
