@@ -21,6 +21,7 @@ changes data, and no detail or advice contains the password.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -416,7 +417,7 @@ def _with_connect_timeout(target: DatabaseTarget, seconds: int) -> DatabaseTarge
     if not target.url.drivername.endswith("psycopg2"):
         return target
     url = target.url.update_query_dict({"connect_timeout": str(seconds)})
-    return DatabaseTarget(url=url, pool=target.pool)
+    return dataclasses.replace(target, url=url)
 
 
 def _database_check(target: DatabaseTarget, error: BaseException | None) -> Check:

@@ -21,7 +21,7 @@ import select
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,9 @@ class DatabaseTarget:
 
     url: URL
     pool: PoolOptions
+    #: Secret driver parameters taken out of the URL's query string (``sslpassword``),
+    #: so that no repr of the URL (SQLAlchemy's own included) can show them.
+    secret_connect_args: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def dialect(self) -> str:
@@ -231,7 +234,12 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
         # libpq's ?password= moved where SQLAlchemy masks it (reprs, logs); the
         # driver receives it the same way.
         url = url.set(password=_single_value(url, "password")).difference_update_query(["password"])
-    return DatabaseTarget(url=url, pool=pool)
+    secrets = tuple(
+        (name, _single_value(url, name)) for name in url.query if name.lower() == "sslpassword"
+    )
+    if secrets:
+        url = url.difference_update_query([name for name, _ in secrets])
+    return DatabaseTarget(url=url, pool=pool, secret_connect_args=secrets)
 
 
 def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
@@ -263,7 +271,14 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     def _create_directory(*_args: Any) -> None:
         # At first connect, not when the engine is made: constructing a session
         # object must do no I/O.
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        directory = Path(database).expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot create the directory {str(directory)!r} for the SQLite database: "
+                f"{exc.strerror or exc}"
+            ) from exc
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -430,7 +445,7 @@ def create_pooled_engine(
     :func:`agents_sessions.store.get_store`, which shares one engine per URL per
     process; this is the factory underneath it.
     """
-    connect_args: dict[str, Any] = {}
+    connect_args: dict[str, Any] = dict(target.secret_connect_args)
     if target.dialect == "sqlite":
         # Connections move between the executor's threads; the pool guarantees that
         # only one thread uses a connection at a time.

@@ -47,9 +47,11 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
     nested items do not hit the recursion limit here.
     """
     stack: list[tuple[Any, str, int]] = [(item, "", 0)]
-    # Containers already checked: a shared sub-object is checked once, and a cycle
-    # ends the walk here (json.dumps then reports it as a circular reference).
-    seen: set[int] = set()
+    # Containers already checked, with the depth they were checked at: a shared
+    # sub-object is walked again only when reached by a deeper path (its depth is
+    # what the limit is about), so the walk is bounded by objects x depth limit, and
+    # a cycle ends at the depth limit.
+    seen: dict[int, int] = {}
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, str) or value is None or isinstance(value, bool | int):
@@ -60,10 +62,13 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
             continue
         if isinstance(value, dict | list):
             if depth >= MAX_NESTING_DEPTH:
+                if _is_circular(item):
+                    # json.dumps reports it, with its own error chained.
+                    return None
                 return f"the item is nested too deeply (over {MAX_NESTING_DEPTH} levels)", False
-            if id(value) in seen:
+            if seen.get(id(value), -1) >= depth:
                 continue
-            seen.add(id(value))
+            seen[id(value)] = depth
         if isinstance(value, dict):
             for key, child in value.items():
                 if not isinstance(key, str):
@@ -86,6 +91,16 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
             True,
         )
     return None
+
+
+def _is_circular(item: Any) -> bool:
+    try:
+        json.dumps(item, default=str)
+    except ValueError as exc:
+        return "circular" in str(exc).lower()
+    except (TypeError, RecursionError):
+        return False
+    return False
 
 
 def encode_document(item: Any, *, where: str) -> str:

@@ -96,7 +96,9 @@ class _EngineOptions:
         )
 
 
-_states: dict[tuple[str, PoolOptions, _EngineOptions], _EngineState] = {}
+_states: dict[
+    tuple[str, tuple[tuple[str, str], ...], PoolOptions, _EngineOptions], _EngineState
+] = {}
 _states_lock = threading.Lock()
 
 
@@ -125,7 +127,12 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
     # The full URL (password included) is the identity: two passwords are two
     # roles, and must not share connections; two pool configurations are two pools.
     # The key never leaves this dict.
-    key = (target.url.render_as_string(hide_password=False), target.pool, options)
+    key = (
+        target.url.render_as_string(hide_password=False),
+        target.secret_connect_args,
+        target.pool,
+        options,
+    )
     with _states_lock:
         state = _states.get(key)
         if state is None:
