@@ -4,13 +4,19 @@
 #   make test    the test suite (PostgreSQL tests use $TEST_DATABASE_URL, or Docker)
 #   make lint    ruff + mypy
 #   make migrate alembic upgrade head on $DATABASE_URL
+#   make db-up   PostgreSQL 16 + pgAdmin in Docker (docker/compose.yaml), then migrate;
+#                passwords from the environment or docker/.env (see docker/.env.example)
+#   make db-down stop them; the data volume stays (REMOVE_VOLUMES=1 deletes it)
+#   make bench   side-by-side benchmark vs the Agents SDK backends (installs .[dev,bench]);
+#                BENCH_ARGS="--quick" for a smoke run; needs local PostgreSQL (+ Redis)
+#   make profile our throughput workload under py-spy + pyinstrument -> benchmarks/results/
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test lint format migrate clean
+.PHONY: venv demo test lint format migrate db-up db-down bench profile clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +25,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/01_basic_postgres.py
@@ -37,6 +50,23 @@ format: $(STAMP)
 
 migrate: $(STAMP)
 	$(BIN)/alembic upgrade head
+
+COMPOSE ?= docker compose -f docker/compose.yaml
+
+db-up:
+	$(COMPOSE) up -d --wait postgres pgadmin
+	$(COMPOSE) run --rm --build migrate
+
+# Keeps the postgres-data volume unless asked: `make db-down REMOVE_VOLUMES=1`
+# (or `docker compose -f docker/compose.yaml down --volumes`) deletes the data.
+db-down:
+	$(COMPOSE) down $(if $(filter 1 yes true,$(REMOVE_VOLUMES)),--volumes)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+profile: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench.py --profile $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
