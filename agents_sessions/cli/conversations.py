@@ -90,7 +90,8 @@ def list_command(
     Pagination is by keyset on (created_at, id): pages stay consistent while new
     conversations arrive, and a deep page costs as little as the first.
     """
-    with reported_errors(), context.store().read() as repositories:
+    # Lag-tolerant: served by the read replica when one is configured.
+    with reported_errors(), context.store().read(lag_tolerant=True) as repositories:
         if user_id is None:
             page = repositories.conversations.list_all(limit=limit, after=after)
         else:
@@ -200,7 +201,8 @@ def _describe_item(item: Mapping[str, Any]) -> tuple[str, list[str]]:
 @pass_cli_context
 def show_command(context: CliContext, conversation_id: str, as_json: bool) -> None:
     """Print a conversation as a readable transcript (--json: its stored items)."""
-    with reported_errors(), context.store().read() as repositories:
+    # Lag-tolerant: served by the read replica when one is configured.
+    with reported_errors(), context.store().read(lag_tolerant=True) as repositories:
         record = repositories.conversations.get(conversation_id)
         if record is None:
             fail(f"no conversation {conversation_id!r}", ExitCode.PROBLEM)

@@ -41,7 +41,8 @@ from .main import cli
 def stats_command(context: CliContext, since: str, top: int, as_json: bool) -> None:
     """Conversations, recent activity, top users by messages, token usage by model."""
     window = parse_duration(since, name="--since")
-    with reported_errors(), context.store().read() as repositories:
+    # Lag-tolerant: served by the read replica when one is configured.
+    with reported_errors(), context.store().read(lag_tolerant=True) as repositories:
         statistics = analytics.collect_statistics(
             repositories.connection, window=window, top_users=top
         )
