@@ -9,7 +9,18 @@ import click
 from .common import CliContext
 
 # Each of these modules (in this package) adds its commands to `cli` when imported.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = (
+    "rls",
+    "roles",
+    "migrate",
+    "stats",
+    "conversations",
+    "doctor",
+    "transfer",
+    "erase",
+    "prune",
+    "backup",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

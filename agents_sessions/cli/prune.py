@@ -1,0 +1,83 @@
+"""``agents-sessions prune``: retention by age, in short batches, safe next to a live app.
+
+The work is done by :func:`agents_sessions.retention.prune`, which explains the
+batching and locking.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import click
+
+from ..retention import DEFAULT_PRUNE_BATCH_SIZE, PruneSummary, prune, prune_plan
+from .common import (
+    CliContext,
+    emit_json,
+    json_option,
+    parse_duration,
+    pass_cli_context,
+    progress,
+    reported_errors,
+)
+from .main import cli
+
+
+@cli.command("prune")
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="DURATION",
+    help="Delete conversations not updated for this long: 90d, 12w, 24h, 30m, 45s.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_PRUNE_BATCH_SIZE,
+    show_default=True,
+    help="Most message rows deleted per transaction (bounds how long locks are held).",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@json_option
+@pass_cli_context
+def prune_command(
+    context: CliContext, older_than: str, batch_size: int, dry_run: bool, as_json: bool
+) -> None:
+    """Delete conversations (with their messages and usage) not updated for a while.
+
+    Works in batches, each its own short transaction, while the application keeps
+    running: a conversation that gets a new message meanwhile is kept.
+    """
+    age = parse_duration(older_than, name="--older-than")
+    now = datetime.now(timezone.utc)  # one cutoff for the plan and the run
+    with reported_errors():
+        store = context.store()
+        plan = prune_plan(store, age, batch_size=batch_size, now=now)
+        if dry_run:
+            summary = plan
+        else:
+            with progress("pruning messages", plan.messages) as bar:
+                summary = prune(store, age, batch_size=batch_size, progress=bar.update, now=now)
+    _report(context, summary, as_json)
+
+
+def _report(context: CliContext, summary: PruneSummary, as_json: bool) -> None:
+    if as_json:
+        emit_json({"database": context.safe_url(), **summary.as_dict()})
+        return
+    verb = "would delete" if summary.dry_run else "deleted"
+    click.echo(
+        f"{verb} {summary.conversations} conversations, {summary.messages} messages and "
+        f"{summary.usage_rows} usage rows not updated since {summary.cutoff.isoformat()}"
+    )
+    if not summary.dry_run:
+        click.echo(
+            f"  in {summary.batches} batches of at most {summary.batch_size} messages "
+            f"(largest: {summary.largest_batch})"
+        )
+    if summary.interrupted:
+        click.echo(
+            f"  kept {summary.interrupted} conversations that became active while being "
+            f"pruned: {', '.join(summary.interrupted_ids)}",
+            err=True,
+        )
