@@ -138,9 +138,9 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
             where = "empty" if current is None else f"at revision {current}"
             raise SchemaNotAtHeadError(
                 f"the database is {where}, but this version of agents_sessions needs "
-                f"revision {head}; run `alembic upgrade head` (or "
-                "`python -m agents_sessions.migrate`) with DATABASE_URL set, or enable "
-                "auto-migration (AGENTS_SESSIONS_AUTO_MIGRATE=true)"
+                f"revision {head}; run `agents-sessions migrate upgrade` (or `alembic "
+                "upgrade head`) with DATABASE_URL set, or enable auto-migration "
+                "(AGENTS_SESSIONS_AUTO_MIGRATE=true)"
             )
         with _alembic_lock:
             if settings.migration_url is not None:

@@ -232,7 +232,7 @@ def count_export(
     """How many conversations an export with these arguments would hold."""
     ids, user = _validated_scope(conversation_ids, user_id)
     query = select(func.count()).select_from(_scope_query(ids, user).subquery())
-    with store.read() as repos:
+    with store.read(lag_tolerant=True) as repos:  # a replica may answer
         return int(repos.connection.execute(query).scalar_one())
 
 
@@ -269,7 +269,7 @@ def _export_lines(
 ) -> Iterator[bytes]:
     ids, user = _validated_scope(conversation_ids, user_id)
     size = _validated_batch_size(batch_size)
-    with store.read() as repos:
+    with store.read(lag_tolerant=True) as repos:  # a replica may answer
         connection = repos.connection
         if connection.dialect.name == "postgresql":
             # One snapshot for the whole export: the file is a consistent picture of

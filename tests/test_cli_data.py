@@ -65,6 +65,24 @@ def _close_pools() -> Iterator[None]:
     dispose_all()
 
 
+@pytest.fixture
+def fresh_database_url(
+    fresh_database_url: Callable[[], str],
+) -> Callable[[], str]:
+    """Empty databases migrated to head, as an operator's pipeline leaves them.
+
+    The operator commands never migrate on their own (they exit 5 and say so).
+    """
+
+    def make() -> str:
+        url = fresh_database_url()
+        result = run(url, "migrate", "upgrade")
+        assert result.exit_code == 0, result.output
+        return url
+
+    return make
+
+
 def run(url: str, *args: str, input: str | bytes | None = None) -> Result:
     """``agents-sessions --database-url URL ARGS...`` in this process."""
     result = CliRunner().invoke(
@@ -242,6 +260,7 @@ def test_export_import_round_trip_across_backends(
     sqlite = f"sqlite:///{tmp_path / 'store.sqlite3'}"
     postgres = postgres_server.create_database()
     source, target = (sqlite, postgres) if direction.startswith("sqlite") else (postgres, sqlite)
+    assert run(target, "migrate", "upgrade").exit_code == 0
     fill_store(source)
     path = tmp_path / "export.jsonl"
     export_file(source, path)

@@ -54,8 +54,12 @@ class CliContext:
     database_url: str | None
 
     def settings(self) -> Settings:
-        """Settings from the environment, with ``--database-url`` on top."""
-        return load_settings(database_url=self.database_url)
+        """Settings from the environment, with ``--database-url`` on top.
+
+        An explicit ``--database-url`` names the one database to work on, so it is
+        also where migrations run (over a configured migration URL).
+        """
+        return load_settings(database_url=self.database_url, migration_url=self.database_url)
 
     def resolved_url(self) -> str:
         """The URL commands connect to (secret: never print it; see :meth:`safe_url`)."""
@@ -66,8 +70,12 @@ class CliContext:
         return self.settings().safe_database_url()
 
     def store(self) -> SessionStore:
-        """The shared store for the resolved URL (schema checked on first use)."""
-        settings = self.settings()
+        """The shared store for the resolved URL (schema checked on first use).
+
+        Operator commands never migrate as a side effect: a database behind head
+        fails them with exit code 5 and the advice to run ``migrate upgrade``.
+        """
+        settings = self.settings().model_copy(update={"auto_migrate": False})
         return get_store(settings.resolved_database_url(), settings=settings)
 
 
@@ -98,7 +106,7 @@ def reported_errors() -> Iterator[None]:
 def json_option(function: Any) -> Any:
     """``--json``: machine-readable output on stdout."""
     return click.option(
-        "--json", "as_json", is_flag=True, help="Print JSON on stdout instead of a table."
+        "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
     )(function)
 
 
@@ -142,13 +150,13 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 @contextmanager
-def progress(label: str, length: int | None = None) -> Iterator[Any]:
+def progress(label: str, length: int) -> Iterator[Any]:
     """A progress bar on stderr (hidden when stderr is not a terminal).
 
     Yields click's bar: call ``bar.update(n)`` as rows are processed.
     """
     bar: Any = click.progressbar(
-        length=length, label=label, file=sys.stderr, show_pos=True, show_eta=length is not None
+        length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True
     )
     with bar:
         yield bar
