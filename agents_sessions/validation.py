@@ -26,6 +26,11 @@ _SURROGATE_ESCAPE = re.compile(
 )
 
 
+# C0 controls (NUL included) and DEL: a regex scan is one C loop, which matters on the
+# hot path (every repository call validates its ids).
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
 def validate_identifier(value: object, *, name: str = "conversation_id") -> str:
     """Return ``value`` if it is a usable conversation or user id, else raise.
 
@@ -45,7 +50,7 @@ def validate_identifier(value: object, *, name: str = "conversation_id") -> str:
         raise InvalidConversationIdError(
             f"{name} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
         )
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+    if _CONTROL_CHARACTER.search(value) is not None:
         raise InvalidConversationIdError(f"{name} must not contain NUL or other control characters")
     try:
         value.encode("utf-8")
