@@ -339,7 +339,10 @@ def _delete_newest(conversation_id: Any) -> Any:
     )
     return (
         delete(messages)
-        .where(messages.c.id == newest)
+        # conversation_id as well as id: the row is found through the history index,
+        # and a sharded or partitioned messages table (docs/scaling.md) can route
+        # the statement to one shard.
+        .where(messages.c.conversation_id == conversation_id, messages.c.id == newest)
         .returning(messages.c.conversation_id, messages.c.item)
     )
 
