@@ -2,6 +2,8 @@
 #   make demo    the main job: an agent conversation stored on the embedded SQLite file
 #                (or on $DATABASE_URL), then its history and token usage printed
 #   make test    the test suite (PostgreSQL tests use $TEST_DATABASE_URL, or Docker)
+#   make test-pgbouncer  the core behaviour tests again, through a transaction-pooling
+#                PgBouncer in front of a throwaway server (needs pgbouncer + PostgreSQL binaries)
 #   make lint    ruff + mypy
 #   make migrate alembic upgrade head on $DATABASE_URL
 #   make db-up   PostgreSQL 16 + pgAdmin in Docker (docker/compose.yaml), then migrate;
@@ -10,13 +12,15 @@
 #   make bench   side-by-side benchmark vs the Agents SDK backends (installs .[dev,bench]);
 #                BENCH_ARGS="--quick" for a smoke run; needs local PostgreSQL (+ Redis)
 #   make profile our throughput workload under py-spy + pyinstrument -> benchmarks/results/
+#   make soak    4 processes x 400 conversations for 120 s while their connections are
+#                killed; verifies every history (SOAK_ARGS="--shared" etc.; local PostgreSQL)
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test lint format migrate db-up db-down bench profile clean
+.PHONY: venv demo test test-pgbouncer lint format migrate db-up db-down bench profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +42,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# What the package promises behind PgBouncer (transaction pooling): tests/conftest.py's
+# PgBouncer mode; tests marked direct_connection_only are skipped there, with their reason.
+PGBOUNCER_SUITE ?= $(addprefix tests/test_,$(addsuffix .py,session_protocol runner \
+	concurrency idempotency repositories row_level_security store items migrations engine \
+	robustness least_privilege properties))
+
+test-pgbouncer: $(STAMP)
+	AGENTS_SESSIONS_TEST_PGBOUNCER=1 $(BIN)/python -m pytest $(PGBOUNCER_SUITE) -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -67,6 +80,11 @@ bench: $(BENCH_STAMP)
 
 profile: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py --profile $(BENCH_ARGS)
+
+SOAK_ARGS ?=
+
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -141,6 +141,13 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
         # SQLAlchemy's messages carry the statement and bound parameters, never the URL,
         # so they cannot leak the password; keep the first line for readability.
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "unsupported startup parameter" in first_line:
+            raise ConfigurationError(
+                f"the connection was refused: {first_line}. statement_timeout_ms and "
+                "lock_timeout_ms travel as the libpq startup parameter 'options', which "
+                "PgBouncer refuses; behind a pooler set them on the role instead "
+                "(ALTER ROLE app IN DATABASE db SET statement_timeout = '5s')"
+            ) from exc
         sqlstate = getattr(getattr(exc, "orig", None), "pgcode", None)
         if sqlstate == _INSUFFICIENT_PRIVILEGE:
             raise AccessDeniedError(f"database refused the operation: {first_line}") from exc

@@ -8,6 +8,12 @@ Where PostgreSQL comes from, in order:
 3. nowhere: the PostgreSQL tests are skipped with a loud reason -- unless the run
    demands PostgreSQL (``CI`` or ``AGENTS_SESSIONS_REQUIRE_POSTGRES`` set), in which
    case they fail.
+
+PgBouncer mode (``AGENTS_SESSIONS_TEST_PGBOUNCER=1``): instead, a throwaway server
+(tests/pgcluster.py) with a transaction-pooling PgBouncer in front of it; databases
+are created on the server directly, and every database URL the fixtures hand out
+goes through PgBouncer. Tests marked ``direct_connection_only`` are skipped then,
+with their reason.
 """
 
 from __future__ import annotations
@@ -44,6 +50,43 @@ def _postgres_required() -> bool:
         os.environ.get(name, "").strip().lower() in _TRUTHY
         for name in ("CI", "AGENTS_SESSIONS_REQUIRE_POSTGRES")
     )
+
+
+#: ``AGENTS_SESSIONS_TEST_PGBOUNCER=1``: run the PostgreSQL tests through PgBouncer.
+#: Read once here: the autouse fixture below scrubs AGENTS_SESSIONS_* variables.
+PGBOUNCER_MODE = os.environ.get("AGENTS_SESSIONS_TEST_PGBOUNCER", "").strip().lower() in _TRUTHY
+
+#: PgBouncer mode: server connections per database/user pair, far fewer than the
+#: clients (a session store's pool alone may open 15).
+PGBOUNCER_MODE_POOL_SIZE = 5
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if PGBOUNCER_MODE:
+        return (
+            "agents_sessions: PgBouncer mode (AGENTS_SESSIONS_TEST_PGBOUNCER): PostgreSQL "
+            f"tests go through a transaction-pooling PgBouncer, {PGBOUNCER_MODE_POOL_SIZE} "
+            "server connections per database"
+        )
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `direct_connection_only` tests look at or kill their own server backend,
+    # which a transaction-pooling proxy hides: skipped in PgBouncer mode, saying why
+    # (`-ra` lists every reason in the summary).
+    if not PGBOUNCER_MODE:
+        return
+    for item in items:
+        marker = item.get_closest_marker("direct_connection_only")
+        if marker is not None:
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="PgBouncer mode: needs a direct server connection"
+                    + (f" ({reason})" if reason else "")
+                )
+            )
 
 
 def _docker_answers() -> bool:
@@ -86,9 +129,70 @@ class PostgresServer:
         self._engine.dispose()
 
 
+class BouncedPostgresServer(PostgresServer):
+    """PgBouncer mode: a throwaway cluster whose databases are reached through PgBouncer.
+
+    Administration (:meth:`execute`, :attr:`admin_url`, creating and dropping
+    databases) talks to the cluster directly; the URLs :meth:`create_database`
+    returns go through :attr:`bouncer` (transaction pooling).
+    """
+
+    def __init__(self, cluster: Cluster, bouncer: PgBouncer) -> None:
+        super().__init__(cluster.url())
+        self.cluster = cluster
+        self.bouncer = bouncer
+
+    def create_database(self, prefix: str = "agents_sessions_test") -> str:
+        """Create an empty database on the cluster; return its URL through PgBouncer."""
+        direct = make_url(super().create_database(prefix))
+        return direct.set(port=self.bouncer.port).render_as_string(hide_password=False)
+
+    def direct_url(self, url: str) -> str:
+        """``url`` (through PgBouncer) turned into the same database on the cluster."""
+        return make_url(url).set(port=self.cluster.port).render_as_string(hide_password=False)
+
+
+def _pgbouncer_extra_settings(bouncer: PgBouncer, settings: dict[str, str]) -> None:
+    """Append ``settings`` to the ``[pgbouncer]`` section (the last one) before start."""
+    with bouncer.config.open("a") as config:
+        config.write("".join(f"{key} = {value}\n" for key, value in settings.items()))
+
+
+def _bounced_postgres_server() -> Iterator[PostgresServer]:
+    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL for PgBouncer mode")
+    _require_throwaway_tools(
+        lambda: require_program("pgbouncer", "install it (Debian: apt-get install pgbouncer)"),
+        "PgBouncer (AGENTS_SESSIONS_TEST_PGBOUNCER is set)",
+    )
+    with Cluster(name="bounced_suite", settings={"max_connections": "300"}) as cluster:
+        bouncer = PgBouncer(
+            cluster, pool_size=PGBOUNCER_MODE_POOL_SIZE, max_client_conn=2000, name="suite"
+        )
+        _pgbouncer_extra_settings(
+            bouncer,
+            {
+                # Roles the tests create (row-level security, least privilege) are
+                # looked up on the server (auth_query) instead of the auth file.
+                "auth_user": "postgres",
+                # Every test database gets pools of its own: close idle server
+                # connections soon, so they never add up to max_connections.
+                "server_idle_timeout": "5",
+            },
+        )
+        with bouncer:
+            server = BouncedPostgresServer(cluster, bouncer)
+            try:
+                yield server
+            finally:
+                server.drop_all()
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """The PostgreSQL server of this test run (see the module docstring)."""
+    if PGBOUNCER_MODE:
+        yield from _bounced_postgres_server()
+        return
     url = os.environ.get("TEST_DATABASE_URL", "").strip()
     container = None
     if not url:
@@ -136,7 +240,8 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'sessions.sqlite3'}"
 
 
-BACKENDS = ["sqlite", "postgresql"]
+# PgBouncer mode is about PostgreSQL: the SQLite runs would only repeat the normal pass.
+BACKENDS = ["postgresql"] if PGBOUNCER_MODE else ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -179,7 +284,10 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # and the embedded default must land in a temporary directory.
     for name in list(os.environ):
         configures_us = name == "DATABASE_URL" or name.startswith("AGENTS_SESSIONS_")
-        if configures_us and name != "AGENTS_SESSIONS_REQUIRE_POSTGRES":
+        if configures_us and name not in (
+            "AGENTS_SESSIONS_REQUIRE_POSTGRES",
+            "AGENTS_SESSIONS_TEST_PGBOUNCER",
+        ):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)

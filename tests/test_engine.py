@@ -313,6 +313,9 @@ def test_urls_differing_only_in_pool_options_do_not_share_a_pool(tmp_path: Path)
 
 
 @pytest.mark.postgres_only
+@pytest.mark.direct_connection_only(
+    "counts the client pool's connections as server backends in pg_stat_activity"
+)
 def test_pool_never_exceeds_pool_size_plus_max_overflow_under_50_concurrent_sessions(
     postgres_server: Any, pg_admin: Engine
 ) -> None:

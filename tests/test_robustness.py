@@ -122,6 +122,11 @@ async def test_a_password_given_as_a_query_parameter_is_never_shown(
     assert session.store.target.url.password == "Qu3ry-S3cret"  # still reaches the driver
 
 
+@pytest.mark.direct_connection_only(
+    "a REPEATABLE READ database default is overridden by a session-level SET, which a "
+    "transaction pooler does not keep; behind PgBouncer set default_transaction_isolation "
+    "on the role or database instead"
+)
 def test_connections_use_read_committed_whatever_the_database_default(
     postgres_server: PostgresServer,
 ) -> None:

@@ -83,7 +83,7 @@ def backup_command(context: CliContext, directory: Path, keep_days: int, as_json
     SQLite: a consistent online copy. The file appears only once complete.
     """
     with reported_errors(), _backup_errors():
-        result = backup_database(context.resolved_url(), directory, keep_days=keep_days)
+        result = backup_database(context.migration_url(), directory, keep_days=keep_days)
     if as_json:
         emit_json({"database": context.safe_url(), **result.as_dict()})
         return
@@ -112,7 +112,7 @@ def restore_command(context: CliContext, backup_file: Path, as_json: bool) -> No
         _backup_errors(),
         progress("restoring", backup_file.stat().st_size) as bar,
     ):
-        result = restore_database(context.resolved_url(), backup_file, progress=bar.update)
+        result = restore_database(context.migration_url(), backup_file, progress=bar.update)
     if as_json:
         emit_json(result.as_dict())
         return

@@ -65,6 +65,12 @@ class CliContext:
         """The URL commands connect to (secret: never print it; see :meth:`safe_url`)."""
         return self.settings().resolved_database_url()
 
+    def migration_url(self) -> str:
+        """The direct URL (``migration_url``, else the database URL) for work that must not
+        go through a transaction-pooling proxy: backups and restores (pg_dump's script
+        changes session settings) as well as migrations."""
+        return self.settings().resolved_migration_url()
+
     def safe_url(self) -> str:
         """The URL with its password masked, for messages."""
         return self.settings().safe_database_url()
