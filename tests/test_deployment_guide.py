@@ -78,8 +78,10 @@ def exec_array_commands(body: str) -> list[list[str]]:
 
 
 def guide_commands() -> list[list[str]]:
+    """The ``agents-sessions`` commands of the guide and of the README."""
     commands: list[list[str]] = []
-    for language, body in fenced_blocks(GUIDE.read_text(encoding="utf-8")):
+    text = "\n".join(path.read_text(encoding="utf-8") for path in (GUIDE, ROOT / "README.md"))
+    for language, body in fenced_blocks(text):
         if language in SHELL_LANGUAGES:
             commands += shell_command_lines(body)
         elif language in ("yaml", "yml", "json"):
