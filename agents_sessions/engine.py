@@ -318,16 +318,27 @@ def _socket_has_news(dbapi_connection: Any) -> bool:
     it) the server sends a FATAL message and/or closes the socket, and the socket
     turns readable. Polling it with a zero timeout costs one system call, no round
     trip -- the same check Go's database/sql drivers make before reusing a connection.
+
+    ``poll()``, not ``select()``: select cannot watch descriptors above 1023, which a
+    busy server process easily has. A connection that cannot be polled (no
+    ``fileno()``, a platform without ``poll``) counts as alive: a dead one is then
+    caught when its statement fails, as without this check.
     """
     try:
         descriptor = dbapi_connection.fileno()
-    except Exception:  # closed at the driver level already
-        return True
+    except Exception:
+        return False
+    if _poll is None:
+        return False
+    poller = _poll()
+    poller.register(descriptor, select.POLLIN)
     try:
-        readable, _, _ = select.select([descriptor], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+        return bool(poller.poll(0))
+    except OSError:
+        return False
+
+
+_poll = getattr(select, "poll", None)
 
 
 def _configure_postgresql(engine: Engine) -> None:
@@ -361,9 +372,12 @@ def _configure_postgresql(engine: Engine) -> None:
         tenant = connection.get_execution_options().get(TENANT_OPTION)
         if tenant is None:
             return statement, parameters
-        if executemany or not isinstance(parameters, dict):
+        server_side = getattr(cursor, "name", None) is not None  # DECLARE ... CURSOR FOR
+        if executemany or server_side or not isinstance(parameters, dict):
             # No single parameter dict to extend: set it on its own first.
-            cursor.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, tenant))
+            # (A transaction is open here: the store gives tenant writes a real one.)
+            with connection.connection.dbapi_connection.cursor() as setter:  # type: ignore[union-attr]
+                setter.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, tenant))
             return statement, parameters
         return (
             "SELECT set_config(%(agents_sessions_tenant_setting)s, "

@@ -119,6 +119,16 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 _READ_ONLY_TRANSACTION = "25006"
 
 
+def sqlstate_of(error: BaseException) -> str | None:
+    """The SQLSTATE of a driver error (wrapped by SQLAlchemy or not), if it has one.
+
+    psycopg2 calls it ``pgcode``, psycopg 3 ``sqlstate``; connection failures have none.
+    """
+    original = getattr(error, "orig", None) or error
+    code = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 @contextmanager
 def translate_database_errors(pool_description: str = "") -> Iterator[None]:
     """Re-raise SQLAlchemy/driver errors as :class:`DatabaseError` subclasses.
@@ -148,7 +158,7 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
                 "PgBouncer refuses; behind a pooler set them on the role instead "
                 "(ALTER ROLE app IN DATABASE db SET statement_timeout = '5s')"
             ) from exc
-        sqlstate = getattr(getattr(exc, "orig", None), "pgcode", None)
+        sqlstate = sqlstate_of(exc)
         if sqlstate == _INSUFFICIENT_PRIVILEGE:
             raise AccessDeniedError(f"database refused the operation: {first_line}") from exc
         if sqlstate == _READ_ONLY_TRANSACTION:

@@ -114,7 +114,9 @@ def _is_known_revision(revision: str) -> bool:
         return False
 
 
-def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Settings) -> None:
+def ensure_schema_at_head(
+    engine: Engine, *, auto_migrate: bool, settings: Settings, use_migration_url: bool = True
+) -> None:
     """Bring the database behind ``engine`` to head, or explain why it is not.
 
     Called once per engine before its first operation. A database already at head
@@ -143,17 +145,24 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
                 "(AGENTS_SESSIONS_AUTO_MIGRATE=true)"
             )
         with _alembic_lock:
-            if settings.migration_url is not None:
-                # Behind a transaction-pooling proxy: migrate on the direct URL.
-                connection.close()
-                command.upgrade(
-                    alembic_config(
-                        database_url=settings.resolved_migration_url(), settings=settings
-                    ),
-                    "head",
-                )
+            if settings.migration_url is None or not use_migration_url:
+                command.upgrade(alembic_config(connection=connection, settings=settings), "head")
                 return
-            command.upgrade(alembic_config(connection=connection, settings=settings), "head")
+            # Behind a transaction-pooling proxy: migrate on the direct URL, then make
+            # sure it was this database that got migrated.
+            command.upgrade(
+                alembic_config(database_url=settings.resolved_migration_url(), settings=settings),
+                "head",
+            )
+            connection.rollback()
+            reached = current_revision(connection)
+            connection.rollback()
+            if reached != head:
+                raise SchemaNotAtHeadError(
+                    f"migrating through migration_url left this database at {reached!r}, "
+                    f"not {head}: does migration_url point at the same database as the URL "
+                    "of this store?"
+                )
 
 
 def downgrade(

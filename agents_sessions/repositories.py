@@ -388,8 +388,9 @@ _COUNT_MESSAGES = select(func.count()).where(
 )
 
 
-# Prebuilt statement (by id) and driver -> (SQL text, default parameters).
-_DRIVER_SQL: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {}
+# Prebuilt statement (by id) and driver -> (the statement, its SQL text, default
+# parameters). The statement is kept so that its id cannot be reused by another.
+_DRIVER_SQL: dict[tuple[int, str], tuple[Any, str, dict[str, Any]]] = {}
 
 
 def _execute(connection: Connection, statement: Any, parameters: dict[str, Any]) -> Any:
@@ -407,15 +408,16 @@ def _execute(connection: Connection, statement: Any, parameters: dict[str, Any])
         return connection.execute(statement, parameters)
     key = (id(statement), dialect.driver)
     entry = _DRIVER_SQL.get(key)
-    if entry is None:
+    if entry is None or entry[0] is not statement:
         compiled = statement.compile(dialect=dialect)
         # Defaults: every bind name, with the values of literal binds (e.g. the 1 in
         # "position = 1"); the call's parameters fill in the rest.
         defaults = {
             compiled.bind_names[bind]: bind.effective_value for bind in compiled.binds.values()
         }
-        entry = _DRIVER_SQL[key] = (str(compiled), defaults)
-    sql, defaults = entry
+        # Concurrent first calls may both compile; they store equal entries.
+        entry = _DRIVER_SQL[key] = (statement, str(compiled), defaults)
+    _, sql, defaults = entry
     return connection.exec_driver_sql(sql, {**defaults, **parameters})
 
 
@@ -457,6 +459,28 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidArgumentError(
             "after is not a cursor returned by list_by_user (next_cursor)"
         ) from None
+
+
+def _acting_tenant(connection: Connection) -> str | None:
+    """The user this connection acts for under row-level security, if any.
+
+    A conversation written while acting for a tenant must name that tenant as its
+    owner (the policy checks the row as written), so it is the default ``user_id``.
+    """
+    tenant = connection.get_execution_options().get(TENANT_OPTION)
+    return tenant if isinstance(tenant, str) else None
+
+
+def _in_driver_transaction(connection: Connection) -> bool:
+    """Whether the connection is inside a real database transaction.
+
+    SQLAlchemy considers a connection "in a transaction" after any statement, even
+    when the store runs it in the driver's autocommit mode (single statements).
+    """
+    if not connection.in_transaction():
+        return False
+    driver_connection = connection.connection.dbapi_connection
+    return not getattr(driver_connection, "autocommit", False)
 
 
 def _conversation_parameters(
@@ -501,7 +525,9 @@ class ConversationRepository:
         """
         row = self.connection.execute(
             _UPSERT_CONVERSATION[_dialect(self.connection)],
-            _conversation_parameters(conversation_id, user_id, metadata),
+            _conversation_parameters(
+                conversation_id, user_id or _acting_tenant(self.connection), metadata
+            ),
         ).one()
         return _conversation_record(row)
 
@@ -519,7 +545,9 @@ class ConversationRepository:
         """
         self.connection.execute(
             _ENSURE_CONVERSATION[_dialect(self.connection)],
-            _conversation_parameters(conversation_id, user_id, metadata),
+            _conversation_parameters(
+                conversation_id, user_id or _acting_tenant(self.connection), metadata
+            ),
         )
 
     def list_by_user(
@@ -671,7 +699,7 @@ class MessageRepository:
             return 0
         conversation = {
             "conversation_id": conversation_id,
-            "user_id": user_id,
+            "user_id": user_id or _acting_tenant(self.connection),
             "metadata": metadata,
         }
         acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
@@ -681,7 +709,7 @@ class MessageRepository:
             # facade's autocommit statements there is no transaction to protect.)
             guard = (
                 self.connection.begin_nested()
-                if idempotency_key is not None and self.connection.in_transaction()
+                if idempotency_key is not None and _in_driver_transaction(self.connection)
                 else nullcontext()
             )
             try:

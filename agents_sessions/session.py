@@ -150,6 +150,11 @@ class PostgreSQLSession:
         self._tenant_resolver: TenantResolver | None = None
         self.tenant_id: str | None = None
         if callable(tenant_id):
+            if self.user_id is not None:
+                raise InvalidArgumentError(
+                    "give user_id or a callable tenant_id, not both: with a callable, each "
+                    "call's tenant owns the conversations it creates"
+                )
             self._tenant_resolver = tenant_id
         elif tenant_id is not None:
             self.tenant_id = validate_identifier(tenant_id, name="tenant_id")

@@ -49,6 +49,8 @@ from .errors import (
     ConfigurationError,
     ConnectionLostError,
     DatabaseError,
+    PoolTimeoutError,
+    sqlstate_of,
     translate_database_errors,
 )
 from .migrate import ensure_schema_at_head
@@ -213,7 +215,9 @@ class SessionStore:
         if self._replica_url is None:
             return None
         if self._replica is None:
-            self._replica = SessionStore(self._replica_url, self.settings, is_replica=True)
+            self._replica = SessionStore(
+                _with_connect_timeout(self._replica_url), self.settings, is_replica=True
+            )
         return self._replica
 
     def _available_replica(self) -> SessionStore | None:
@@ -282,7 +286,12 @@ class SessionStore:
             if state.schema_ready:
                 return
             ensure_schema_at_head(
-                state.engine, auto_migrate=self.settings.auto_migrate, settings=self.settings
+                state.engine,
+                auto_migrate=self.settings.auto_migrate,
+                settings=self.settings,
+                # migration_url is the direct route to the *configured* database; a
+                # store opened on another URL migrates on its own connection.
+                use_migration_url=self._url == self.settings.resolved_database_url(),
             )
             state.schema_ready = True
 
@@ -292,6 +301,12 @@ class SessionStore:
         if self.dialect != "postgresql":
             raise ConfigurationError(
                 "tenant_id needs PostgreSQL row-level security; SQLite has none"
+            )
+        if self.target.url.get_driver_name() != "psycopg2":
+            # The tenant rides in the statement's own round trip as a second statement
+            # of a simple query, which psycopg 3's extended protocol cannot carry.
+            raise ConfigurationError(
+                "tenant_id needs the psycopg2 driver (postgresql:// or postgresql+psycopg2://)"
             )
         connection.execution_options(
             **{TENANT_OPTION: validate_identifier(tenant_id, name="tenant_id")}
@@ -343,7 +358,7 @@ class SessionStore:
                 try:
                     repos = stack.enter_context(replica.read(tenant_id=tenant_id))
                 except DatabaseError as exc:
-                    if not isinstance(exc.__cause__, sa_exc.OperationalError):
+                    if not _replica_unreachable(exc):
                         raise
                     self._replica_failed(replica, exc)
                 else:
@@ -425,9 +440,7 @@ class SessionStore:
                         retry_attempts=0,
                     )
                 except DatabaseError as exc:
-                    if not (
-                        _connection_lost(exc) or isinstance(exc.__cause__, sa_exc.OperationalError)
-                    ):
+                    if not _replica_unreachable(exc):
                         raise
                     self._replica_failed(replica, exc)
         attempts = self.settings.retry_attempts if retry_attempts is None else retry_attempts
@@ -508,6 +521,33 @@ def _transient_connect_failure(cause: BaseException | None) -> bool:
         return False
     message = str(cause.orig if cause.orig is not None else cause).lower()
     return any(marker in message for marker in _TRANSIENT_CONNECT_MARKERS)
+
+
+def _replica_unreachable(error: DatabaseError) -> bool:
+    """Whether a replica failure means "read from the primary instead".
+
+    A failed connect, a connection lost, or no pooled connection in time: yes. An
+    error the server raised while running the statement (a statement timeout, a
+    recovery conflict: both carry a SQLSTATE) is the query's, not the replica's
+    availability: it propagates, and the replica stays in use.
+    """
+    if isinstance(error, PoolTimeoutError) or _connection_lost(error):
+        return True
+    cause = error.__cause__
+    return isinstance(cause, sa_exc.OperationalError) and sqlstate_of(cause) is None
+
+
+def _with_connect_timeout(url: str, seconds: int = 5) -> str:
+    """A replica URL with a ``connect_timeout``, unless it has one.
+
+    libpq waits for a connect indefinitely; a replica that accepts TCP but never
+    answers would then hang every lag-tolerant read instead of falling back.
+    """
+    target = parse_database_url(url)
+    if target.dialect != "postgresql" or "connect_timeout" in target.url.query:
+        return url
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}connect_timeout={seconds}"
 
 
 def _connection_lost(error: DatabaseError) -> bool:

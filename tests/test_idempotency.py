@@ -133,3 +133,17 @@ def test_a_retry_racing_its_still_running_first_attempt_is_stored_once(
     assert results == [0]
     with store.read() as repos:
         assert repos.messages.all(conversation_id) == [user("once")]
+
+
+@pytest.mark.postgres_only
+def test_a_keyed_append_after_another_statement_in_autocommit_mode_works(
+    postgres_url: str, conversation_id: str
+) -> None:
+    store = get_store(postgres_url)
+
+    def count_then_append(repos: Repositories) -> int:
+        repos.messages.count(conversation_id)  # SQLAlchemy now thinks it is "in a transaction"
+        return repos.messages.append(conversation_id, [user("x")], idempotency_key="k-auto")
+
+    assert store.run(count_then_append, write=True, repeatable=True) == 1
+    assert store.run(count_then_append, write=True, repeatable=True) == 0

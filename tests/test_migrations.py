@@ -22,6 +22,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from conftest import PostgresServer
 from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
@@ -30,6 +31,8 @@ from agents_sessions import (
     SchemaNotAtHeadError,
     Settings,
     dispose_all,
+    get_store,
+    load_settings,
     upgrade,
 )
 from agents_sessions.engine import parse_database_url
@@ -454,3 +457,64 @@ def test_the_wheel_ships_the_migrations_and_migrates_without_a_checkout(
 
     assert migrated.returncode == 0, describe(migrated, migrated.stdout, migrated.stderr)
     assert_schema_at_head(f"sqlite:///{database}")
+
+
+def test_sqlite_messages_keep_autoincrement_through_every_downgrade_and_upgrade(
+    tmp_path: Path,
+) -> None:
+    # Without AUTOINCREMENT SQLite may reuse the id of a popped newest row, and
+    # history order (by id) and id-based paging would break.
+    url = f"sqlite:///{tmp_path / 'steps.sqlite3'}"
+    config = alembic_config(database_url=url)
+    command.upgrade(config, "head")
+    command.downgrade(config, "0001")
+    with connect(url) as connection:
+        sql = connection.execute(
+            text("SELECT sql FROM sqlite_master WHERE name = 'messages'")
+        ).scalar_one()
+    assert "AUTOINCREMENT" in sql
+    command.upgrade(config, "head")
+    with connect(url) as connection:
+        sql = connection.execute(
+            text("SELECT sql FROM sqlite_master WHERE name = 'messages'")
+        ).scalar_one()
+    assert "AUTOINCREMENT" in sql and "append_key" in sql
+
+
+@pytest.mark.postgres_only
+def test_append_keys_prepared_by_hand_without_blocking_writes_are_kept(
+    postgres_server: PostgresServer,
+) -> None:
+    """The 0002 docstring's procedure for very large tables works as written."""
+    url = postgres_server.create_database()
+    config = alembic_config(database_url=url)
+    command.upgrade(config, "0001")
+    engine = create_engine(parse_database_url(url).url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(
+                text("ALTER TABLE messages ADD COLUMN IF NOT EXISTS append_key text")
+            )
+            connection.execute(
+                text(
+                    "CREATE UNIQUE INDEX CONCURRENTLY uq_messages_conversation_id_append_key "
+                    "ON messages (conversation_id, append_key) WHERE append_key IS NOT NULL"
+                )
+            )
+    finally:
+        engine.dispose()
+    command.upgrade(config, "head")
+    assert_schema_at_head(url)
+
+
+@pytest.mark.postgres_only
+def test_migration_url_never_migrates_another_database_than_the_stores(
+    postgres_server: PostgresServer,
+) -> None:
+    configured, other = postgres_server.create_database(), postgres_server.create_database()
+    settings = load_settings(database_url=configured, migration_url=configured)
+    # A store on another URL migrates its own database, not the configured one.
+    store = get_store(other, settings=settings)
+    store.ensure_schema()
+    assert revision_of(other) == head_revision()
+    assert revision_of(configured) is None

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from agents_sessions import (
     PostgreSQLSession,
     ReadOnlyDatabaseError,
+    StatementTimeoutError,
     get_store,
     load_settings,
 )
@@ -153,3 +154,32 @@ def test_replica_down_falls_back_to_the_primary_and_logs_it(
         assert "postgres@" in warnings[0] or "127.0.0.1" in warnings[0]
     finally:
         replica.start()
+
+
+def test_a_statement_timeout_on_the_replica_is_the_querys_error_not_a_fallback(
+    replicated: tuple[Cluster, Cluster, str, str],
+) -> None:
+    _, _, primary_url, replica_url = replicated
+    settings = load_settings(statement_timeout_ms=50)
+    store = get_store(primary_url, replica_url=replica_url, settings=settings)
+    with pytest.raises(StatementTimeoutError):
+        store.run(
+            lambda repos: repos.connection.execute(text("SELECT pg_sleep(1)")),
+            write=False,
+            repeatable=True,
+            lag_tolerant=True,
+        )
+    # The replica is still in use: a slow query does not mean the replica is down.
+    replica = store.replica
+    assert replica is not None
+    with store.read(lag_tolerant=True) as repos:
+        assert _in_recovery(repos)
+
+
+def test_a_replica_url_gets_a_connect_timeout(
+    replicated: tuple[Cluster, Cluster, str, str],
+) -> None:
+    _, _, primary_url, replica_url = replicated
+    replica = get_store(primary_url, replica_url=replica_url).replica
+    assert replica is not None
+    assert replica.target.url.query["connect_timeout"] == "5"

@@ -4,6 +4,7 @@ isolation level, disposal, and validation at the edges."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 from collections.abc import Callable
@@ -223,3 +224,23 @@ def test_engine_repr_of_a_plain_url_hides_the_password() -> None:
     engine = create_engine(parse_database_url("postgresql://u:hunter2@h/db").url)
     assert "hunter2" not in repr(engine)
     engine.dispose()
+
+
+async def test_sessions_work_when_the_process_holds_more_than_1024_descriptors(
+    postgres_url: str, conversation_id: str
+) -> None:
+    # A busy server process holds many sockets; the dead-connection check must not
+    # depend on select(), which cannot watch a descriptor above 1023.
+    dispose_all()
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        session = PostgreSQLSession(conversation_id, database_url=postgres_url)
+        await session.add_items([user("high fd")])
+        assert await session.get_items() == [user("high fd")]
+        assert session.store.pool.checkedin() >= 1
+        with session.store.engine.connect() as connection:
+            assert connection.connection.dbapi_connection.fileno() > 1023  # type: ignore[union-attr]
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        dispose_all()

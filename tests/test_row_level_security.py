@@ -196,3 +196,31 @@ def test_rls_status_and_disable_from_the_command_line(tenant_database: TenantDat
 def test_user_id_and_tenant_id_must_agree() -> None:
     with pytest.raises(InvalidArgumentError, match="tenant_id"):
         PostgreSQLSession("c", database_url="sqlite:///x.db", user_id="alice", tenant_id="bob")
+
+
+def test_the_repository_api_acting_for_a_tenant_owns_what_it_writes(
+    tenant_database: TenantDatabase,
+) -> None:
+    store = get_store(tenant_database.app_url, settings=_app_settings())
+    with store.transaction(tenant_id="erin") as repos:
+        # No user_id given: the acting tenant owns the new conversation.
+        repos.messages.append("erin-conv", [user("one")])
+        repos.conversations.ensure("erin-other")
+    with store.read(tenant_id="erin") as repos:
+        record = repos.conversations.get("erin-conv")
+        assert record is not None and record.user_id == "erin"
+        assert repos.conversations.get("erin-other") is not None
+
+
+def test_a_streamed_read_acting_for_a_tenant_returns_the_real_rows(
+    tenant_database: TenantDatabase,
+) -> None:
+    store = get_store(tenant_database.app_url, settings=_app_settings())
+    with store.transaction(tenant_id="frank") as repos:
+        repos.messages.append("frank-conv", [user("m1"), user("m2")])
+    with store.transaction(tenant_id="frank") as repos:
+        # A server-side cursor (DECLARE ... CURSOR FOR): the tenant is set beside it.
+        rows = repos.connection.execution_options(stream_results=True).execute(
+            text("SELECT content FROM messages ORDER BY id")
+        )
+        assert [row.content for row in rows] == ["m1", "m2"]
