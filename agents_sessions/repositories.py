@@ -823,7 +823,7 @@ class MessageRepository:
                 # Nothing deleted: either the conversation is empty, or another
                 # transaction deleted our target first (READ COMMITTED re-checks the
                 # row, not the subquery). Only the first case ends the loop.
-                if not self.connection.execute(_HAS_MESSAGES, parameters).scalar():
+                if not _execute(self.connection, _HAS_MESSAGES, parameters).scalar():
                     return None
         row = self.connection.execute(_DELETE_NEWEST, parameters).one_or_none()
         if row is None:

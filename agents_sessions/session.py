@@ -249,6 +249,7 @@ class PostgreSQLSession:
             tenant_id=tenant,
             # Off by default: a turn reads back what the previous turn wrote.
             lag_tolerant=self._store.settings.history_reads_from_replica,
+            hot_path=True,
         )
 
     async def add_items(
@@ -290,6 +291,7 @@ class PostgreSQLSession:
             write=True,
             repeatable=True,
             tenant_id=tenant,
+            hot_path=True,
         )
         self._owner_pending = False
 
@@ -310,6 +312,7 @@ class PostgreSQLSession:
             write=True,
             repeatable=False,
             tenant_id=tenant,
+            hot_path=True,
         )
 
     async def clear_session(self, *, wrapper: RunContextWrapper[Any] | None = None) -> None:

@@ -53,6 +53,7 @@ from .errors import (
     sqlstate_of,
     translate_database_errors,
 )
+from .hot_path import driver_connection
 from .migrate import ensure_schema_at_head
 from .repositories import Repositories
 from .settings import Settings, default_settings
@@ -403,6 +404,7 @@ class SessionStore:
         tenant_id: str | None = None,
         lag_tolerant: bool = False,
         retry_attempts: int | None = None,
+        hot_path: bool = False,
     ) -> _T:
         """Run ``work`` on a pooled connection, retrying where that is safe.
 
@@ -419,6 +421,10 @@ class SessionStore:
             lag_tolerant: For reads: use the replica when one is configured and
                 reachable (falling back to this store).
             retry_attempts: Overrides ``settings.retry_attempts``.
+            hot_path: ``work`` only calls ``MessageRepository.latest``, ``all``,
+                ``append_encoded`` or ``pop_latest`` (the session facade's calls), so
+                on PostgreSQL with psycopg2 it may run on the pooled driver
+                connection directly (:mod:`agents_sessions.hot_path`).
 
         Retries (``settings.retry_attempts``, exponential backoff from 50 ms) get a
         fresh connection: the pool discards the broken one.
@@ -438,6 +444,7 @@ class SessionStore:
                         repeatable=repeatable,
                         tenant_id=tenant_id,
                         retry_attempts=0,
+                        hot_path=hot_path,
                     )
                 except DatabaseError as exc:
                     if not _replica_unreachable(exc):
@@ -450,6 +457,10 @@ class SessionStore:
             try:
                 if transaction:
                     with self.transaction(tenant_id=tenant_id) as repos:
+                        sent = True
+                        return work(repos)
+                if hot_path and tenant_id is None and self._driver_level_ok:
+                    with self._hot_statement() as repos:
                         sent = True
                         return work(repos)
                 with self.single_statement(write=write, tenant_id=tenant_id) as repos:
@@ -481,6 +492,36 @@ class SessionStore:
                     delay * 1000,
                 )
                 time.sleep(delay)
+
+    @property
+    def _driver_level_ok(self) -> bool:
+        # The driver-level path skips Connection's logging and cursor events: not with
+        # echo, and not once anything else listens to the engine's statements
+        # (tracing, e.g. OpenTelemetry's SQLAlchemy instrumentation; our own tenant
+        # hook is the one before_cursor_execute listener).
+        state = self._state
+        dispatch = state.engine.dispatch
+        return (
+            state.target.dialect == "postgresql"
+            and state.target.url.get_driver_name() == "psycopg2"
+            and not self.settings.echo
+            and len(dispatch.before_cursor_execute) <= 1
+            and not dispatch.after_cursor_execute
+        )
+
+    @contextmanager
+    def _hot_statement(self) -> Iterator[Repositories]:
+        """Repositories on a pooled driver connection in autocommit mode (one statement).
+
+        Same pool, same liveness check and the same error translation as
+        :meth:`single_statement`, without SQLAlchemy's ``Connection`` around it.
+        """
+        self.ensure_schema()
+        with (
+            translate_database_errors(self._state.target.pool.describe()),
+            driver_connection(self.engine) as connection,
+        ):
+            yield Repositories(cast(Connection, connection))
 
     def dispose(self) -> None:
         """Close the pooled connections of this store's engine (e.g. at shutdown).

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import psycopg2.extensions
+from typing import Any
 
-from agents_sessions import get_store
+import psycopg2.extensions
+from conftest import PostgresServer
+from sqlalchemy import event
+
+from agents_sessions import PostgreSQLSession, get_store
 
 
 def test_single_statement_calls_run_without_a_transaction_on_postgres(
@@ -61,3 +65,39 @@ def test_schema_is_checked_once_per_engine(database_url: str, conversation_id: s
     # Only the query itself (plus SQLite's BEGIN): no alembic_version lookup.
     assert not any("alembic_version" in statement for statement in statements)
     assert sum("FROM messages" in statement for statement in statements) == 1
+
+
+async def test_session_calls_skip_the_connection_wrapper_unless_someone_listens(
+    postgres_server: PostgresServer, conversation_id: str
+) -> None:
+    """The hot path runs on the pooled driver connection, and steps aside for tracing."""
+    url = postgres_server.create_database()
+    session = PostgreSQLSession(conversation_id, database_url=url)
+    await session.add_items([{"role": "user", "content": "warm"}])  # schema check done
+    engine = session.store.engine
+    connections: list[object] = []
+    traced: list[str] = []
+
+    def count_connection(connection: object) -> None:
+        connections.append(connection)
+
+    event.listen(engine, "engine_connect", count_connection)
+    await session.add_items([{"role": "user", "content": "hot"}])
+    assert await session.get_items(limit=1) == [{"role": "user", "content": "hot"}]
+    assert await session.pop_item() == {"role": "user", "content": "hot"}
+    assert connections == []  # no SQLAlchemy Connection was made for these calls
+    assert session.store.pool.checkedout() == 0
+
+    def trace(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        traced.append(statement)
+
+    # An instrumentation (tracing) listening to statements sees every one of them.
+    event.listen(engine, "after_cursor_execute", trace)
+    try:
+        await session.add_items([{"role": "user", "content": "seen"}])
+        assert await session.get_items(limit=1) == [{"role": "user", "content": "seen"}]
+    finally:
+        event.remove(engine, "after_cursor_execute", trace)
+        event.remove(engine, "engine_connect", count_connection)
+    assert len(traced) == 2
+    assert "INSERT INTO messages" in traced[0]
