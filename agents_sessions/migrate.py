@@ -114,9 +114,7 @@ def _is_known_revision(revision: str) -> bool:
         return False
 
 
-def ensure_schema_at_head(
-    engine: Engine, *, auto_migrate: bool, settings: Settings, use_migration_url: bool = True
-) -> None:
+def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Settings) -> None:
     """Bring the database behind ``engine`` to head, or explain why it is not.
 
     Called once per engine before its first operation. A database already at head
@@ -145,7 +143,7 @@ def ensure_schema_at_head(
                 "(AGENTS_SESSIONS_AUTO_MIGRATE=true)"
             )
         with _alembic_lock:
-            if settings.migration_url is None or not use_migration_url:
+            if settings.migration_url is None:
                 command.upgrade(alembic_config(connection=connection, settings=settings), "head")
                 return
             # Behind a transaction-pooling proxy: migrate on the direct URL, then make

@@ -290,9 +290,6 @@ class SessionStore:
                 state.engine,
                 auto_migrate=self.settings.auto_migrate,
                 settings=self.settings,
-                # migration_url is the direct route to the *configured* database; a
-                # store opened on another URL migrates on its own connection.
-                use_migration_url=self._url == self.settings.resolved_database_url(),
             )
             state.schema_ready = True
 

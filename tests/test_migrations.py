@@ -508,13 +508,13 @@ def test_append_keys_prepared_by_hand_without_blocking_writes_are_kept(
 
 
 @pytest.mark.postgres_only
-def test_migration_url_never_migrates_another_database_than_the_stores(
+def test_a_migration_url_to_another_database_than_the_stores_is_a_clear_error(
     postgres_server: PostgresServer,
 ) -> None:
     configured, other = postgres_server.create_database(), postgres_server.create_database()
-    settings = load_settings(database_url=configured, migration_url=configured)
-    # A store on another URL migrates its own database, not the configured one.
+    settings = load_settings(migration_url=configured)
     store = get_store(other, settings=settings)
-    store.ensure_schema()
-    assert revision_of(other) == head_revision()
-    assert revision_of(configured) is None
+    # Migrating through migration_url leaves the store's own database empty: said, not hidden.
+    with pytest.raises(SchemaNotAtHeadError, match="migration_url"):
+        store.ensure_schema()
+    assert revision_of(other) is None
