@@ -45,9 +45,6 @@ def _backup_errors() -> Iterator[None]:
         fail(str(exc), ExitCode.CONFIGURATION)
     except BackupError as exc:
         fail(str(exc), ExitCode.PROBLEM)
-    except OSError as exc:  # the directory or file: unwritable, disk full
-        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
-        fail(message, ExitCode.CONFIGURATION)
 
 
 def _size(size: int) -> str:

@@ -107,6 +107,9 @@ def reported_errors() -> Iterator[None]:
         fail(str(exc), ExitCode.DATABASE)
     except AgentsSessionsError as exc:  # invalid ids, arguments
         fail(str(exc), ExitCode.USAGE)
+    except OSError as exc:  # a file or directory argument: missing, unwritable, disk full
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        fail(message, ExitCode.CONFIGURATION)
 
 
 def json_option(function: Any) -> Any:

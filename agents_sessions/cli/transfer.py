@@ -48,9 +48,6 @@ def _transfer_errors() -> Iterator[None]:
         fail(str(exc), ExitCode.CONFIGURATION)
     except ConversationNotFoundError as exc:
         fail(str(exc), ExitCode.PROBLEM)
-    except OSError as exc:  # the file argument: missing, unreadable, disk full
-        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
-        fail(message, ExitCode.CONFIGURATION)
 
 
 _batch_size_option = click.option(
