@@ -1,0 +1,285 @@
+"""The backends under comparison, behind one tiny interface.
+
+Every backend is opened from a :class:`BackendConfig` inside a benchmark child
+process and hands out session objects (the Agents SDK ``Session`` protocol:
+``get_items``, ``add_items``, ``pop_item``) that share one connection pool of the
+same size:
+
+* ``agents_sessions`` -- :class:`agents_sessions.PostgreSQLSession` (psycopg2), the
+  pool from the URL's ``?pool_size=&max_overflow=``.
+* ``sqlalchemy`` -- the SDK's ``SQLAlchemySession`` on ``postgresql+asyncpg``,
+  ``create_tables=True``, one shared ``AsyncEngine`` with the same pool settings.
+* ``sqlite`` -- the SDK's ``SQLiteSession`` on one file (no pool: a connection per
+  thread per session object, as the SDK does it).
+* ``redis`` -- the SDK's ``RedisSession``, one shared client whose blocking pool
+  holds at most ``pool_size + max_overflow`` connections.
+* ``floor`` -- raw asyncpg with a pool and the least SQL that gives the same
+  guarantees, one statement per call (:class:`FloorSession`).
+
+Imports happen inside the openers: a child process loads only its backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+BACKENDS = ("agents_sessions", "sqlalchemy", "sqlite", "redis", "floor")
+
+LABELS = {
+    "agents_sessions": "agents_sessions",
+    "sqlalchemy": "SDK SQLAlchemy",
+    "sqlite": "SDK SQLite",
+    "redis": "SDK Redis",
+    "floor": "asyncpg floor",
+}
+
+#: Backends whose data lives in the benchmark's PostgreSQL database.
+POSTGRES_BACKENDS = frozenset({"agents_sessions", "sqlalchemy", "floor"})
+
+
+class BenchSession(Protocol):
+    """What the workloads call: the SDK ``Session`` protocol's data methods."""
+
+    async def get_items(self, limit: int | None = None) -> list[Any]: ...
+
+    async def add_items(self, items: list[Any]) -> None: ...
+
+    async def pop_item(self) -> Any | None: ...
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Where a backend's data lives and how big its pool is.
+
+    Attributes:
+        backend: One of :data:`BACKENDS`.
+        postgres_url: ``postgresql://user@host:port/db`` of the benchmark database
+            (PostgreSQL backends), without a driver or pool parameters.
+        sqlite_path: The SQLite file (``sqlite``).
+        redis_url: ``redis://host:port/db`` (``redis``).
+        pool_size: Connections kept open.
+        max_overflow: Extra connections allowed under load.
+    """
+
+    backend: str
+    postgres_url: str = ""
+    sqlite_path: str = ""
+    redis_url: str = ""
+    pool_size: int = 20
+    max_overflow: int = 10
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections the backend may open."""
+        return self.pool_size + self.max_overflow
+
+
+class Backend:
+    """An open backend: a session factory and a way to close what it opened."""
+
+    def __init__(
+        self,
+        name: str,
+        make_session: Callable[[str], BenchSession],
+        close: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.name = name
+        self._make_session = make_session
+        self._close = close
+
+    def session(self, conversation_id: str) -> BenchSession:
+        """A session object for ``conversation_id`` (no I/O for most backends)."""
+        return self._make_session(conversation_id)
+
+    async def close(self) -> None:
+        """Release pools, clients and connections."""
+        await self._close()
+
+
+# ----------------------------------------------------------------------------- floor
+
+FLOOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS floor_conversations (
+    id text PRIMARY KEY,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS floor_messages (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    conversation_id text NOT NULL REFERENCES floor_conversations (id) ON DELETE CASCADE,
+    item json NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS floor_messages_conversation_id_id
+    ON floor_messages (conversation_id, id);
+"""
+
+# The conversation upsert is part of the floor because it is part of the job: it
+# creates the conversation on first write and its row lock orders concurrent
+# writers of one conversation (ids follow commit order), as agents_sessions does.
+FLOOR_ADD = """
+WITH conversation AS (
+    INSERT INTO floor_conversations (id) VALUES ($1)
+    ON CONFLICT (id) DO UPDATE SET updated_at = now()
+    RETURNING id
+)
+INSERT INTO floor_messages (conversation_id, item)
+SELECT conversation.id, new.item::json
+FROM conversation, unnest($2::text[]) WITH ORDINALITY AS new (item, position)
+ORDER BY new.position
+"""
+
+FLOOR_GET_LATEST = """
+SELECT item FROM (
+    SELECT id, item FROM floor_messages
+    WHERE conversation_id = $1 ORDER BY id DESC LIMIT $2
+) AS latest ORDER BY id
+"""
+
+FLOOR_GET_ALL = "SELECT item FROM floor_messages WHERE conversation_id = $1 ORDER BY id"
+
+FLOOR_POP = """
+DELETE FROM floor_messages
+WHERE id = (SELECT max(id) FROM floor_messages WHERE conversation_id = $1)
+RETURNING item
+"""
+
+
+class FloorSession:
+    """The floor: raw asyncpg, one statement per call, JSON in and out in Python."""
+
+    def __init__(self, pool: Any, session_id: str) -> None:
+        self._pool = pool
+        self.session_id = session_id
+
+    async def add_items(self, items: list[Any]) -> None:
+        """One INSERT ... SELECT FROM unnest of the serialized items."""
+        if items:
+            await self._pool.execute(
+                FLOOR_ADD, self.session_id, [json.dumps(item) for item in items]
+            )
+
+    async def get_items(self, limit: int | None = None) -> list[Any]:
+        """One SELECT: the latest ``limit`` (a backward index scan), re-ordered."""
+        if limit is None:
+            rows = await self._pool.fetch(FLOOR_GET_ALL, self.session_id)
+        else:
+            rows = await self._pool.fetch(FLOOR_GET_LATEST, self.session_id, limit)
+        return [json.loads(row[0]) for row in rows]
+
+    async def pop_item(self) -> Any | None:
+        """One DELETE ... RETURNING of the newest item."""
+        value = await self._pool.fetchval(FLOOR_POP, self.session_id)
+        return None if value is None else json.loads(value)
+
+
+# ----------------------------------------------------------------------------- openers
+
+
+async def _open_agents_sessions(config: BackendConfig) -> Backend:
+    from agents_sessions import PostgreSQLSession
+    from agents_sessions.store import dispose_all
+
+    url = f"{config.postgres_url}?pool_size={config.pool_size}&max_overflow={config.max_overflow}"
+
+    def make(conversation_id: str) -> BenchSession:
+        return PostgreSQLSession(conversation_id, database_url=url)
+
+    async def close() -> None:
+        dispose_all()
+
+    return Backend("agents_sessions", make, close)
+
+
+async def _open_sqlalchemy(config: BackendConfig) -> Backend:
+    from agents.extensions.memory import SQLAlchemySession
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = config.postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    engine = create_async_engine(url, pool_size=config.pool_size, max_overflow=config.max_overflow)
+
+    def make(conversation_id: str) -> BenchSession:
+        return SQLAlchemySession(conversation_id, engine=engine, create_tables=True)
+
+    async def close() -> None:
+        await engine.dispose()
+
+    return Backend("sqlalchemy", make, close)
+
+
+async def _open_sqlite(config: BackendConfig) -> Backend:
+    from agents.memory import SQLiteSession
+
+    opened: list[SQLiteSession] = []
+
+    def make(conversation_id: str) -> BenchSession:
+        session = SQLiteSession(conversation_id, db_path=config.sqlite_path)
+        opened.append(session)
+        return session
+
+    async def close() -> None:
+        for session in opened:
+            session.close()
+
+    return Backend("sqlite", make, close)
+
+
+async def _open_redis(config: BackendConfig) -> Backend:
+    from agents.extensions.memory import RedisSession
+    from redis.asyncio import BlockingConnectionPool, Redis
+
+    pool = BlockingConnectionPool.from_url(config.redis_url, max_connections=config.max_connections)
+    client = Redis(connection_pool=pool)
+
+    def make(conversation_id: str) -> BenchSession:
+        return RedisSession(conversation_id, redis_client=client)
+
+    async def close() -> None:
+        await client.aclose()
+        await pool.disconnect()
+
+    return Backend("redis", make, close)
+
+
+async def _open_floor(config: BackendConfig) -> Backend:
+    import asyncpg
+
+    pool = await asyncpg.create_pool(
+        config.postgres_url, min_size=config.pool_size, max_size=config.max_connections
+    )
+
+    def make(conversation_id: str) -> BenchSession:
+        return FloorSession(pool, conversation_id)
+
+    async def close() -> None:
+        await pool.close()
+
+    return Backend("floor", make, close)
+
+
+_OPENERS: dict[str, Callable[[BackendConfig], Awaitable[Backend]]] = {
+    "agents_sessions": _open_agents_sessions,
+    "sqlalchemy": _open_sqlalchemy,
+    "sqlite": _open_sqlite,
+    "redis": _open_redis,
+    "floor": _open_floor,
+}
+
+
+async def open_backend(config: BackendConfig) -> Backend:
+    """Open ``config.backend`` (imports its libraries, creates its pool)."""
+    return await _OPENERS[config.backend](config)
+
+
+async def create_floor_schema(postgres_url: str) -> None:
+    """Create the floor's two tables and its index (once per benchmark database)."""
+    import asyncpg
+
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        await connection.execute(FLOOR_SCHEMA)
+    finally:
+        await connection.close()
