@@ -450,14 +450,14 @@ def _encode_cursor(record: ConversationRecord) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def _decode_cursor(cursor: str, *, lister: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created_at, conversation_id = json.loads(base64.urlsafe_b64decode(padded))
         return _utc(datetime.fromisoformat(created_at), name="after"), str(conversation_id)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         raise InvalidArgumentError(
-            "after is not a cursor returned by list_by_user (next_cursor)"
+            f"after is not a cursor returned by {lister} (next_cursor)"
         ) from None
 
 
@@ -560,26 +560,8 @@ class ConversationRepository:
         ``ix_conversations_user_id_created_at_id`` however deep it is.
         """
         validate_identifier(user_id, name="user_id")
-        page_size = validate_limit(limit)
-        if page_size is None or page_size == 0:
-            raise InvalidArgumentError("limit must be a positive int")
         query = select(conversations).where(conversations.c.user_id == user_id)
-        if after is not None:
-            created_at, last_id = _decode_cursor(after)
-            query = query.where(
-                tuple_(conversations.c.created_at, conversations.c.id)
-                < tuple_(
-                    bindparam(
-                        "cursor_created_at", created_at, type_=conversations.c.created_at.type
-                    ),
-                    bindparam("cursor_id", last_id, type_=Text),
-                )
-            )
-        query = query.order_by(conversations.c.created_at.desc(), conversations.c.id.desc())
-        rows = self.connection.execute(query.limit(page_size + 1)).all()
-        records = [_conversation_record(row) for row in rows[:page_size]]
-        next_cursor = _encode_cursor(records[-1]) if len(rows) > page_size else None
-        return ConversationPage(conversations=records, next_cursor=next_cursor)
+        return self._page(query, limit=limit, after=after, lister="list_by_user")
 
     def delete(self, conversation_id: str) -> bool:
         """Delete the conversation with its messages and usage (ON DELETE CASCADE).
@@ -602,17 +584,19 @@ class ConversationRepository:
         ``ix_conversations_created_at`` (ties on ``created_at`` are few and are
         ordered by ``id`` after the scan).
         """
+        return self._page(select(conversations), limit=limit, after=after, lister="list_all")
+
+    def _page(self, query: Any, *, limit: int, after: str | None, lister: str) -> ConversationPage:
+        """One keyset page of ``query``'s conversations, newest first by ``(created_at, id)``.
+
+        ``after`` is the ``next_cursor`` of the previous page (of ``lister``); one row
+        more than ``limit`` is read to know whether another page follows.
+        """
         page_size = validate_limit(limit)
         if page_size is None or page_size == 0:
             raise InvalidArgumentError("limit must be a positive int")
-        query = select(conversations)
         if after is not None:
-            try:
-                created_at, last_id = _decode_cursor(after)
-            except InvalidArgumentError:
-                raise InvalidArgumentError(
-                    "after is not a cursor returned by list_all (next_cursor)"
-                ) from None
+            created_at, last_id = _decode_cursor(after, lister=lister)
             query = query.where(
                 tuple_(conversations.c.created_at, conversations.c.id)
                 < tuple_(
