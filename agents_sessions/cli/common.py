@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -52,14 +52,19 @@ class CliContext:
     """What the top-level group resolved, handed to every command (``click.pass_obj``)."""
 
     database_url: str | None
+    _settings: Settings | None = field(default=None, init=False, repr=False)
 
     def settings(self) -> Settings:
-        """Settings from the environment, with ``--database-url`` on top.
+        """Settings from the environment, with ``--database-url`` on top (read once).
 
         An explicit ``--database-url`` names the one database to work on, so it is
         also where migrations run (over a configured migration URL).
         """
-        return load_settings(database_url=self.database_url, migration_url=self.database_url)
+        if self._settings is None:
+            self._settings = load_settings(
+                database_url=self.database_url, migration_url=self.database_url
+            )
+        return self._settings
 
     def resolved_url(self) -> str:
         """The URL commands connect to (secret: never print it; see :meth:`safe_url`)."""
