@@ -43,14 +43,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# What the package promises behind PgBouncer (transaction pooling): tests/conftest.py's
-# PgBouncer mode; tests marked direct_connection_only are skipped there, with their reason.
-PGBOUNCER_SUITE ?= $(addprefix tests/test_,$(addsuffix .py,session_protocol runner \
-	concurrency idempotency repositories row_level_security store items migrations engine \
-	robustness least_privilege properties))
-
+# What the package promises behind PgBouncer (transaction pooling): the core behaviour
+# suite, tests/integration, in tests/conftest.py's PgBouncer mode; tests marked
+# direct_connection_only are skipped there, with their reason.
 test-pgbouncer: $(STAMP)
-	AGENTS_SESSIONS_TEST_PGBOUNCER=1 $(BIN)/python -m pytest $(PGBOUNCER_SUITE) -q
+	AGENTS_SESSIONS_TEST_PGBOUNCER=1 $(BIN)/python -m pytest tests/integration -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -76,15 +73,15 @@ db-down:
 	$(COMPOSE) down $(if $(filter 1 yes true,$(REMOVE_VOLUMES)),--volumes)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 profile: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/bench.py --profile $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench --profile $(BENCH_ARGS)
 
 SOAK_ARGS ?=
 
 soak: $(STAMP)
-	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

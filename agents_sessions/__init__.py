@@ -5,17 +5,24 @@ Three ways in:
 * the session backend -- ``PostgreSQLSession(conversation_id=..., database_url=...)``
   passed to ``Runner.run(agent, input, session=...)``;
 * migrations -- ``alembic upgrade head`` from the repository root, or
-  :func:`agents_sessions.migrate.upgrade` from an installed package;
+  :func:`agents_sessions.db.migrate.upgrade` from an installed package;
 * the repository API -- ``with get_store(url).transaction() as repos: ...``.
 """
 
-from .engine import DatabaseTarget, PoolOptions, parse_database_url
+from .db.engine import DatabaseTarget, PoolOptions, parse_database_url
+from .db.migrate import upgrade
 from .errors import (
     AccessDeniedError,
     AgentsSessionsError,
+    BackupError,
+    BackupFileError,
     ConfigurationError,
     ConnectionLostError,
+    ConversationNotFoundError,
     DatabaseError,
+    ExitCode,
+    ExportFormatError,
+    ExternalToolError,
     InvalidArgumentError,
     InvalidConversationIdError,
     InvalidItemError,
@@ -23,11 +30,11 @@ from .errors import (
     ItemTypeError,
     PoolTimeoutError,
     ReadOnlyDatabaseError,
+    RestoreTargetNotEmptyError,
     SchemaError,
     SchemaNotAtHeadError,
     StatementTimeoutError,
 )
-from .migrate import upgrade
 from .repositories import (
     ConversationPage,
     ConversationRecord,
@@ -48,13 +55,19 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "AgentsSessionsError",
+    "BackupError",
+    "BackupFileError",
     "ConfigurationError",
     "ConnectionLostError",
+    "ConversationNotFoundError",
     "ConversationPage",
     "ConversationRecord",
     "ConversationRepository",
     "DatabaseError",
     "DatabaseTarget",
+    "ExitCode",
+    "ExportFormatError",
+    "ExternalToolError",
     "InvalidArgumentError",
     "InvalidConversationIdError",
     "InvalidItemError",
@@ -66,6 +79,7 @@ __all__ = [
     "PostgreSQLSession",
     "ReadOnlyDatabaseError",
     "Repositories",
+    "RestoreTargetNotEmptyError",
     "SchemaError",
     "SchemaNotAtHeadError",
     "SessionStore",

@@ -6,20 +6,50 @@ values, ``TypeError`` for values of the wrong type, ``TimeoutError`` for waits t
 ran out). Errors coming from SQLAlchemy or the driver are wrapped in
 :class:`DatabaseError` with the original chained as ``__cause__``, never swallowed.
 
+Every class carries the ``agents-sessions`` exit status it maps to
+(:class:`ExitCode`), so the command line turns any of them into one line on stderr
+and a meaningful status in one place.
+
 No message built here ever contains a database password: URLs are rendered with
 the password masked before they reach any error text.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 from sqlalchemy import exc as sa_exc
 
 
+class ExitCode(enum.IntEnum):
+    """What an ``agents-sessions`` exit status means."""
+
+    OK = 0
+    #: The command ran and found a problem (``doctor``, ``migrate check``), or was declined.
+    PROBLEM = 1
+    #: Bad command line or argument (click's own usage errors use 2 as well).
+    USAGE = 2
+    #: Bad configuration: the URL, a setting, or a file argument.
+    CONFIGURATION = 3
+    #: The database could not be reached or refused the operation.
+    DATABASE = 4
+    #: The schema is not at the revision this package needs.
+    SCHEMA = 5
+    #: An external program the command needs (pg_dump, psql) is missing or failed.
+    TOOL = 6
+
+
 class AgentsSessionsError(Exception):
-    """Base class of every error raised by ``agents_sessions``."""
+    """Base class of every error raised by ``agents_sessions``.
+
+    Attributes:
+        exit_code: The ``agents-sessions`` exit status this error ends a command with.
+    """
+
+    exit_code: ClassVar[ExitCode] = ExitCode.USAGE
 
 
 class ConfigurationError(AgentsSessionsError, ValueError):
@@ -27,6 +57,8 @@ class ConfigurationError(AgentsSessionsError, ValueError):
 
     The message names the offending setting or parameter; it never echoes a password.
     """
+
+    exit_code = ExitCode.CONFIGURATION
 
 
 class InvalidConversationIdError(AgentsSessionsError, ValueError):
@@ -63,6 +95,8 @@ class ItemTooLargeError(InvalidItemError):
 class SchemaError(AgentsSessionsError, RuntimeError):
     """The database schema is not what this version of the package needs."""
 
+    exit_code = ExitCode.SCHEMA
+
 
 class SchemaNotAtHeadError(SchemaError):
     """The database is behind (or ahead of) the migrations this package ships.
@@ -74,6 +108,8 @@ class SchemaNotAtHeadError(SchemaError):
 
 class DatabaseError(AgentsSessionsError):
     """A database operation failed; the driver's exception is chained as ``__cause__``."""
+
+    exit_code = ExitCode.DATABASE
 
 
 class PoolTimeoutError(DatabaseError, TimeoutError):
@@ -108,6 +144,48 @@ class ConnectionLostError(DatabaseError):
     removed the newest item). Every other operation of the package is retried
     automatically in that situation; the next call gets a fresh connection.
     """
+
+
+class ConversationNotFoundError(AgentsSessionsError, LookupError):
+    """A conversation asked for by id does not exist."""
+
+    exit_code = ExitCode.PROBLEM
+
+
+class ExportFormatError(AgentsSessionsError, ValueError):
+    """An import file is not a valid export; nothing was written.
+
+    Attributes:
+        line: The 1-based number of the offending line.
+    """
+
+    exit_code = ExitCode.CONFIGURATION
+
+    def __init__(self, line: int, message: str) -> None:
+        self.line = line
+        super().__init__(f"line {line}: {message}; nothing was imported")
+
+
+class BackupError(AgentsSessionsError, RuntimeError):
+    """A backup or restore could not be made."""
+
+    exit_code = ExitCode.PROBLEM
+
+
+class ExternalToolError(BackupError):
+    """``pg_dump`` or ``psql`` is missing, or failed (its error output is in the message)."""
+
+    exit_code = ExitCode.TOOL
+
+
+class RestoreTargetNotEmptyError(BackupError):
+    """The database to restore into already holds tables; nothing was changed."""
+
+
+class BackupFileError(AgentsSessionsError, ValueError):
+    """The file given to restore is missing, unreadable or not a backup of this kind."""
+
+    exit_code = ExitCode.CONFIGURATION
 
 
 # SQLSTATEs of statements the server cancelled on a timeout: query_canceled

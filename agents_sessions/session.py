@@ -122,7 +122,7 @@ class PostgreSQLSession:
         settings: Package settings; defaults to :class:`~agents_sessions.settings.Settings`
             read from the environment.
         tenant_id: The user this session acts for under PostgreSQL row-level
-            security (see :mod:`agents_sessions.tenancy`): a user id, or a callable
+            security (see :mod:`agents_sessions.ops.tenancy`): a user id, or a callable
             that takes the run's ``RunContextWrapper`` (which the Runner passes to
             every call as ``wrapper``) and returns one. New conversations are owned
             by the tenant; ``user_id``, if also given, must be the same user.

@@ -188,7 +188,7 @@ class Settings(BaseSettings):
 
     def safe_database_url(self) -> str:
         """The resolved URL with its password masked, fit for logs and messages."""
-        from .engine import mask_url  # local import: engine depends on this module
+        from .db.engine import mask_url  # local import: engine depends on this module
 
         return mask_url(self.resolved_database_url())
 

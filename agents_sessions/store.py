@@ -33,10 +33,10 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 
-from . import engine as engine_module
-from . import migrate as migrate_module
 from . import settings as settings_module
-from .engine import (
+from .db import engine as engine_module
+from .db import migrate as migrate_module
+from .db.engine import (
     SQLITE_WRITE_OPTION,
     TENANT_OPTION,
     DatabaseTarget,
@@ -45,6 +45,8 @@ from .engine import (
     log_embedded_default_once,
     parse_database_url,
 )
+from .db.hot_path import driver_connection
+from .db.migrate import ensure_schema_at_head
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -53,8 +55,6 @@ from .errors import (
     sqlstate_of,
     translate_database_errors,
 )
-from .hot_path import driver_connection
-from .migrate import ensure_schema_at_head
 from .repositories import Repositories
 from .settings import Settings, default_settings
 from .validation import validate_identifier
@@ -335,7 +335,7 @@ class SessionStore:
 
         Any exception rolls everything back. On SQLite the transaction starts with
         ``BEGIN IMMEDIATE``. ``tenant_id`` makes every statement act for that user
-        under PostgreSQL row-level security (see :mod:`agents_sessions.tenancy`).
+        under PostgreSQL row-level security (see :mod:`agents_sessions.ops.tenancy`).
         """
         with self._connection(write=True, autocommit=False, tenant_id=tenant_id) as connection:
             yield Repositories(connection)
@@ -421,7 +421,7 @@ class SessionStore:
             hot_path: ``work`` only calls ``MessageRepository.latest``, ``all``,
                 ``append_encoded`` or ``pop_latest`` (the session facade's calls), so
                 on PostgreSQL with psycopg2 it may run on the pooled driver
-                connection directly (:mod:`agents_sessions.hot_path`).
+                connection directly (:mod:`agents_sessions.db.hot_path`).
 
         Retries (``settings.retry_attempts``, exponential backoff from 50 ms) get a
         fresh connection: the pool discards the broken one.

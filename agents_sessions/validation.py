@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any
 
+from .db.models import MAX_ID_LENGTH
 from .errors import (
     InvalidArgumentError,
     InvalidConversationIdError,
@@ -13,7 +15,6 @@ from .errors import (
     ItemTypeError,
 )
 from .items import encode_document
-from .models import MAX_ID_LENGTH
 
 # A JSON \\u0000 escape that is not itself an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -127,3 +128,24 @@ def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | No
     if _SURROGATE_ESCAPE.search(document):
         raise InvalidArgumentError("metadata must be valid Unicode text (a lone surrogate)")
     return dict(metadata)
+
+
+def validate_datetime(value: object, *, name: str) -> datetime:
+    """A caller's datetime as aware UTC (naive means UTC), for comparison with stored ones.
+
+    SQLite stores timestamps as UTC text and binds a datetime by its wall-clock
+    fields, ignoring any offset, so the conversion must happen before binding.
+    """
+    if not isinstance(value, datetime):
+        raise InvalidArgumentError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def validate_batch_size(value: object) -> int:
+    """A positive row count per batch (``batch_size`` of prune, export and import)."""
+    size = validate_count(value, name="batch_size")
+    if size < 1:
+        raise InvalidArgumentError("batch_size must be at least 1")
+    return size

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from _backends import LABELS
+from benchmarks._backends import LABELS
 
 OURS = "agents_sessions"
 

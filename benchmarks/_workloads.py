@@ -17,8 +17,8 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _backends import Backend, BenchSession
-from _items import ItemFactory
+from benchmarks._backends import Backend, BenchSession
+from tests.support.items import ItemFactory
 
 
 def percentile(samples: list[float], fraction: float) -> float:

@@ -2,10 +2,10 @@
 
 Usage (``make bench`` installs the comparison backends and runs this)::
 
-    python benchmarks/bench.py                       # everything, ~15 minutes
-    python benchmarks/bench.py --quick               # a smoke run, ~3 minutes
-    python benchmarks/bench.py --only agents_sessions,floor
-    python benchmarks/bench.py --profile             # our throughput under py-spy + pyinstrument
+    python -m benchmarks.bench                       # everything, ~15 minutes
+    python -m benchmarks.bench --quick               # a smoke run, ~3 minutes
+    python -m benchmarks.bench --only agents_sessions,floor
+    python -m benchmarks.bench --profile             # our throughput under py-spy + pyinstrument
 
 Each workload of each backend runs in a child process of its own (so one backend's
 memory, threads and caches never affect another), on a fresh PostgreSQL database
@@ -35,13 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
-
-sys.path.insert(0, str(HERE))  # the helper modules, also when imported as benchmarks.bench
-
-from _backends import (  # noqa: E402
+from benchmarks._backends import (
     BACKENDS,
     LABELS,
     POSTGRES_BACKENDS,
@@ -50,7 +44,11 @@ from _backends import (  # noqa: E402
     create_floor_schema,
     open_backend,
 )
-from _report import render_report  # noqa: E402
+from benchmarks._report import render_report
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -211,7 +209,7 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
     config = BackendConfig(**spec["backend"])
     workload: str = spec["workload"]
     params: dict[str, Any] = spec.get("params", {})
-    from _workloads import (
+    from benchmarks._workloads import (
         run_depth,
         run_latency,
         run_memory,
@@ -243,7 +241,7 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 on_window=None if profilers is None else profilers.on_window,
             )
             if profilers is not None:
-                from _profile import read_pyinstrument, summarize
+                from benchmarks._profile import read_pyinstrument, summarize
 
                 loop_session, worker_session = await asyncio.to_thread(profilers.collect)
                 stem = spec["pyinstrument_out"]
@@ -676,7 +674,7 @@ class Orchestrator:
         py-spy attaches to the child for exactly the measurement window. Writes
         ``benchmarks/results/profile-<timestamp>*`` and ``profile-latest.md``.
         """
-        from _profile import read_pyspy, render_summary, summarize
+        from benchmarks._profile import read_pyspy, render_summary, summarize
 
         params = {**self.params["throughput"], "prefix": "profile"}
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -802,7 +800,7 @@ class Orchestrator:
         Other people's jobs on a shared machine are the main source of noise; this
         avoids starting a measurement in the middle of one. Records what it saw.
         """
-        from _workloads import machine_cpu_ticks
+        from benchmarks._workloads import machine_cpu_ticks
 
         deadline = time.monotonic() + self.args.quiet_wait
         while True:

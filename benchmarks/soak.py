@@ -2,10 +2,10 @@
 
 Usage (``make soak`` runs it with the defaults; ``make soak SOAK_ARGS="--shared"``)::
 
-    python benchmarks/soak.py                         # 4 processes, 400 conversations, 120 s
-    python benchmarks/soak.py --shared                # every process serves every conversation
-    python benchmarks/soak.py --turns 50000 --kill-every 1
-    python benchmarks/soak.py --database-url postgresql://u:p@host/db   # use that database
+    python -m benchmarks.soak                         # 4 processes, 400 conversations, 120 s
+    python -m benchmarks.soak --shared                # every process serves every conversation
+    python -m benchmarks.soak --turns 50000 --kill-every 1
+    python -m benchmarks.soak --database-url postgresql://u:p@host/db   # use that database
 
 Each turn is what the Agents SDK Runner does -- ``get_items(limit=20)``, then
 ``add_items([user message, assistant message])`` -- and sometimes a ``pop_item()``.
@@ -19,8 +19,8 @@ By default a fresh database is created on ``--server-url`` and dropped at the en
 With ``--database-url`` that database is used (and kept): every connection to it
 is killed over and over, so never point it at a database others are using.
 
-The engine lives in ``tests/_soak.py``, shared with the CI tests
-``tests/test_soak.py`` and ``tests/test_many_servers.py``.
+The engine lives in ``tests/support/soak.py``, shared with the CI tests
+``tests/cluster/test_soak.py`` and ``tests/cluster/test_many_servers.py``.
 """
 
 from __future__ import annotations
@@ -29,18 +29,13 @@ import argparse
 import sys
 import time
 import uuid
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# The soak engine; spawned worker processes inherit this path.
-sys.path.insert(0, str(HERE.parent / "tests"))
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
-from _soak import SoakConfig, SoakError, run_soak  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
-
-from agents_sessions.engine import mask_url, parse_database_url  # noqa: E402
+from agents_sessions.db.engine import mask_url, parse_database_url
+from tests.support.soak import SoakConfig, SoakError, run_soak
 
 DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -1,7 +1,7 @@
 """Alembic environment of agents_sessions.
 
 Used both by the ``alembic`` command line (``alembic upgrade head`` from the
-repository root) and by :mod:`agents_sessions.migrate`, which passes an open
+repository root) and by :mod:`agents_sessions.db.migrate`, which passes an open
 connection in ``config.attributes["connection"]``.
 
 The database URL comes from the package's settings (``DATABASE_URL`` and friends),
@@ -25,8 +25,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection, text
 
-from agents_sessions.engine import SQLITE_WRITE_OPTION, create_pooled_engine, parse_database_url
-from agents_sessions.models import Base
+from agents_sessions.db.engine import SQLITE_WRITE_OPTION, create_pooled_engine, parse_database_url
+from agents_sessions.db.models import Base
 from agents_sessions.settings import Settings, load_settings
 
 config = context.config

@@ -10,7 +10,7 @@ Where PostgreSQL comes from, in order:
    case they fail.
 
 PgBouncer mode (``AGENTS_SESSIONS_TEST_PGBOUNCER=1``): instead, a throwaway server
-(tests/pgcluster.py) with a transaction-pooling PgBouncer in front of it; databases
+(tests/support/pgcluster.py) with a transaction-pooling PgBouncer in front of it; databases
 are created on the server directly, and every database URL the fixtures hand out
 goes through PgBouncer. Tests marked ``direct_connection_only`` are skipped then,
 with their reason.
@@ -26,18 +26,18 @@ from typing import Any
 
 import pytest
 from agents import set_tracing_disabled
-from pgcluster import (
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from agents_sessions import dispose_all
+from agents_sessions.db.engine import parse_database_url
+from tests.support.pgcluster import (
     Cluster,
     PgBouncer,
     ToolMissingError,
     check_server_tools,
     require_program,
 )
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
-from agents_sessions import dispose_all
-from agents_sessions.engine import parse_database_url
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -294,7 +294,7 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- throwaway servers
-# Tests that restart, crash or re-wire a server get one of their own (tests/pgcluster.py):
+# Tests that restart, crash or re-wire a server get one of their own (tests/support/pgcluster.py):
 # the shared TEST_DATABASE_URL server is never restarted or reconfigured.
 
 

@@ -1,50 +1,28 @@
 """``agents-sessions backup`` and ``restore``: whole-database backups.
 
-The work is done by :mod:`agents_sessions.backup` (``pg_dump``/``psql`` for
+The work is done by :mod:`agents_sessions.ops.backup` (``pg_dump``/``psql`` for
 PostgreSQL, SQLite's online backup API for SQLite).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from ..backup import (
-    BackupError,
-    BackupFileError,
-    ExternalToolError,
-    RestoreTargetNotEmptyError,
+from ..ops.backup import (
     backup_database,
     restore_database,
 )
 from .common import (
     CliContext,
-    ExitCode,
     emit_json,
-    fail,
     json_option,
     pass_cli_context,
     progress,
     reported_errors,
 )
 from .main import cli
-
-
-@contextmanager
-def _backup_errors() -> Iterator[None]:
-    try:
-        yield
-    except ExternalToolError as exc:
-        fail(str(exc), ExitCode.TOOL)
-    except RestoreTargetNotEmptyError as exc:
-        fail(str(exc), ExitCode.PROBLEM)
-    except BackupFileError as exc:
-        fail(str(exc), ExitCode.CONFIGURATION)
-    except BackupError as exc:
-        fail(str(exc), ExitCode.PROBLEM)
 
 
 def _size(size: int) -> str:
@@ -79,7 +57,7 @@ def backup_command(context: CliContext, directory: Path, keep_days: int, as_json
     PostgreSQL: pg_dump (plain SQL, no owners or privileges), which must be on PATH.
     SQLite: a consistent online copy. The file appears only once complete.
     """
-    with reported_errors(), _backup_errors():
+    with reported_errors():
         result = backup_database(context.migration_url(), directory, keep_days=keep_days)
     if as_json:
         emit_json({"database": context.safe_url(), **result.as_dict()})
@@ -106,7 +84,6 @@ def restore_command(context: CliContext, backup_file: Path, as_json: bool) -> No
     """
     with (
         reported_errors(),
-        _backup_errors(),
         progress("restoring", backup_file.stat().st_size) as bar,
     ):
         result = restore_database(context.migration_url(), backup_file, progress=bar.update)

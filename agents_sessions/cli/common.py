@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,29 +21,11 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from ..errors import AgentsSessionsError, ConfigurationError, DatabaseError, SchemaError
+from ..errors import AgentsSessionsError, ExitCode
 from ..settings import Settings, load_settings
 from ..store import SessionStore, get_store
 
 _T = TypeVar("_T")
-
-
-class ExitCode(enum.IntEnum):
-    """What an ``agents-sessions`` exit status means."""
-
-    OK = 0
-    #: The command ran and found a problem (``doctor``, ``migrate check``), or was declined.
-    PROBLEM = 1
-    #: Bad command line (click's own usage errors use 2 as well).
-    USAGE = 2
-    #: Bad configuration: the URL, a setting, or a file argument.
-    CONFIGURATION = 3
-    #: The database could not be reached or refused the operation.
-    DATABASE = 4
-    #: The schema is not at the revision this package needs.
-    SCHEMA = 5
-    #: An external program the command needs (pg_dump, psql) is missing or failed.
-    TOOL = 6
 
 
 @dataclass
@@ -65,10 +46,6 @@ class CliContext:
                 database_url=self.database_url, migration_url=self.database_url
             )
         return self._settings
-
-    def resolved_url(self) -> str:
-        """The URL commands connect to (secret: never print it; see :meth:`safe_url`)."""
-        return self.settings().resolved_database_url()
 
     def migration_url(self) -> str:
         """The direct URL (``migration_url``, else the database URL) for work that must not
@@ -104,14 +81,8 @@ def reported_errors() -> Iterator[None]:
     """Turn package errors into one clear line on stderr and a meaningful exit code."""
     try:
         yield
-    except ConfigurationError as exc:
-        fail(str(exc), ExitCode.CONFIGURATION)
-    except SchemaError as exc:
-        fail(str(exc), ExitCode.SCHEMA)
-    except DatabaseError as exc:
-        fail(str(exc), ExitCode.DATABASE)
-    except AgentsSessionsError as exc:  # invalid ids, arguments
-        fail(str(exc), ExitCode.USAGE)
+    except AgentsSessionsError as exc:  # each error class knows its exit status
+        fail(str(exc), exc.exit_code)
     except OSError as exc:  # a file or directory argument: missing, unwritable, disk full
         message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
         fail(message, ExitCode.CONFIGURATION)

@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from .. import analytics
+from ..errors import ExitCode
+from ..ops import analytics
 from ..repositories import ConversationRecord, Repositories
 from .common import (
     CliContext,
-    ExitCode,
     emit_json,
     fail,
     json_option,

@@ -1,6 +1,6 @@
 """``agents-sessions doctor``: health checks of the configured database.
 
-The checks themselves are :func:`agents_sessions.doctor.diagnose`; this module
+The checks themselves are :func:`agents_sessions.ops.doctor.diagnose`; this module
 prints them and turns a failure into exit status 1.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import click
 
-from ..doctor import diagnose
+from ..errors import ExitCode
+from ..ops.doctor import diagnose
 from .common import (
     CliContext,
-    ExitCode,
     emit_json,
     json_option,
     pass_cli_context,

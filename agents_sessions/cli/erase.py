@@ -1,16 +1,16 @@
 """``agents-sessions erase``: delete everything a user has (a data-subject erasure request).
 
-The work is done by :func:`agents_sessions.retention.erase_user`.
+The work is done by :func:`agents_sessions.ops.retention.erase_user`.
 """
 
 from __future__ import annotations
 
 import click
 
-from ..retention import DeletionCounts, erase_user, user_data_counts
+from ..errors import ExitCode
+from ..ops.retention import DeletionCounts, erase_user, user_data_counts
 from .common import (
     CliContext,
-    ExitCode,
     emit_json,
     json_option,
     pass_cli_context,

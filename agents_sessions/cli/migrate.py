@@ -1,7 +1,7 @@
 """``agents-sessions migrate``: apply, inspect and check the schema migrations.
 
 The same Alembic scripts as ``alembic upgrade head`` (shipped inside the package),
-run through :mod:`agents_sessions.migrate`, so under the same cross-process lock:
+run through :mod:`agents_sessions.db.migrate`, so under the same cross-process lock:
 a PostgreSQL advisory lock (SQLite: ``BEGIN IMMEDIATE``) taken before Alembic reads
 the current revision. A deploy job and app servers may migrate at the same time.
 """
@@ -16,10 +16,10 @@ from typing import Any
 import click
 from alembic.util import CommandError
 
-from .. import migrate as migrations
+from ..db import migrate as migrations
+from ..errors import ExitCode
 from .common import (
     CliContext,
-    ExitCode,
     emit_json,
     fail,
     json_option,

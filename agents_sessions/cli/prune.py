@@ -1,6 +1,6 @@
 """``agents-sessions prune``: retention by age, in short batches, safe next to a live app.
 
-The work is done by :func:`agents_sessions.retention.prune`, which explains the
+The work is done by :func:`agents_sessions.ops.retention.prune`, which explains the
 batching and locking.
 """
 
@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import click
 
-from ..retention import DEFAULT_PRUNE_BATCH_SIZE, PruneSummary, prune, prune_plan
+from ..ops.retention import DEFAULT_PRUNE_BATCH_SIZE, PruneSummary, prune, prune_plan
 from .common import (
     CliContext,
     emit_json,

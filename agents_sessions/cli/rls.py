@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..tenancy import (
+from ..ops.tenancy import (
     disable_row_level_security,
     enable_row_level_security,
     row_level_security_status,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import click
 
 from ..errors import InvalidArgumentError
-from ..sql import least_privilege_sql
+from ..ops.roles import least_privilege_sql
 from .main import cli
 
 

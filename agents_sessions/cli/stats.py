@@ -1,6 +1,6 @@
 """``agents-sessions stats``: the seed's monitoring numbers as a table (or JSON).
 
-The queries live in :mod:`agents_sessions.analytics` (seed SQL on PostgreSQL,
+The queries live in :mod:`agents_sessions.ops.analytics` (seed SQL on PostgreSQL,
 SQLAlchemy Core equivalents on SQLite), where application code can call them too.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from .. import analytics
+from ..ops import analytics
 from .common import (
     CliContext,
     emit_json,

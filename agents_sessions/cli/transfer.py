@@ -1,6 +1,6 @@
 """``agents-sessions export`` and ``import``: conversations to and from JSON Lines.
 
-The work is done by :mod:`agents_sessions.transfer`, which application code can
+The work is done by :mod:`agents_sessions.ops.transfer`, which application code can
 call too; the format is described there.
 """
 
@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..transfer import (
+from ..errors import ExitCode
+from ..ops.transfer import (
     DEFAULT_BATCH_SIZE,
-    ConversationNotFoundError,
     ExportFile,
-    ExportFormatError,
     ImportSummary,
     TransferCounts,
     count_export,
@@ -29,26 +26,13 @@ from ..transfer import (
 )
 from .common import (
     CliContext,
-    ExitCode,
     emit_json,
-    fail,
     json_option,
     pass_cli_context,
     progress,
     reported_errors,
 )
 from .main import cli
-
-
-@contextmanager
-def _transfer_errors() -> Iterator[None]:
-    try:
-        yield
-    except ExportFormatError as exc:
-        fail(str(exc), ExitCode.CONFIGURATION)
-    except ConversationNotFoundError as exc:
-        fail(str(exc), ExitCode.PROBLEM)
-
 
 _batch_size_option = click.option(
     "--batch-size",
@@ -97,7 +81,7 @@ def export_command(
     --json) to standard error.
     """
     ids = list(conversation_ids) or None
-    with reported_errors(), _transfer_errors():
+    with reported_errors():
         store = context.store()
         total = count_export(store, conversation_ids=ids, user_id=user_id)
         with progress("exporting conversations", total) as bar:
@@ -162,7 +146,7 @@ def import_command(context: CliContext, source: str, batch_size: int, as_json: b
     Importing the same file again changes nothing. A conversation whose stored
     messages differ from the file's is refused (exit status 1), never merged.
     """
-    with reported_errors(), _transfer_errors(), ExportFile(source) as export:
+    with reported_errors(), ExportFile(source) as export:
         store = context.store()
         with progress("importing conversations", export.counts.conversations) as bar:
             summary = import_export(store, export, batch_size=batch_size, progress=bar.update)

@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 # `utcnow` is the package's dialect-aware "now" for server defaults: now() on
 # PostgreSQL, a microsecond text timestamp on SQLite. It is a stable compile-time
 # construct, safe for migrations to share with the models.
-from agents_sessions.models import utcnow
+from agents_sessions.db.models import utcnow
 
 revision: str = "0001"
 down_revision: str | Sequence[str] | None = None

@@ -8,7 +8,7 @@ PostgreSQL only (SQLite has no row security; there this revision does nothing).
 
 The policies are defined here, so they evolve with the schema, but they take effect
 only on tables where row-level security is *enabled*, which is the operator's opt-in
-(``agents-sessions rls enable``, or :func:`agents_sessions.tenancy.enable_row_level_security`).
+(``agents-sessions rls enable``, or :func:`agents_sessions.ops.tenancy.enable_row_level_security`).
 Once enabled, a role that is neither the tables' owner nor BYPASSRLS (the application
 role) sees and writes only rows of the user named by the transaction-local setting
 ``agents_sessions.tenant_id``; with no tenant set it sees nothing (fail closed). The

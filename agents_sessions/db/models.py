@@ -1,0 +1,266 @@
+"""Declarative ORM models of the three tables: ``conversations``, ``messages``, ``usage_logs``.
+
+These models are the source of truth that Alembic's autogenerate compares the
+database against (``alembic check``); the schema itself is created and evolved only
+by the migrations in ``migrations/versions``.
+
+Design choices, PostgreSQL first:
+
+* 64-bit identity keys for the two append-only tables; conversation ids are
+  caller-chosen text (not forced to be UUIDs).
+* ``timestamptz`` everywhere (``DateTime(timezone=True)``), defaulted by the server.
+* History order is ``messages.id``, a monotonic identity, never a timestamp: two
+  items written in the same microsecond still come back in write order.
+* ``messages.item`` keeps each agent item **losslessly** as JSON text: PostgreSQL's
+  ``json`` type (not ``jsonb``) stores the document verbatim (key order, number
+  spelling, and ``\\u0000`` escapes, which ``jsonb`` and ``text`` reject), while
+  still validating it and allowing ``item->>'type'`` in SQL. ``role`` and
+  ``content`` are derived, readable columns for analytics; ``item`` is authoritative.
+* Every constraint and index has a deterministic name (the naming convention), so
+  migrations can refer to them on every backend.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, cast
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import JSON, TypeDecorator, TypeEngine, UserDefinedType
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: The longest conversation or user id accepted (characters).
+MAX_ID_LENGTH = 255
+
+# 64-bit on PostgreSQL; on SQLite a rowid alias must be spelled exactly INTEGER.
+BigIntegerPK = BigInteger().with_variant(Integer(), "sqlite")
+# JSONB for metadata: small, queried by key, indexable with GIN.
+MetadataJSON = JSON().with_variant(JSONB(), "postgresql")
+
+
+class _VerbatimPostgresJSON(UserDefinedType[Any]):
+    """PostgreSQL ``json`` bound as already-serialized text.
+
+    SQLAlchemy's own JSON type would serialize the bound value again; this one sends
+    the text as-is (the server validates it) and lets the driver parse results
+    (psycopg2 registers ``json.loads`` for the ``json`` type).
+    """
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "JSON"
+
+
+class JSONDocument(TypeDecorator[Any]):
+    """A JSON document serialized by the application, stored verbatim.
+
+    Bind a ``str`` of JSON text; read back the parsed value. ``json`` on PostgreSQL,
+    ``TEXT`` elsewhere. Serializing in the application (see
+    :mod:`agents_sessions.items`) lets us validate every item *before* a write.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return _VerbatimPostgresJSON()
+        return Text()
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is not None and dialect.name != "postgresql":
+            return json.loads(value)
+        return value
+
+
+class utcnow(FunctionElement[datetime]):
+    """The current time as the database stores ``timestamptz`` values.
+
+    PostgreSQL: ``now()``. SQLite: the text format SQLAlchemy itself writes for
+    ``DateTime`` (``YYYY-MM-DD HH:MM:SS.ffffff``), so that server-set timestamps and
+    bound Python datetimes compare correctly as text (``CURRENT_TIMESTAMP`` has no
+    fraction and would sort before an equal bound value).
+    """
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+    name = "utcnow"
+
+
+@compiles(utcnow)
+def _utcnow_default(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+
+
+def stored_utc(value: datetime) -> datetime:
+    """A timestamp read from the database as an aware UTC datetime.
+
+    SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the
+    session's TimeZone.
+    """
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the constraint naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Conversation(Base):
+    """One agent conversation (an SDK session), optionally owned by a user."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=utcnow(), nullable=False
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=utcnow(), nullable=False
+    )
+    # `metadata` is reserved on declarative classes; the column keeps the seed's name.
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", MetadataJSON, nullable=False, server_default=text("'{}'")
+    )
+
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="conversation",
+        passive_deletes=True,
+        order_by="Message.id",
+    )
+    usage_logs: Mapped[list[UsageLog]] = relationship(
+        back_populates="conversation", passive_deletes=True
+    )
+
+    __table_args__ = (
+        CheckConstraint(f"length(id) BETWEEN 1 AND {MAX_ID_LENGTH}", name="id_length"),
+        # Serves "conversations of a user, newest first" with keyset pagination
+        # (and plain user_id lookups, as its leading column).
+        Index(None, "user_id", "created_at", "id"),
+        # B-tree indexes scan both ways: these serve ORDER BY ... DESC too.
+        Index(None, "created_at"),
+        # "Active in the last N hours" and retention by age.
+        Index(None, "updated_at"),
+    )
+
+
+class Message(Base):
+    """One stored agent item, in history order by ``id``."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(BigIntegerPK, Identity(), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+    )
+    role: Mapped[str] = mapped_column(Text, nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    item: Mapped[Any] = mapped_column(JSONDocument, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=utcnow(), nullable=False
+    )
+    # The idempotency key of the append call that wrote this row, set on the first
+    # row of each keyed call only. A retried call whose first attempt did commit
+    # finds its key and writes nothing: appends are exactly-once across lost
+    # connections (see MessageRepository.append).
+    append_key: Mapped[str | None] = mapped_column(Text)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+    __table_args__ = (
+        # The history index: "latest N of one conversation" is a backward scan of
+        # (conversation_id, id) whatever the table size; it also serves every
+        # conversation_id lookup, so no separate single-column index is kept.
+        Index(None, "conversation_id", "id"),
+        Index(None, "created_at"),
+        # The backstop of exactly-once appends: two attempts of one call that race
+        # (the first still running when the retry starts) cannot both commit.
+        # Partial: unkeyed rows (most of them) cost nothing in it.
+        Index(
+            "uq_messages_conversation_id_append_key",
+            "conversation_id",
+            "append_key",
+            unique=True,
+            postgresql_where=text("append_key IS NOT NULL"),
+            sqlite_where=text("append_key IS NOT NULL"),
+        ),
+        # AUTOINCREMENT: SQLite never reuses the id of a popped newest row.
+        {"sqlite_autoincrement": True},
+    )
+
+
+class UsageLog(Base):
+    """Token usage of one model request (or one whole run) in a conversation."""
+
+    __tablename__ = "usage_logs"
+
+    id: Mapped[int] = mapped_column(BigIntegerPK, Identity(), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+    )
+    run_id: Mapped[str | None] = mapped_column(Text)
+    response_id: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text, nullable=False)
+    requests: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    completion_tokens: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default=text("0")
+    )
+    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    timestamp: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=utcnow(), nullable=False
+    )
+
+    conversation: Mapped[Conversation] = relationship(back_populates="usage_logs")
+
+    __table_args__ = (
+        CheckConstraint(
+            "prompt_tokens >= 0 AND completion_tokens >= 0 AND total_tokens >= 0 AND requests >= 0",
+            name="non_negative",
+        ),
+        Index(None, "conversation_id"),
+        Index(None, "timestamp"),
+        {"sqlite_autoincrement": True},
+    )
+
+
+# Core handles on the mapped tables, for the repositories' statements.
+conversations_table = cast(Table, Conversation.__table__)
+messages_table = cast(Table, Message.__table__)
+usage_logs_table = cast(Table, UsageLog.__table__)

@@ -1,0 +1,292 @@
+"""The prebuilt SQL of the hot paths, and the cache that compiles each once per driver.
+
+Statements are built once, at import time, as SQLAlchemy Core constructs, so each
+call only binds parameters. The session's hot paths -- append, latest N, pop -- are
+one statement each on PostgreSQL, so in autocommit mode a call is one round trip.
+The repositories (:mod:`agents_sessions.repositories`) execute them through
+:func:`execute`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    JSON,
+    Connection,
+    Integer,
+    Text,
+    bindparam,
+    case,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal_column,
+    null,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import IntegrityError
+
+from .models import JSONDocument, conversations_table, messages_table, utcnow
+
+conversations = conversations_table
+messages = messages_table
+
+# None must bind as SQL NULL (not JSON 'null') so COALESCE can keep existing metadata.
+_metadata_param = bindparam(
+    "metadata", type_=JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+)
+
+
+# An empty JSON object as each dialect wants it in COALESCE: PostgreSQL needs the
+# jsonb type spelled out; SQLite must NOT get CAST(... AS JSON), which its type
+# affinity rules turn into the number 0.
+_EMPTY_METADATA = {
+    "postgresql": cast(literal_column("'{}'"), JSONB),
+    "sqlite": literal_column("'{}'"),
+}
+
+
+# Both dialects' INSERTs offer on_conflict_do_update() with the same signature.
+_DIALECT_INSERT: dict[str, Callable[..., Any]] = {
+    "postgresql": postgresql.insert,
+    "sqlite": sqlite.insert,
+}
+
+
+def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
+    """INSERT a conversation, or touch it (and update what was given) if it exists.
+
+    ON CONFLICT DO UPDATE also locks the conversation row until the transaction
+    ends; appends rely on that lock to serialise writers of one conversation.
+    """
+    statement = _DIALECT_INSERT[dialect_name](conversations).values(
+        id=bindparam("conversation_id"),
+        user_id=bindparam("user_id", type_=Text),
+        metadata=func.coalesce(_metadata_param, _EMPTY_METADATA[dialect_name]),
+        created_at=utcnow(),
+        updated_at=utcnow(),
+    )
+    excluded = statement.excluded
+    user_id = (
+        func.coalesce(excluded.user_id, conversations.c.user_id)
+        if replace_user
+        # The session facade never re-assigns an owned conversation to another user.
+        else func.coalesce(conversations.c.user_id, excluded.user_id)
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[conversations.c.id],
+        set_={
+            "updated_at": utcnow(),
+            "user_id": user_id,
+            "metadata": func.coalesce(_metadata_param, conversations.c.metadata),
+        },
+    )
+
+
+ENSURE_CONVERSATION = {
+    name: _conversation_upsert(name, replace_user=False) for name in _DIALECT_INSERT
+}
+UPSERT_CONVERSATION = {
+    name: _conversation_upsert(name, replace_user=True).returning(*conversations.c)
+    for name in _DIALECT_INSERT
+}
+
+
+def _postgres_append() -> Any:
+    """One statement: upsert (and lock) the conversation, then insert the items after it.
+
+    The CTE's ``ON CONFLICT DO UPDATE`` takes the conversation's row lock before
+    any message row is produced (the join needs its row), so ``nextval`` for this
+    call's ids runs only once earlier writers of the conversation have committed:
+    ids -- history order -- follow commit order, and each call's items are
+    contiguous. Items arrive as parallel arrays, unnested WITH ORDINALITY and
+    inserted in that order.
+    """
+    conversation = (
+        ENSURE_CONVERSATION["postgresql"].returning(conversations.c.id).cte("conversation")
+    )
+    rows = (
+        func.unnest(
+            bindparam("roles", type_=ARRAY(Text)),
+            bindparam("contents", type_=ARRAY(Text)),
+            bindparam("documents", type_=ARRAY(Text)),
+        )
+        .table_valued("role", "content", "document", with_ordinality="position")
+        .render_derived(name="new_items")
+    )
+    append_key = bindparam("append_key", type_=Text)
+    source = (
+        select(
+            conversation.c.id,
+            rows.c.role,
+            rows.c.content,
+            cast(rows.c.document, JSONDocument),
+            # The call's key goes on its first row only (see _APPEND_KEY_SEEN).
+            case((rows.c.position == 1, append_key), else_=null()),
+        )
+        .select_from(conversation.join(rows, true()))
+        .where(~_append_key_seen(append_key))
+        .order_by(rows.c.position)
+    )
+    return insert(messages).from_select(
+        ["conversation_id", "role", "content", "item", "append_key"], source
+    )
+
+
+def _append_key_seen(append_key: Any) -> Any:
+    """EXISTS: a message of this conversation carries ``append_key`` (false for NULL).
+
+    This check answers the common retry -- the first attempt committed, then its
+    connection died before the reply. Its snapshot may predate a first attempt
+    still committing concurrently; the partial unique index on
+    ``(conversation_id, append_key)`` turns that rare race into a unique violation,
+    which the caller reads as "already appended".
+    """
+    return exists().where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        messages.c.append_key == append_key,
+    )
+
+
+POSTGRES_APPEND = _postgres_append()
+INSERT_MESSAGE = insert(messages).values(
+    conversation_id=bindparam("conversation_id"),
+    role=bindparam("role"),
+    content=bindparam("content"),
+    item=bindparam("document", type_=JSONDocument),
+    append_key=bindparam("append_key", type_=Text),
+)
+SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
+
+_LATEST = (
+    select(messages.c.id, messages.c.item)
+    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .order_by(messages.c.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+    .subquery("latest")
+)
+SELECT_LATEST = select(_LATEST.c.item).order_by(_LATEST.c.id)
+SELECT_ALL = (
+    select(messages.c.item)
+    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .order_by(messages.c.id)
+)
+SELECT_RECORDS = select(
+    messages.c.id,
+    messages.c.conversation_id,
+    messages.c.role,
+    messages.c.content,
+    messages.c.item,
+    messages.c.created_at,
+).where(messages.c.conversation_id == bindparam("conversation_id"))
+
+
+def _delete_newest(conversation_id: Any) -> Any:
+    """DELETE the newest message of ``conversation_id`` RETURNING it.
+
+    DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
+    newest row, only the one whose DELETE removes it gets the payload back.
+    """
+    newest = (
+        select(messages.c.id)
+        .where(messages.c.conversation_id == conversation_id)
+        .order_by(messages.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return (
+        delete(messages)
+        # conversation_id as well as id: the row is found through the history index,
+        # and a sharded or partitioned messages table (docs/scaling.md) can route
+        # the statement to one shard.
+        .where(messages.c.conversation_id == conversation_id, messages.c.id == newest)
+        .returning(messages.c.conversation_id, messages.c.item)
+    )
+
+
+# SQLite form: under BEGIN IMMEDIATE nothing can race it.
+DELETE_NEWEST = _delete_newest(bindparam("conversation_id"))
+
+
+def _postgres_pop() -> Any:
+    """One statement: lock the conversation, delete its newest item, touch ``updated_at``.
+
+    Lock order matters: every writer (append, pop, clear, delete) locks the
+    conversation row *before* any message row, so none can deadlock another. The
+    ``locked`` CTE takes that lock; the newest-id subquery depends on it.
+    """
+    locked = (
+        select(conversations.c.id)
+        .where(conversations.c.id == bindparam("conversation_id"))
+        .with_for_update()
+        .cte("locked")
+    )
+    popped = _delete_newest(select(locked.c.id).scalar_subquery()).cte("popped")
+    # A data-modifying CTE runs even though the outer query does not read it.
+    touched = (
+        update(conversations)
+        .where(conversations.c.id.in_(select(popped.c.conversation_id)))
+        .values(updated_at=utcnow())
+        .cte("touched")
+    )
+    return select(popped.c.item).add_cte(touched)
+
+
+POSTGRES_POP = _postgres_pop()
+HAS_MESSAGES = select(exists().where(messages.c.conversation_id == bindparam("conversation_id")))
+TOUCH_CONVERSATION = (
+    update(conversations)
+    .where(conversations.c.id == bindparam("conversation_id"))
+    .values(updated_at=utcnow())
+)
+CLEAR = delete(messages).where(messages.c.conversation_id == bindparam("conversation_id"))
+COUNT_MESSAGES = select(func.count()).where(
+    messages.c.conversation_id == bindparam("conversation_id")
+)
+
+
+# Prebuilt statement (by id) and driver -> (the statement, its SQL text, default
+# parameters). The statement is kept so that its id cannot be reused by another.
+_DRIVER_SQL: dict[tuple[int, str], tuple[Any, str, dict[str, Any]]] = {}
+
+
+def execute(connection: Connection, statement: Any, parameters: dict[str, Any]) -> Any:
+    """Execute one of this module's prebuilt statements; on PostgreSQL as SQL compiled once.
+
+    ``Connection.execute()`` of a Core statement looks its compiled form up in
+    SQLAlchemy's cache and rebuilds the parameter dict on every call: measured here,
+    a third of a ``get_items()``. The hot statements never change, so on PostgreSQL
+    they are compiled once per driver and sent with ``exec_driver_sql()``: the same
+    SQL on the same connection, with the same events and error handling. Values
+    must then be in the driver's form -- JSON goes as text, cast in the SQL.
+    """
+    dialect = connection.dialect
+    if dialect.name != "postgresql" or dialect.paramstyle != "pyformat":
+        return connection.execute(statement, parameters)
+    key = (id(statement), dialect.driver)
+    entry = _DRIVER_SQL.get(key)
+    if entry is None or entry[0] is not statement:
+        compiled = statement.compile(dialect=dialect)
+        # Defaults: every bind name, with the values of literal binds (e.g. the 1 in
+        # "position = 1"); the call's parameters fill in the rest.
+        defaults = {
+            compiled.bind_names[bind]: bind.effective_value for bind in compiled.binds.values()
+        }
+        # Concurrent first calls may both compile; they store equal entries.
+        entry = _DRIVER_SQL[key] = (statement, str(compiled), defaults)
+    _, sql, defaults = entry
+    return connection.exec_driver_sql(sql, {**defaults, **parameters})
+
+
+def violates_append_key(error: IntegrityError) -> bool:
+    diag = getattr(error.orig, "diag", None)
+    return getattr(diag, "constraint_name", None) == "uq_messages_conversation_id_append_key"

@@ -1,0 +1,261 @@
+"""Messages of one conversation: append (exactly once with a key), read, pop, clear, count."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
+
+from ..db.engine import TENANT_OPTION
+from ..db.models import messages_table as messages
+from ..db.models import stored_utc
+from ..db.statements import (
+    CLEAR,
+    COUNT_MESSAGES,
+    DELETE_NEWEST,
+    ENSURE_CONVERSATION,
+    HAS_MESSAGES,
+    INSERT_MESSAGE,
+    POSTGRES_APPEND,
+    POSTGRES_POP,
+    SELECT_ALL,
+    SELECT_APPEND_KEY_SEEN,
+    SELECT_LATEST,
+    SELECT_RECORDS,
+    TOUCH_CONVERSATION,
+    execute,
+    violates_append_key,
+)
+from ..items import EncodedItem, encode_items
+from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata
+from .context import acting_tenant, in_driver_transaction
+from .records import StoredMessage
+
+
+class MessageRepository:
+    """Messages of one conversation, in history order (by monotonic ``id``)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def append(
+        self,
+        conversation_id: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        max_item_bytes: int | None = None,
+    ) -> int:
+        """Append ``items`` after every item already committed; create the conversation.
+
+        All items are validated and encoded before any SQL runs. On PostgreSQL this
+        is one statement; on SQLite several, and the caller's transaction must have
+        begun with ``BEGIN IMMEDIATE`` (``store.transaction()`` does) for writers in
+        several processes.
+
+        Args:
+            conversation_id: The conversation; created if missing.
+            items: The items, stored in this order.
+            user_id: Owner recorded on a new (or unowned) conversation.
+            metadata: Replaces the conversation's metadata when given.
+            idempotency_key: Makes the call exactly-once: if a message of this
+                conversation already carries the key (an earlier attempt of the same
+                call committed), nothing is written. Use a fresh key (e.g. a UUID)
+                per logical append and reuse it only to retry that append.
+            max_item_bytes: Largest accepted JSON document per item.
+
+        Returns:
+            The number of items written (0 when ``idempotency_key`` was already used).
+
+        """
+        validate_identifier(conversation_id)
+        if user_id is not None:
+            validate_identifier(user_id, name="user_id")
+        if idempotency_key is not None:
+            validate_identifier(idempotency_key, name="idempotency_key")
+        encoded = encode_items(items, max_item_bytes=max_item_bytes)
+        return self.append_encoded(
+            conversation_id,
+            encoded,
+            user_id=user_id,
+            metadata=validate_metadata(metadata),
+            idempotency_key=idempotency_key,
+        )
+
+    def append_encoded(
+        self,
+        conversation_id: str,
+        encoded: Sequence[EncodedItem],
+        *,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """:meth:`append` for items already passed through :func:`encode_items`.
+
+        Arguments are trusted to be validated (the session facade validates them
+        before leaving the event loop).
+        """
+        if not encoded:
+            return 0
+        conversation = {
+            "conversation_id": conversation_id,
+            "user_id": user_id or acting_tenant(self.connection),
+            "metadata": metadata,
+        }
+        acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
+        if self.connection.dialect.name == "postgresql" and not acting_for_tenant:
+            # Inside a caller's transaction, a savepoint keeps the unique-violation
+            # answer below from aborting the rest of that transaction. (In the
+            # facade's autocommit statements there is no transaction to protect.)
+            guard = (
+                self.connection.begin_nested()
+                if idempotency_key is not None and in_driver_transaction(self.connection)
+                else nullcontext()
+            )
+            try:
+                with guard:
+                    result = execute(
+                        self.connection,
+                        POSTGRES_APPEND,
+                        {
+                            **conversation,
+                            # As JSON text: the statement casts it to jsonb.
+                            "metadata": None if metadata is None else json.dumps(metadata),
+                            "append_key": idempotency_key,
+                            "roles": [item.role for item in encoded],
+                            "contents": [item.content for item in encoded],
+                            "documents": [item.document for item in encoded],
+                        },
+                    )
+            except IntegrityError as exc:
+                if idempotency_key is not None and violates_append_key(exc):
+                    # An earlier attempt of this very call committed while this one
+                    # ran: the statement wrote nothing, and the items are stored once.
+                    return 0
+                raise
+            return int(result.rowcount)
+        # Statement by statement, in the caller's transaction: SQLite, and PostgreSQL
+        # under row-level security (whose messages policy looks the conversation up
+        # and would not see one created by a CTE of the same statement).
+        # The upsert comes first: it takes the conversation's lock (on SQLite, under
+        # BEGIN IMMEDIATE, the single write lock), so ids follow commit order, and
+        # the key check below cannot race another writer of this conversation.
+        self.connection.execute(ENSURE_CONVERSATION[self.connection.dialect.name], conversation)
+        if (
+            idempotency_key is not None
+            and self.connection.execute(
+                SELECT_APPEND_KEY_SEEN,
+                {"conversation_id": conversation_id, "append_key": idempotency_key},
+            ).scalar_one()
+        ):
+            return 0
+        self.connection.execute(
+            INSERT_MESSAGE,
+            [
+                {
+                    "conversation_id": conversation_id,
+                    "role": item.role,
+                    "content": item.content,
+                    "document": item.document,
+                    "append_key": idempotency_key if position == 0 else None,
+                }
+                for position, item in enumerate(encoded)
+            ],
+        )
+        return len(encoded)
+
+    def latest(self, conversation_id: str, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` items, oldest first (one backward index scan)."""
+        validate_identifier(conversation_id)
+        count = validate_limit(limit)
+        if not count:
+            return []
+        result = execute(
+            self.connection, SELECT_LATEST, {"conversation_id": conversation_id, "limit": count}
+        )
+        return list(result.scalars())
+
+    def all(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Every item of the conversation, oldest first."""
+        validate_identifier(conversation_id)
+        result = execute(self.connection, SELECT_ALL, {"conversation_id": conversation_id})
+        return list(result.scalars())
+
+    def records(
+        self, conversation_id: str, *, after_id: int | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
+        """Message rows with their derived columns, oldest first; page with ``after_id``."""
+        validate_identifier(conversation_id)
+        query = SELECT_RECORDS
+        if after_id is not None:
+            query = query.where(messages.c.id > validate_count(after_id, name="after_id"))
+        query = query.order_by(messages.c.id)
+        count = validate_limit(limit)
+        if count is not None:
+            query = query.limit(count)
+        rows = self.connection.execute(query, {"conversation_id": conversation_id}).all()
+        return [
+            StoredMessage(
+                id=row.id,
+                conversation_id=row.conversation_id,
+                role=row.role,
+                content=row.content,
+                item=row.item,
+                created_at=stored_utc(row.created_at),
+            )
+            for row in rows
+        ]
+
+    def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
+        """Remove and return the newest item; ``None`` if there is none.
+
+        Safe under concurrency: each item is returned by exactly one caller. On
+        PostgreSQL the claim is one statement; if a concurrent pop took the row this
+        one aimed at, it looks again rather than report an empty conversation.
+        """
+        validate_identifier(conversation_id)
+        parameters = {"conversation_id": conversation_id}
+        if self.connection.dialect.name == "postgresql":
+            while True:
+                item = execute(self.connection, POSTGRES_POP, parameters).scalar_one_or_none()
+                if item is not None:
+                    return item  # type: ignore[no-any-return]
+                # Nothing deleted: either the conversation is empty, or another
+                # transaction deleted our target first (READ COMMITTED re-checks the
+                # row, not the subquery). Only the first case ends the loop.
+                if not execute(self.connection, HAS_MESSAGES, parameters).scalar():
+                    return None
+        row = self.connection.execute(DELETE_NEWEST, parameters).one_or_none()
+        if row is None:
+            return None
+        self.connection.execute(TOUCH_CONVERSATION, parameters)
+        return row.item  # type: ignore[no-any-return]
+
+    def clear(self, conversation_id: str) -> int:
+        """Delete every item of the conversation (it stays, with its metadata and usage).
+
+        Returns how many items were deleted. Idempotent.
+        """
+        validate_identifier(conversation_id)
+        parameters = {"conversation_id": conversation_id}
+        # Conversation row first, then its messages: the lock order every writer
+        # follows, so clear cannot deadlock with pop or delete.
+        self.connection.execute(TOUCH_CONVERSATION, parameters)
+        deleted = self.connection.execute(CLEAR, parameters).rowcount
+        return int(deleted or 0)
+
+    def count(self, conversation_id: str) -> int:
+        """How many items the conversation holds."""
+        validate_identifier(conversation_id)
+        return int(
+            self.connection.execute(
+                COUNT_MESSAGES, {"conversation_id": conversation_id}
+            ).scalar_one()
+        )

@@ -1,0 +1,112 @@
+"""Token usage: rows per request or run, totals by model, user and conversation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select
+
+from ..db.models import conversations_table as conversations
+from ..db.models import usage_logs_table as usage_logs
+from ..errors import InvalidArgumentError
+from ..validation import validate_count, validate_datetime, validate_identifier, validate_text
+from .records import UsageEntry, UsageTotals
+
+
+class UsageRepository:
+    """Token usage: record per request or per run; totals by model, user, conversation."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def record(self, conversation_id: str, entries: Sequence[UsageEntry]) -> int:
+        """Insert one ``usage_logs`` row per entry. The conversation must exist.
+
+        Returns the number of rows written.
+        """
+        validate_identifier(conversation_id)
+        rows = []
+        for index, entry in enumerate(entries):
+            where = f"entries[{index}]"
+            model = validate_text(entry.model, name=f"{where}.model")
+            if not model:
+                raise InvalidArgumentError(f"{where}.model must not be empty")
+            prompt = validate_count(entry.prompt_tokens, name=f"{where}.prompt_tokens")
+            completion = validate_count(entry.completion_tokens, name=f"{where}.completion_tokens")
+            total = validate_count(
+                prompt + completion if entry.total_tokens is None else entry.total_tokens,
+                name=f"{where}.total_tokens",
+            )
+            rows.append(
+                {
+                    "conversation_id": conversation_id,
+                    "model": model,
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": total,
+                    "requests": validate_count(entry.requests, name=f"{where}.requests"),
+                    "run_id": validate_text(entry.run_id, name=f"{where}.run_id", optional=True),
+                    "response_id": validate_text(
+                        entry.response_id, name=f"{where}.response_id", optional=True
+                    ),
+                }
+            )
+        if rows:
+            self.connection.execute(insert(usage_logs), rows)
+        return len(rows)
+
+    def _totals(self, key: Any, *, since: datetime | None, join_conversations: bool) -> Any:
+        query = select(
+            key.label("key"),
+            func.coalesce(func.sum(usage_logs.c.requests), 0).label("requests"),
+            func.coalesce(func.sum(usage_logs.c.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(usage_logs.c.completion_tokens), 0).label("completion_tokens"),
+            func.coalesce(func.sum(usage_logs.c.total_tokens), 0).label("total_tokens"),
+        )
+        if join_conversations:
+            query = query.select_from(
+                usage_logs.join(conversations, conversations.c.id == usage_logs.c.conversation_id)
+            )
+        if since is not None:
+            query = query.where(usage_logs.c.timestamp >= validate_datetime(since, name="since"))
+        return query.group_by(key).order_by(func.sum(usage_logs.c.total_tokens).desc(), key)
+
+    @staticmethod
+    def _rows(result: Any) -> list[UsageTotals]:
+        return [
+            UsageTotals(
+                key=row.key,
+                requests=int(row.requests),
+                prompt_tokens=int(row.prompt_tokens),
+                completion_tokens=int(row.completion_tokens),
+                total_tokens=int(row.total_tokens),
+            )
+            for row in result
+        ]
+
+    def totals_by_model(self, *, since: datetime | None = None) -> list[UsageTotals]:
+        """Usage per model, most tokens first; only rows at or after ``since`` if given."""
+        return self._rows(
+            self.connection.execute(
+                self._totals(usage_logs.c.model, since=since, join_conversations=False)
+            )
+        )
+
+    def totals_by_user(self, *, since: datetime | None = None) -> list[UsageTotals]:
+        """Usage per conversation owner (``key=None`` for conversations without a user)."""
+        return self._rows(
+            self.connection.execute(
+                self._totals(conversations.c.user_id, since=since, join_conversations=True)
+            )
+        )
+
+    def totals_for_conversation(self, conversation_id: str) -> UsageTotals:
+        """Usage of one conversation (zeros if it has none)."""
+        validate_identifier(conversation_id)
+        query = self._totals(
+            usage_logs.c.conversation_id, since=None, join_conversations=False
+        ).where(usage_logs.c.conversation_id == conversation_id)
+        rows = self._rows(self.connection.execute(query))
+        return rows[0] if rows else UsageTotals(conversation_id, 0, 0, 0, 0)
