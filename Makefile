@@ -4,7 +4,7 @@
 #   make test    the test suite (PostgreSQL tests use $TEST_DATABASE_URL, or Docker)
 #   make test-pgbouncer  the core behaviour tests again, through a transaction-pooling
 #                PgBouncer in front of a throwaway server (needs pgbouncer + PostgreSQL binaries)
-#   make lint    ruff + mypy
+#   make lint    ruff + mypy + the import contract (lint-imports)
 #   make migrate alembic upgrade head on $DATABASE_URL
 #   make db-up   PostgreSQL 16 + pgAdmin in Docker (docker/compose.yaml), then migrate;
 #                passwords from the environment or docker/.env (see docker/.env.example)
@@ -53,6 +53,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -126,14 +126,24 @@ def encode_document(item: Any, *, where: str) -> str:
     except (TypeError, ValueError) as exc:
         error = ItemTypeError if isinstance(exc, TypeError) else InvalidItemError
         raise error(f"{where} cannot be stored as JSON: {exc}; nothing was written") from exc
-    if not document.isascii():
-        try:
-            document.encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate: valid in a Python str, impossible in UTF-8. The \\u
-            # escape form stores it, and json.loads restores the same code point.
-            document = json.dumps(item, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return document
+    return utf8_safe_json(document, item, separators=(",", ":"), allow_nan=False)
+
+
+def utf8_safe_json(rendered: str, value: Any, **dumps_options: Any) -> str:
+    """``rendered`` (``json.dumps(value, ensure_ascii=False, ...)``), or its ASCII form
+    when it holds a lone surrogate.
+
+    A lone surrogate is valid in a Python str and in JSON's ``\\u`` escapes, but
+    impossible in UTF-8: the escaped form then stores or prints it, and
+    ``json.loads`` restores the same code point. Everything else stays readable.
+    """
+    if rendered.isascii():
+        return rendered
+    try:
+        rendered.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **dumps_options)
+    return rendered
 
 
 def _text_of_parts(parts: Sequence[Any]) -> str:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .db.hot_path import HotMessages
 from .errors import InvalidArgumentError
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
@@ -237,19 +238,18 @@ class PostgreSQLSession:
         return await self._in_thread(self._get_items, count, tenant)
 
     def _get_items(self, limit: int | None, tenant: str | None) -> list[Any]:
-        def read(repos: Repositories) -> list[Any]:
+        def read(messages: HotMessages) -> list[Any]:
             if limit is None:
-                return repos.messages.all(self.session_id)
-            return repos.messages.latest(self.session_id, limit)
+                return messages.all(self.session_id)
+            return messages.latest(self.session_id, limit)
 
-        return self._store.run(
+        return self._store.run_hot(
             read,
             write=False,
             repeatable=True,
             tenant_id=tenant,
             # Off by default: a turn reads back what the previous turn wrote.
             lag_tolerant=self._store.settings.history_reads_from_replica,
-            hot_path=True,
         )
 
     async def add_items(
@@ -280,8 +280,8 @@ class PostgreSQLSession:
         # One key for every attempt of this call: a retry after an unknown commit
         # outcome finds the key if the first attempt committed, and writes nothing.
         key = uuid.uuid4().hex
-        self._store.run(
-            lambda repos: repos.messages.append_encoded(
+        self._store.run_hot(
+            lambda messages: messages.append_encoded(
                 self.session_id,
                 encoded,
                 user_id=user_id,
@@ -291,7 +291,6 @@ class PostgreSQLSession:
             write=True,
             repeatable=True,
             tenant_id=tenant,
-            hot_path=True,
         )
         self._owner_pending = False
 
@@ -307,12 +306,11 @@ class PostgreSQLSession:
         return await self._mutate(self._pop_item, tenant)
 
     def _pop_item(self, tenant: str | None) -> Any | None:
-        return self._store.run(
-            lambda repos: repos.messages.pop_latest(self.session_id),
+        return self._store.run_hot(
+            lambda messages: messages.pop_latest(self.session_id),
             write=True,
             repeatable=False,
             tenant_id=tenant,
-            hot_path=True,
         )
 
     async def clear_session(self, *, wrapper: RunContextWrapper[Any] | None = None) -> None:
@@ -326,11 +324,9 @@ class PostgreSQLSession:
 
     def _clear(self, tenant: str | None) -> None:
         # Repeating a clear changes nothing more, so it is retried like a read.
-        self._store.run(
+        self._store.run_transaction(
             lambda repos: repos.messages.clear(self.session_id),
-            write=True,
             repeatable=True,
-            transaction=True,
             tenant_id=tenant,
         )
 
@@ -385,8 +381,6 @@ class PostgreSQLSession:
             repos.conversations.ensure(self.session_id, user_id=user_id, metadata=metadata)
             return repos.usage.record(self.session_id, entries)
 
-        written = self._store.run(
-            record, write=True, repeatable=False, transaction=True, tenant_id=tenant
-        )
+        written = self._store.run_transaction(record, repeatable=False, tenant_id=tenant)
         self._owner_pending = False
         return written

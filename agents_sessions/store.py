@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 
 from . import settings as settings_module
@@ -45,14 +44,13 @@ from .db.engine import (
     log_embedded_default_once,
     parse_database_url,
 )
-from .db.hot_path import driver_connection
+from .db.failures import connection_lost, replica_unreachable, transient_connect_failure
+from .db.hot_path import HotMessages, driver_autocommit, driver_connection
 from .db.migrate import ensure_schema_at_head
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
     DatabaseError,
-    PoolTimeoutError,
-    sqlstate_of,
     translate_database_errors,
 )
 from .repositories import Repositories
@@ -150,34 +148,6 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
             _states[key] = state
         _states_by_given_url[given] = state
     return state
-
-
-@contextmanager
-def _driver_autocommit(connection: Connection) -> Iterator[None]:
-    """Run statements on ``connection`` in the driver's autocommit mode.
-
-    Each statement is then its own transaction, with no BEGIN/COMMIT round trips.
-    The driver's ``autocommit`` attribute is flipped directly rather than through
-    SQLAlchemy's ``isolation_level="AUTOCOMMIT"``: that option makes psycopg2 send
-    ``SET default_transaction_isolation`` when the connection goes back to the pool,
-    an extra round trip per call. Flipping the attribute outside a transaction
-    sends nothing, and it is flipped back before the connection is released, so the
-    pool only ever holds connections in their normal transactional mode.
-    """
-    pooled = connection.connection  # taken once: after a disconnect this would raise
-    driver_connection = pooled.dbapi_connection
-    assert driver_connection is not None
-    driver_connection.autocommit = True
-    try:
-        yield
-    finally:
-        # After a lost connection SQLAlchemy has invalidated the pooled connection
-        # (its dbapi_connection is gone) and will discard it; the original error
-        # then propagates untouched.
-        if pooled.dbapi_connection is driver_connection and not getattr(
-            driver_connection, "closed", False
-        ):
-            driver_connection.autocommit = False
 
 
 class SessionStore:
@@ -321,7 +291,7 @@ class SessionStore:
         ):
             self._act_for(connection, tenant_id)
             if autocommit:
-                with _driver_autocommit(connection):
+                with driver_autocommit(connection.connection):
                     yield connection
                 return
             if write:
@@ -356,7 +326,7 @@ class SessionStore:
                 try:
                     repos = stack.enter_context(replica.read(tenant_id=tenant_id))
                 except DatabaseError as exc:
-                    if not _replica_unreachable(exc):
+                    if not replica_unreachable(exc):
                         raise
                     self._replica_failed(replica, exc)
                 else:
@@ -391,7 +361,81 @@ class SessionStore:
         ) as connection:
             yield Repositories(connection)
 
-    def run(
+    def run_read(
+        self,
+        work: Callable[[Repositories], _T],
+        *,
+        tenant_id: str | None = None,
+        lag_tolerant: bool = False,
+    ) -> _T:
+        """Run read-only ``work``, retried on a fresh connection when one dies under it.
+
+        ``lag_tolerant=True`` reads from the replica when one is configured and
+        reachable (falling back to this store).
+        """
+        return self._run(
+            work, write=False, repeatable=True, tenant_id=tenant_id, lag_tolerant=lag_tolerant
+        )
+
+    def run_write(
+        self,
+        work: Callable[[Repositories], _T],
+        *,
+        repeatable: bool,
+        tenant_id: str | None = None,
+    ) -> _T:
+        """Run ``work`` that writes with one statement on PostgreSQL (:meth:`single_statement`).
+
+        ``repeatable``: running ``work`` twice has the effect of running it once (a
+        keyed append, a clear), so it is retried when its connection dies under it.
+        Work that is not repeatable is retried only when nothing was sent.
+
+        Raises:
+            ConnectionLostError: the connection died while non-repeatable ``work``
+                ran; whether it took effect is unknown.
+        """
+        return self._run(work, write=True, repeatable=repeatable, tenant_id=tenant_id)
+
+    def run_transaction(
+        self,
+        work: Callable[[Repositories], _T],
+        *,
+        repeatable: bool,
+        tenant_id: str | None = None,
+    ) -> _T:
+        """Run ``work`` in one read-write transaction (:meth:`transaction`), retried as
+        :meth:`run_write` says."""
+        return self._run(
+            work, write=True, repeatable=repeatable, transaction=True, tenant_id=tenant_id
+        )
+
+    def run_hot(
+        self,
+        work: Callable[[HotMessages], _T],
+        *,
+        write: bool,
+        repeatable: bool,
+        tenant_id: str | None = None,
+        lag_tolerant: bool = False,
+    ) -> _T:
+        """Run one of the session facade's message calls on the cheapest path that is safe.
+
+        ``work`` gets only :class:`~agents_sessions.db.hot_path.HotMessages` -- the
+        four calls that are one statement on PostgreSQL -- so on PostgreSQL with
+        psycopg2 (no tenant, no statement listeners) it runs on the pooled driver
+        connection directly; elsewhere as :meth:`single_statement`. Retries as
+        :meth:`run_write` (``write=True``) or :meth:`run_read` say.
+        """
+        return self._run(
+            lambda repos: work(repos.messages),
+            write=write,
+            repeatable=repeatable,
+            tenant_id=tenant_id,
+            lag_tolerant=lag_tolerant,
+            hot_path=True,
+        )
+
+    def _run(
         self,
         work: Callable[[Repositories], _T],
         *,
@@ -403,7 +447,8 @@ class SessionStore:
         retry_attempts: int | None = None,
         hot_path: bool = False,
     ) -> _T:
-        """Run ``work`` on a pooled connection, retrying where that is safe.
+        """Run ``work`` on a pooled connection, retrying where that is safe (the one engine
+        behind :meth:`run_read`, :meth:`run_write`, :meth:`run_transaction` and :meth:`run_hot`).
 
         Args:
             work: Repository calls to make.
@@ -418,10 +463,8 @@ class SessionStore:
             lag_tolerant: For reads: use the replica when one is configured and
                 reachable (falling back to this store).
             retry_attempts: Overrides ``settings.retry_attempts``.
-            hot_path: ``work`` only calls ``MessageRepository.latest``, ``all``,
-                ``append_encoded`` or ``pop_latest`` (the session facade's calls), so
-                on PostgreSQL with psycopg2 it may run on the pooled driver
-                connection directly (:mod:`agents_sessions.db.hot_path`).
+            hot_path: ``work`` only makes :class:`HotMessages` calls (see
+                :meth:`run_hot`), so it may run on the pooled driver connection.
 
         Retries (``settings.retry_attempts``, exponential backoff from 50 ms) get a
         fresh connection: the pool discards the broken one.
@@ -435,7 +478,7 @@ class SessionStore:
             if replica is not None:
                 try:
                     # No retries there: when the replica is down the primary answers.
-                    return replica.run(
+                    return replica._run(
                         work,
                         write=False,
                         repeatable=repeatable,
@@ -444,7 +487,7 @@ class SessionStore:
                         hot_path=hot_path,
                     )
                 except DatabaseError as exc:
-                    if not _replica_unreachable(exc):
+                    if not replica_unreachable(exc):
                         raise
                     self._replica_failed(replica, exc)
         attempts = self.settings.retry_attempts if retry_attempts is None else retry_attempts
@@ -467,8 +510,8 @@ class SessionStore:
                 cause = exc.__cause__
                 # Could not open a connection (refused, server starting up): nothing
                 # was sent, so any operation may be tried again.
-                connect_failed = not sent and _transient_connect_failure(cause)
-                if not (connect_failed or _connection_lost(exc)):
+                connect_failed = not sent and transient_connect_failure(cause)
+                if not (connect_failed or connection_lost(exc)):
                     raise  # an SQL error, a pool timeout: retrying would not help
                 if sent and not repeatable:
                     raise ConnectionLostError(
@@ -531,50 +574,6 @@ class SessionStore:
         return f"SessionStore({self._state.target.safe_url!r})"
 
 
-# What a connect failure says when waiting may help: the server is down, starting,
-# stopping or restarting, or the network dropped. A bad password, a pg_hba refusal,
-# a certificate that does not verify or a missing database will not heal by retrying.
-_TRANSIENT_CONNECT_MARKERS = (
-    "connection refused",
-    "starting up",
-    "shutting down",
-    "in recovery mode",
-    "not yet accepting connections",
-    "server closed the connection",
-    "terminating connection",
-    "could not receive data",
-    "could not send data",
-    "connection reset",
-    "timeout expired",
-    "timed out",
-    "no route to host",
-    "network is unreachable",
-    "too many connections",
-    "remaining connection slots",
-)
-
-
-def _transient_connect_failure(cause: BaseException | None) -> bool:
-    if not isinstance(cause, sa_exc.OperationalError):
-        return False
-    message = str(cause.orig if cause.orig is not None else cause).lower()
-    return any(marker in message for marker in _TRANSIENT_CONNECT_MARKERS)
-
-
-def _replica_unreachable(error: DatabaseError) -> bool:
-    """Whether a replica failure means "read from the primary instead".
-
-    A failed connect, a connection lost, or no pooled connection in time: yes. An
-    error the server raised while running the statement (a statement timeout, a
-    recovery conflict: both carry a SQLSTATE) is the query's, not the replica's
-    availability: it propagates, and the replica stays in use.
-    """
-    if isinstance(error, PoolTimeoutError) or _connection_lost(error):
-        return True
-    cause = error.__cause__
-    return isinstance(cause, sa_exc.OperationalError) and sqlstate_of(cause) is None
-
-
 def _with_connect_timeout(url: str, seconds: int = 5) -> str:
     """A replica URL with a ``connect_timeout``, unless it has one.
 
@@ -586,15 +585,6 @@ def _with_connect_timeout(url: str, seconds: int = 5) -> str:
         return url
     separator = "&" if "?" in url else "?"
     return f"{url}{separator}connect_timeout={seconds}"
-
-
-def _connection_lost(error: DatabaseError) -> bool:
-    """Did ``error`` come from a connection that broke (rather than from SQL)?"""
-    cause = error.__cause__
-    if isinstance(cause, sa_exc.DBAPIError):
-        return bool(cause.connection_invalidated)
-    # A pool checkout that kept meeting dead connections.
-    return isinstance(cause, sa_exc.DisconnectionError)
 
 
 def get_store(

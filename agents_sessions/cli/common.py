@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from ..errors import AgentsSessionsError, ExitCode
+from ..items import utf8_safe_json
 from ..settings import Settings, load_settings
 from ..store import SessionStore, get_store
 
@@ -101,12 +102,9 @@ def emit_json(document: Any) -> None:
     Text stays readable UTF-8; a document holding a lone surrogate (valid in an
     item, impossible in UTF-8) is written with ``\\u`` escapes instead.
     """
-    rendered = json.dumps(document, default=_json_default, ensure_ascii=False, indent=2)
-    try:
-        rendered.encode("utf-8")
-    except UnicodeEncodeError:
-        rendered = json.dumps(document, default=_json_default, ensure_ascii=True, indent=2)
-    click.echo(rendered)
+    options: dict[str, Any] = {"default": _json_default, "indent": 2}
+    rendered = json.dumps(document, ensure_ascii=False, **options)
+    click.echo(utf8_safe_json(rendered, document, **options))
 
 
 def _json_default(value: Any) -> Any:

@@ -35,18 +35,6 @@ def _printable(value: str) -> str:
     return _UNPRINTABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", value)
 
 
-def _emit_exact_json(document: Any) -> None:
-    """Like ``emit_json``, but an item holding a lone surrogate (valid in a stored
-    item, impossible in UTF-8 output) is written with ``\\u`` escapes instead of
-    failing; either way the JSON parses back to exactly what was stored."""
-    rendered = json.dumps(document, ensure_ascii=False, indent=2)
-    try:
-        rendered.encode("utf-8")
-    except UnicodeEncodeError:
-        rendered = json.dumps(document, ensure_ascii=True, indent=2)
-    click.echo(rendered)
-
-
 def _conversation_document(record: ConversationRecord) -> dict[str, Any]:
     return {
         "id": record.id,
@@ -209,7 +197,7 @@ def show_command(context: CliContext, conversation_id: str, as_json: bool) -> No
         usage = repositories.usage.totals_for_conversation(conversation_id)
         if as_json:
             items = list(_messages(repositories, conversation_id))
-            _emit_exact_json(
+            emit_json(
                 {
                     "conversation": _conversation_document(record),
                     "usage": {

@@ -1,13 +1,13 @@
 """The session's hot statements on a pooled driver connection, without SQLAlchemy's ``Connection``.
 
 A turn of an agent is ``get_items(limit=N)`` + ``add_items(...)``: two single
-statements, prebuilt and compiled once (see ``repositories._execute``). Measured
-here, wrapping each in a SQLAlchemy ``Connection`` (object, execution context,
-cursor result, reset on close) doubled the client CPU of the call: 0.20 ms against
-0.10 ms for the same statement on the same pooled connection. So the facade runs
-those statements on the DBAPI connection the pool hands out (``pool.connect()``,
-the documented raw-connection API), through :class:`DriverConnection`: just enough
-of a ``Connection`` for ``MessageRepository.latest/all/append_encoded/pop_latest``.
+statements, prebuilt and compiled once (:mod:`agents_sessions.db.statements`).
+Wrapping each in a SQLAlchemy ``Connection`` (object, execution context, cursor
+result, reset on close) costs as much client CPU as the statement itself (the
+figures are in ``docs/performance.md``). So the facade runs those statements on
+the DBAPI connection the pool hands out (``pool.connect()``, the documented
+raw-connection API), through :class:`DriverConnection`: just enough of a
+``Connection`` for the calls of :class:`HotMessages`.
 
 What SQLAlchemy's ``Connection`` would have done is kept: the pool (size, timeout,
 the checkout liveness check, the connect hooks), driver errors wrapped in
@@ -19,13 +19,50 @@ without a tenant (row-level security needs the execution event).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
+
+from ..items import EncodedItem
+
+
+class HotMessages(Protocol):
+    """What work on the hot path may do: the session facade's four message calls.
+
+    :meth:`agents_sessions.store.SessionStore.run_hot` hands its work an object of
+    this type -- a ``MessageRepository`` over a :class:`DriverConnection` where the
+    driver-level path applies, over a real ``Connection`` elsewhere. Work that needs
+    anything more (conversations, usage, several statements) does not type-check
+    here and belongs in ``run_write`` or ``run_transaction``.
+    """
+
+    def latest(self, conversation_id: str, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` items, oldest first."""
+        ...
+
+    def all(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Every item, oldest first."""
+        ...
+
+    def append_encoded(
+        self,
+        conversation_id: str,
+        encoded: Sequence[EncodedItem],
+        *,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Append encoded items (one statement on PostgreSQL); how many were written."""
+        ...
+
+    def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
+        """Remove and return the newest item, or ``None``."""
+        ...
 
 
 class DriverResult:
@@ -115,17 +152,35 @@ def driver_connection(engine: Engine) -> Iterator[DriverConnection]:
             None, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
         ) from exc
     try:
-        driver: Any = pooled.dbapi_connection
-        # Autocommit: the statement is its own transaction, no BEGIN/COMMIT round trips.
-        # Flipped back before the connection returns to the pool (see
-        # store._driver_autocommit, which does the same on a Connection).
-        driver.autocommit = True
-        try:
+        with driver_autocommit(pooled):
             yield DriverConnection(pooled, dialect)
-        finally:
-            # Unless the connection died and the pool invalidated it (then it is discarded).
-            still_pooled = pooled.dbapi_connection is driver
-            if still_pooled and not driver.closed:
-                driver.autocommit = False
     finally:
         pooled.close()
+
+
+@contextmanager
+def driver_autocommit(pooled: Any) -> Iterator[None]:
+    """Put a pooled connection's driver in autocommit mode until the block ends.
+
+    Each statement is then its own transaction, with no BEGIN/COMMIT round trips.
+    The driver's ``autocommit`` attribute is flipped directly rather than through
+    SQLAlchemy's ``isolation_level="AUTOCOMMIT"``: that option makes psycopg2 send
+    ``SET default_transaction_isolation`` when the connection goes back to the pool,
+    an extra round trip per call. Flipping the attribute outside a transaction
+    sends nothing, and it is flipped back before the connection is released, so the
+    pool only ever holds connections in their normal transactional mode.
+
+    ``pooled`` is what the pool hands out (``pool.connect()``, or a
+    ``Connection``'s ``.connection``).
+    """
+    driver: Any = pooled.dbapi_connection
+    assert driver is not None
+    driver.autocommit = True
+    try:
+        yield
+    finally:
+        # After a lost connection SQLAlchemy has invalidated the pooled connection
+        # (its dbapi_connection is gone) and will discard it; the original error
+        # then propagates untouched.
+        if pooled.dbapi_connection is driver and not getattr(driver, "closed", False):
+            driver.autocommit = False

@@ -101,6 +101,23 @@ UPSERT_CONVERSATION = {
 }
 
 
+def unnested_rows(name: str, **columns: tuple[str, Any]) -> Any:
+    """Rows that arrive as parallel array parameters, with their 1-based ``position``.
+
+    ``columns`` maps each column to ``(array parameter name, element type)``; the
+    arrays are unnested WITH ORDINALITY, so ``ORDER BY position`` inserts the rows
+    in the caller's order -- history order is the order ``messages.id`` is drawn.
+    One statement carries a whole batch, whatever its size.
+    """
+    return (
+        func.unnest(
+            *(bindparam(parameter, type_=ARRAY(kind)) for parameter, kind in columns.values())
+        )
+        .table_valued(*columns, with_ordinality="position")
+        .render_derived(name=name)
+    )
+
+
 def _postgres_append() -> Any:
     """One statement: upsert (and lock) the conversation, then insert the items after it.
 
@@ -114,14 +131,8 @@ def _postgres_append() -> Any:
     conversation = (
         ENSURE_CONVERSATION["postgresql"].returning(conversations.c.id).cte("conversation")
     )
-    rows = (
-        func.unnest(
-            bindparam("roles", type_=ARRAY(Text)),
-            bindparam("contents", type_=ARRAY(Text)),
-            bindparam("documents", type_=ARRAY(Text)),
-        )
-        .table_valued("role", "content", "document", with_ordinality="position")
-        .render_derived(name="new_items")
+    rows = unnested_rows(
+        "new_items", role=("roles", Text), content=("contents", Text), document=("documents", Text)
     )
     append_key = bindparam("append_key", type_=Text)
     source = (
@@ -263,8 +274,9 @@ def execute(connection: Connection, statement: Any, parameters: dict[str, Any]) 
     """Execute one of this module's prebuilt statements; on PostgreSQL as SQL compiled once.
 
     ``Connection.execute()`` of a Core statement looks its compiled form up in
-    SQLAlchemy's cache and rebuilds the parameter dict on every call: measured here,
-    a third of a ``get_items()``. The hot statements never change, so on PostgreSQL
+    SQLAlchemy's cache and rebuilds the parameter dict on every call, a large share
+    of a hot call's client CPU (``docs/performance.md`` has the profile). The hot
+    statements never change, so on PostgreSQL
     they are compiled once per driver and sent with ``exec_driver_sql()``: the same
     SQL on the same connection, with the same events and error handling. Values
     must then be in the driver's form -- JSON goes as text, cast in the SQL.

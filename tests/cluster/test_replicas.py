@@ -141,13 +141,7 @@ def test_replica_down_falls_back_to_the_primary_and_logs_it(
             with store.read(lag_tolerant=True) as repos:
                 assert not _in_recovery(repos)  # the primary answered
             assert (
-                store.run(
-                    lambda repos: repos.messages.count("nobody"),
-                    write=False,
-                    repeatable=True,
-                    lag_tolerant=True,
-                )
-                == 0
+                store.run_read(lambda repos: repos.messages.count("nobody"), lag_tolerant=True) == 0
             )
         warnings = [r.getMessage() for r in caplog.records if "replica" in r.getMessage()]
         assert warnings and "reading from the primary" in warnings[0]
@@ -163,11 +157,8 @@ def test_a_statement_timeout_on_the_replica_is_the_querys_error_not_a_fallback(
     settings = load_settings(statement_timeout_ms=50)
     store = get_store(primary_url, replica_url=replica_url, settings=settings)
     with pytest.raises(StatementTimeoutError):
-        store.run(
-            lambda repos: repos.connection.execute(text("SELECT pg_sleep(1)")),
-            write=False,
-            repeatable=True,
-            lag_tolerant=True,
+        store.run_read(
+            lambda repos: repos.connection.execute(text("SELECT pg_sleep(1)")), lag_tolerant=True
         )
     # The replica is still in use: a slow query does not mean the replica is down.
     replica = store.replica

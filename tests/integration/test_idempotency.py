@@ -55,14 +55,12 @@ def test_a_facade_append_in_autocommit_mode_returns_zero_on_replay(
     database_url: str, conversation_id: str
 ) -> None:
     store = get_store(database_url)
-    append = store.run(
+    append = store.run_write(
         lambda repos: repos.messages.append(conversation_id, [user("a")], idempotency_key="k1"),
-        write=True,
         repeatable=True,
     )
-    replay = store.run(
+    replay = store.run_write(
         lambda repos: repos.messages.append(conversation_id, [user("a")], idempotency_key="k1"),
-        write=True,
         repeatable=True,
     )
     assert (append, replay) == (1, 0)
@@ -91,11 +89,10 @@ def test_a_retry_racing_its_still_running_first_attempt_is_stored_once(
     def retry() -> None:
         try:
             results.append(
-                store.run(
+                store.run_write(
                     lambda repos: repos.messages.append(
                         conversation_id, [user("once")], idempotency_key=key
                     ),
-                    write=True,
                     repeatable=True,
                 )
             )
@@ -145,5 +142,5 @@ def test_a_keyed_append_after_another_statement_in_autocommit_mode_works(
         repos.messages.count(conversation_id)  # SQLAlchemy now thinks it is "in a transaction"
         return repos.messages.append(conversation_id, [user("x")], idempotency_key="k-auto")
 
-    assert store.run(count_then_append, write=True, repeatable=True) == 1
-    assert store.run(count_then_append, write=True, repeatable=True) == 0
+    assert store.run_write(count_then_append, repeatable=True) == 1
+    assert store.run_write(count_then_append, repeatable=True) == 0

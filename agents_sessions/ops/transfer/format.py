@@ -38,7 +38,7 @@ from ...errors import (
     AgentsSessionsError,
     ExportFormatError,
 )
-from ...items import MAX_NESTING_DEPTH
+from ...items import MAX_NESTING_DEPTH, utf8_safe_json
 from ...validation import (
     validate_count,
     validate_identifier,
@@ -70,13 +70,9 @@ def timestamp_text(value: datetime) -> str:
 
 
 def encode_line(record: dict[str, Any]) -> bytes:
-    try:
-        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        return text.encode("utf-8") + b"\n"
-    except UnicodeEncodeError:
-        # A lone surrogate somewhere: the \\u escape form is plain ASCII and reads back equal.
-        text = json.dumps(record, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-        return text.encode("ascii") + b"\n"
+    options: dict[str, Any] = {"separators": (",", ":"), "allow_nan": False}
+    text = json.dumps(record, ensure_ascii=False, **options)
+    return utf8_safe_json(text, record, **options).encode("utf-8") + b"\n"
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import (
-    ARRAY,
     Connection,
     DateTime,
     Integer,
@@ -39,6 +38,7 @@ from ...db.models import (
     stored_utc,
     usage_logs_table,
 )
+from ...db.statements import unnested_rows
 from ...errors import (
     DatabaseError,
 )
@@ -107,18 +107,13 @@ def _postgres_insert_messages() -> Any:
     The rows arrive as parallel arrays, unnested WITH ORDINALITY and inserted ORDER
     BY position, like the session's own append: history order is ``messages.id``.
     """
-    rows = (
-        func.unnest(
-            bindparam("roles", type_=ARRAY(Text)),
-            bindparam("contents", type_=ARRAY(Text)),
-            bindparam("documents", type_=ARRAY(Text)),
-            bindparam("created", type_=ARRAY(DateTime(timezone=True))),
-            bindparam("append_keys", type_=ARRAY(Text)),
-        )
-        .table_valued(
-            "role", "content", "document", "created_at", "append_key", with_ordinality="position"
-        )
-        .render_derived(name="imported")
+    rows = unnested_rows(
+        "imported",
+        role=("roles", Text),
+        content=("contents", Text),
+        document=("documents", Text),
+        created_at=("created", DateTime(timezone=True)),
+        append_key=("append_keys", Text),
     )
     source = select(
         sql_cast(bindparam("conversation_id"), Text),
