@@ -425,7 +425,7 @@ class Orchestrator:
         spec = {**spec, "out": str(out)}
         log_file = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed by the caller
         process = subprocess.Popen(
-            [sys.executable, str(HERE / "bench.py"), "--child", json.dumps(spec)],
+            [sys.executable, "-m", "benchmarks.bench", "--child", json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log_file,
