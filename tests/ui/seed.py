@@ -1,0 +1,136 @@
+"""A small, known database for the explorer's tests: what each page must show.
+
+One conversation is a real agent run (the SDK's ``Runner`` with its offline
+``ScriptedModel``: a user question, a tool call and its output, the answer, usage
+per request); the others hold what a hostile or unusual store can hold -- markup
+in every field a page shows, an image, reasoning, an id full of URL syntax -- and
+enough conversations of one user to need a second page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agents import Agent, Runner, function_tool
+from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
+from agents.usage import Usage
+
+from agents_sessions import PostgreSQLSession, get_store
+from agents_sessions.repositories import UsageEntry
+from agents_sessions.ui.queries import PAGE_SIZE
+
+WEATHER_CONVERSATION = "weather-run"
+IMAGE_CONVERSATION = "picture-question"
+HOSTILE_CONVERSATION = "<script>alert('id')</script>"
+ODD_ID_CONVERSATION = "odd/id?with=query#and %20 percent"
+HOSTILE_USER = "<b>mallory</b>"
+HOSTILE_TEXT = "<script>alert('pwned')</script>"
+HOSTILE_MODEL = "<svg onload=alert(1)>"
+BULK_USER = "carol"
+#: Conversations of BULK_USER: more than one page of the list.
+BULK_CONVERSATIONS = PAGE_SIZE + 5
+
+
+@dataclass(frozen=True)
+class SeededDatabase:
+    """The seeded database's URL and what a test can check against."""
+
+    url: str
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"18°C and sunny in {city}"
+
+
+async def seed(url: str) -> SeededDatabase:
+    """Write the explorer's test conversations into the (migrated) database at ``url``."""
+    model = ScriptedModel(
+        [
+            ModelStep(
+                output=[function_call("get_weather", {"city": "Paris"}, call_id="call-weather")],
+                usage=Usage(requests=1, input_tokens=120, output_tokens=18, total_tokens=138),
+                response_id="resp-1",
+            ),
+            ModelStep(
+                output=[assistant_message("It is 18°C and sunny in Paris.")],
+                usage=Usage(requests=1, input_tokens=160, output_tokens=12, total_tokens=172),
+                response_id="resp-2",
+            ),
+        ]
+    )
+    agent = Agent(name="forecaster", model=model, tools=[get_weather])
+    session = PostgreSQLSession(WEATHER_CONVERSATION, database_url=url, user_id="alice")
+    result = await Runner.run(agent, "What's the weather in Paris?", session=session)
+    await session.record_usage(result, model="gpt-4.1")
+
+    store = get_store(url)
+    with store.transaction() as repos:
+        repos.conversations.upsert(IMAGE_CONVERSATION, user_id="bob")
+        repos.messages.append(
+            IMAGE_CONVERSATION,
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "What is in this picture?"},
+                        {
+                            "type": "input_image",
+                            "detail": "auto",
+                            "image_url": "data:image/png;base64," + "iVBORw0KGgo" * 200,
+                        },
+                    ],
+                },
+                {
+                    "id": "rs_1",
+                    "type": "reasoning",
+                    "summary": [{"type": "summary_text", "text": "The picture shows a cat."}],
+                },
+                {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [
+                        {"type": "output_text", "text": "A cat.", "annotations": [], "logprobs": []}
+                    ],
+                },
+            ],
+        )
+        repos.usage.record(
+            IMAGE_CONVERSATION,
+            [UsageEntry(model="gpt-4.1-mini", prompt_tokens=900, completion_tokens=40)],
+        )
+
+        repos.conversations.upsert(
+            HOSTILE_CONVERSATION,
+            user_id=HOSTILE_USER,
+            metadata={"note": "<img src=x onerror=alert(1)>"},
+        )
+        repos.messages.append(
+            HOSTILE_CONVERSATION,
+            [
+                {"role": "user", "content": HOSTILE_TEXT},
+                {
+                    "type": "function_call",
+                    "call_id": "c-x",
+                    "name": "<i>tool</i>",
+                    "arguments": '{"html": "</pre><script>alert(2)</script>"}',
+                },
+                {"type": "function_call_output", "call_id": "c-x", "output": HOSTILE_TEXT},
+            ],
+        )
+        repos.usage.record(
+            HOSTILE_CONVERSATION,
+            [UsageEntry(model=HOSTILE_MODEL, prompt_tokens=1, completion_tokens=1)],
+        )
+
+        repos.conversations.upsert(ODD_ID_CONVERSATION)
+        repos.messages.append(ODD_ID_CONVERSATION, [{"role": "user", "content": "odd id"}])
+
+        for number in range(BULK_CONVERSATIONS):
+            conversation_id = f"bulk-{number:03d}"
+            repos.conversations.upsert(conversation_id, user_id=BULK_USER)
+            repos.messages.append(conversation_id, [{"role": "user", "content": f"n{number}"}])
+    return SeededDatabase(url=url)
