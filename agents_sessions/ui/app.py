@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import IO, Any
-from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import Connection
@@ -132,15 +131,20 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=environment)
 
 
+# A conversation id may hold anything ("/", "?", "%", ...): it travels as a query
+# parameter, which every server and client decodes exactly once (a path segment with
+# "%2F" or "%25" in it is decoded differently by different servers).
+
+
 def conversation_path(request: Request, conversation_id: str, **query: Any) -> str:
-    """The conversation page's address (the id percent-encoded: it may hold anything)."""
-    url = request.url_for("conversation", conversation_id=quote(conversation_id, safe=""))
-    return str(url.include_query_params(**query)) if query else str(url)
+    """The conversation page's address."""
+    url = request.url_for("conversation").include_query_params(id=conversation_id, **query)
+    return str(url)
 
 
 def export_path(request: Request, conversation_id: str) -> str:
     """The address of the conversation's JSON Lines download."""
-    return str(request.url_for("export", conversation_id=quote(conversation_id, safe="")))
+    return str(request.url_for("export").include_query_params(id=conversation_id))
 
 
 def list_path(request: Request, **query: Any) -> str:
@@ -204,7 +208,7 @@ class Explorer:
 
     def conversation(self, request: Request) -> Response:
         """One conversation: its transcript (a page of items), its panels, its download."""
-        conversation_id = validate_identifier(request.path_params["conversation_id"])
+        conversation_id = _conversation_id(request)
         after_id = _count_parameter(request, "after")
         with read_only(self.store) as connection:
             view = queries.read_conversation(connection, conversation_id, after_id=after_id)
@@ -240,7 +244,7 @@ class Explorer:
         The export is read in full (one snapshot, through :mod:`agents_sessions.ops.transfer`)
         before the first byte is sent, so no database connection waits on a slow client.
         """
-        conversation_id = validate_identifier(request.path_params["conversation_id"])
+        conversation_id = _conversation_id(request)
         spool = await run_in_threadpool(self._export_to_spool, conversation_id)
         filename = re.sub(r"[^A-Za-z0-9._-]+", "_", conversation_id)[:80] or "conversation"
         return StreamingResponse(
@@ -342,6 +346,13 @@ def _bucket_label(window: queries.Window) -> Callable[[datetime], str]:
     return lambda moment: moment.strftime("%b %d")
 
 
+def _conversation_id(request: Request) -> str:
+    value = request.query_params.get("id")
+    if value is None:
+        raise InvalidArgumentError("id (the conversation id) is missing")
+    return validate_identifier(value, name="id")
+
+
 def _identifier_parameter(request: Request, name: str) -> str | None:
     value = request.query_params.get(name, "").strip()
     return validate_identifier(value, name=name) if value else None
@@ -377,12 +388,8 @@ def create_app(store: SessionStore, access: ExplorerAccess | None = None) -> Sta
     return Starlette(
         routes=[
             Route("/", explorer.conversations, name="conversations"),
-            Route(
-                "/conversation/{conversation_id:path}",
-                explorer.conversation,
-                name="conversation",
-            ),
-            Route("/export/{conversation_id:path}", explorer.export, name="export"),
+            Route("/conversation", explorer.conversation, name="conversation"),
+            Route("/export", explorer.export, name="export"),
             Route("/usage", explorer.usage, name="usage"),
             Mount(
                 "/static",

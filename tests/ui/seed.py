@@ -4,7 +4,9 @@ One conversation is a real agent run (the SDK's ``Runner`` with its offline
 ``ScriptedModel``: a user question, a tool call and its output, the answer, usage
 per request); the others hold what a hostile or unusual store can hold -- markup
 in every field a page shows, an image, reasoning, an id full of URL syntax -- and
-enough conversations of one user to need a second page.
+enough conversations of one user to need a second page, and a transcript longer
+than a page. Conversations are written oldest to newest in the order of this module;
+the last three (hostile, odd id, long) head the list.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from agents.usage import Usage
 
 from agents_sessions import PostgreSQLSession, get_store
 from agents_sessions.repositories import UsageEntry
-from agents_sessions.ui.queries import PAGE_SIZE
+from agents_sessions.ui.queries import PAGE_SIZE, TRANSCRIPT_PAGE_SIZE
 
 WEATHER_CONVERSATION = "weather-run"
 IMAGE_CONVERSATION = "picture-question"
 HOSTILE_CONVERSATION = "<script>alert('id')</script>"
 ODD_ID_CONVERSATION = "odd/id?with=query#and %20 percent"
+LONG_CONVERSATION = "long-transcript"
+#: Items of LONG_CONVERSATION: more than one page of a transcript.
+LONG_CONVERSATION_ITEMS = TRANSCRIPT_PAGE_SIZE + 3
 HOSTILE_USER = "<b>mallory</b>"
 HOSTILE_TEXT = "<script>alert('pwned')</script>"
 HOSTILE_MODEL = "<svg onload=alert(1)>"
@@ -102,7 +107,14 @@ async def seed(url: str) -> SeededDatabase:
             IMAGE_CONVERSATION,
             [UsageEntry(model="gpt-4.1-mini", prompt_tokens=900, completion_tokens=40)],
         )
-
+    # One transaction per conversation: PostgreSQL's now() is the transaction's start,
+    # and the list's order (newest first) should be visible, not a tie.
+    for number in range(BULK_CONVERSATIONS):
+        conversation_id = f"bulk-{number:03d}"
+        with store.transaction() as repos:
+            repos.conversations.upsert(conversation_id, user_id=BULK_USER)
+            repos.messages.append(conversation_id, [{"role": "user", "content": f"n{number}"}])
+    with store.transaction() as repos:
         repos.conversations.upsert(
             HOSTILE_CONVERSATION,
             user_id=HOSTILE_USER,
@@ -126,11 +138,13 @@ async def seed(url: str) -> SeededDatabase:
             [UsageEntry(model=HOSTILE_MODEL, prompt_tokens=1, completion_tokens=1)],
         )
 
+    with store.transaction() as repos:
         repos.conversations.upsert(ODD_ID_CONVERSATION)
         repos.messages.append(ODD_ID_CONVERSATION, [{"role": "user", "content": "odd id"}])
 
-        for number in range(BULK_CONVERSATIONS):
-            conversation_id = f"bulk-{number:03d}"
-            repos.conversations.upsert(conversation_id, user_id=BULK_USER)
-            repos.messages.append(conversation_id, [{"role": "user", "content": f"n{number}"}])
+    with store.transaction() as repos:
+        repos.messages.append(
+            LONG_CONVERSATION,
+            [{"role": "user", "content": f"line {n}"} for n in range(LONG_CONVERSATION_ITEMS)],
+        )
     return SeededDatabase(url=url)
