@@ -8,6 +8,7 @@ from the stylesheet by series index (``series-0`` ...), never from inline styles
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -122,15 +123,19 @@ def stacked_bars(
     if not buckets or max(totals, default=0) <= 0:
         return chart
     chart.empty = False
-    top = _nice_ceiling(max(totals))
+    # Round steps (1, 2 or 5 times a power of ten), about four of them.
+    step = _nice_ceiling(max(totals) / 4)
+    steps = max(1, math.ceil(max(totals) / step))
+    top = step * steps
     plot_height = chart.baseline - _TOP
     slot = (chart.plot_right - chart.plot_left) / len(buckets)
     bar_width = max(1.0, slot * 0.7)
-    for tick in range(5):
-        value = top * tick / 4
-        y = chart.baseline - plot_height * tick / 4
+    for tick in range(steps + 1):
+        y = chart.baseline - plot_height * tick / steps
         chart.gridlines.append(round(y, 2))
-        chart.y_labels.append(Label(chart.plot_left - 6, round(y + 4, 2), compact_number(value)))
+        chart.y_labels.append(
+            Label(chart.plot_left - 6, round(y + 4, 2), compact_number(step * tick))
+        )
     label_every = max(1, len(buckets) // 8)  # at most ~8 x labels, whatever the window
     for index, bucket in enumerate(buckets):
         x = chart.plot_left + slot * index + (slot - bar_width) / 2

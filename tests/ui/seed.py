@@ -11,13 +11,18 @@ the last three (hostile, odd id, long) head the list.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from agents import Agent, Runner, function_tool
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
 
+from sqlalchemy import Connection, insert
+
 from agents_sessions import PostgreSQLSession, get_store
+from agents_sessions.db.models import messages_table, usage_logs_table
 from agents_sessions.repositories import UsageEntry
 from agents_sessions.ui.queries import PAGE_SIZE, TRANSCRIPT_PAGE_SIZE
 
@@ -34,6 +39,26 @@ HOSTILE_MODEL = "<svg onload=alert(1)>"
 BULK_USER = "carol"
 #: Conversations of BULK_USER: more than one page of the list.
 BULK_CONVERSATIONS = PAGE_SIZE + 5
+
+
+HISTORY_CONVERSATION = "daily-report"
+#: Days back (1 = within the last 24 hours) of HISTORY_CONVERSATION's usage rows.
+HISTORY_DAYS = range(1, 30)
+
+
+def history_usage() -> list[tuple[str, int, int]]:
+    """``(model, days back, total tokens)`` of the backdated usage rows."""
+    rows = []
+    for day in HISTORY_DAYS:
+        rows.append(("gpt-4.1", day, 2_000 + 150 * (day % 7)))
+        if day % 3 == 0:
+            rows.append(("gpt-4.1-mini", day, 5_000 + 400 * (day % 5)))
+    return rows
+
+
+def stored_time(connection: Connection, moment: datetime) -> datetime:
+    """A timestamp as the backend stores it (SQLite: naive UTC)."""
+    return moment.replace(tzinfo=None) if connection.dialect.name == "sqlite" else moment
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,31 @@ async def seed(url: str) -> SeededDatabase:
             IMAGE_CONVERSATION,
             [UsageEntry(model="gpt-4.1-mini", prompt_tokens=900, completion_tokens=40)],
         )
+    with store.transaction() as repos:
+        # A month of history, backdated (the repositories always write "now").
+        repos.conversations.upsert(HISTORY_CONVERSATION, user_id="dave")
+        now = datetime.now(timezone.utc)
+        for model, day, tokens in history_usage():
+            moment = now - timedelta(days=day) + timedelta(hours=1)
+            repos.connection.execute(
+                insert(usage_logs_table).values(
+                    conversation_id=HISTORY_CONVERSATION,
+                    model=model,
+                    prompt_tokens=tokens - 100,
+                    completion_tokens=100,
+                    total_tokens=tokens,
+                    timestamp=stored_time(repos.connection, moment),
+                )
+            )
+            repos.connection.execute(
+                insert(messages_table).values(
+                    conversation_id=HISTORY_CONVERSATION,
+                    role="user",
+                    content=f"day {day}",
+                    item=json.dumps({"role": "user", "content": f"day {day}"}),
+                    created_at=stored_time(repos.connection, moment),
+                )
+            )
     # One transaction per conversation: PostgreSQL's now() is the transaction's start,
     # and the list's order (newest first) should be visible, not a tie.
     for number in range(BULK_CONVERSATIONS):

@@ -23,13 +23,13 @@ from agents_sessions.ui.queries import PAGE_SIZE, TRANSCRIPT_PAGE_SIZE, WINDOWS
 from tests.ui.seed import (
     BULK_CONVERSATIONS,
     BULK_USER,
-    HOSTILE_CONVERSATION,
     IMAGE_CONVERSATION,
     LONG_CONVERSATION,
     LONG_CONVERSATION_ITEMS,
     ODD_ID_CONVERSATION,
     WEATHER_CONVERSATION,
     SeededDatabase,
+    history_usage,
 )
 
 
@@ -43,19 +43,16 @@ def next_page_link(page: str) -> str | None:
 
 
 def test_conversation_list_shows_newest_first_with_user_items_tokens_and_activity(
-    client: TestClient,
+    client: TestClient, seeded: SeededDatabase
 ) -> None:
     response = client.get("/")
     assert response.status_code == 200
     listed = conversation_ids_listed(response.text)
-    assert len(listed) == PAGE_SIZE
-    # The seed's last three conversations, newest first, then the bulk ones.
-    assert listed[:4] == [
-        LONG_CONVERSATION,
-        ODD_ID_CONVERSATION,
-        HOSTILE_CONVERSATION,
-        f"bulk-{BULK_CONVERSATIONS - 1:03d}",
-    ]
+    # The repository API's order: newest first by (created_at, id).
+    with get_store(seeded.url).read() as repos:
+        newest = repos.conversations.list_all(limit=PAGE_SIZE).conversations
+    assert listed == [conversation.id for conversation in newest]
+    assert listed[0] == LONG_CONVERSATION  # written last
     weather = client.get("/", params={"user": "alice"}).text
     row = re.search(r"<tr>\s*<td class=\"id\">.*?</tr>", weather, re.S)
     assert row is not None
@@ -206,10 +203,14 @@ def test_usage_page_draws_charts_and_shows_the_monitoring_numbers(
     by_model: dict[str, int] = {}
     for model, value in re.findall(r"· (.+): ([\d,]+) tokens$", "\n".join(titles), re.M):
         by_model[model] = by_model.get(model, 0) + int(value.replace(",", ""))
-    assert by_model == {"gpt-4.1": 310, "gpt-4.1-mini": 940, "<svg onload=alert(1)>": 2}
+    expected = {"gpt-4.1": 310, "gpt-4.1-mini": 940, "<svg onload=alert(1)>": 2}
+    for model, day, tokens in history_usage():
+        if timedelta(days=day) <= WINDOWS[window].length:
+            expected[model] += tokens
+    assert by_model == expected
     assert re.search(r"active conversations: \d+ conversations</title>", page)
     total = re.search(r'<span class="value">([\d,]+)</span><span class="name">conversations', page)
-    assert total is not None and int(total.group(1).replace(",", "")) == BULK_CONVERSATIONS + 5
+    assert total is not None and int(total.group(1).replace(",", "")) == BULK_CONVERSATIONS + 6
     assert "Top users by messages, all time" in page and ">carol</a>" in page
     assert "Token usage by model, all time" in page
 
