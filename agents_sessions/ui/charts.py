@@ -98,8 +98,10 @@ def compact_number(value: float) -> str:
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= limit:
             scaled = value / limit
-            return f"{scaled:.0f}{suffix}" if scaled >= 10 else f"{scaled:.1f}{suffix}".replace(
-                ".0", ""
+            return (
+                f"{scaled:.0f}{suffix}"
+                if scaled >= 10
+                else f"{scaled:.1f}{suffix}".replace(".0", "")
             )
     return f"{value:.0f}"
 
@@ -162,9 +164,7 @@ def stacked_bars(
                 Label(round(x + bar_width / 2, 2), chart.height - 8, bucket_label(bucket))
             )
     if len(series) > 1:
-        chart.legend = [
-            (min(index, SERIES_COLOURS - 1), name) for index, name in enumerate(series)
-        ]
+        chart.legend = [(min(index, SERIES_COLOURS - 1), name) for index, name in enumerate(series)]
     return chart
 
 

@@ -23,8 +23,8 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
-    Connection,
     ColumnElement,
+    Connection,
     Text,
     bindparam,
     func,
@@ -373,7 +373,7 @@ def _bucket(connection: Connection, column: Any, bucket: str) -> ColumnElement[A
     if connection.dialect.name == "postgresql":
         # The unit is one of two constants, spelled into the SQL so that the
         # GROUP BY expression is the very same as the selected one.
-        unit = literal_column(f"'{bucket}'")
+        unit: ColumnElement[str] = literal_column(f"'{bucket}'")
         return func.date_trunc(unit, func.timezone("UTC", column))
     return func.strftime(literal_column(f"'{_BUCKET_FORMATS[bucket]}'"), column)
 

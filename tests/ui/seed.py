@@ -18,7 +18,6 @@ from datetime import datetime, timedelta, timezone
 from agents import Agent, Runner, function_tool
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
-
 from sqlalchemy import Connection, insert
 
 from agents_sessions import PostgreSQLSession, get_store
@@ -136,12 +135,12 @@ async def seed(url: str) -> SeededDatabase:
         # A month of history, backdated (the repositories always write "now").
         repos.conversations.upsert(HISTORY_CONVERSATION, user_id="dave")
         now = datetime.now(timezone.utc)
-        for model, day, tokens in history_usage():
+        for model_name, day, tokens in history_usage():
             moment = now - timedelta(days=day) + timedelta(hours=1)
             repos.connection.execute(
                 insert(usage_logs_table).values(
                     conversation_id=HISTORY_CONVERSATION,
-                    model=model,
+                    model=model_name,
                     prompt_tokens=tokens - 100,
                     completion_tokens=100,
                     total_tokens=tokens,

@@ -57,7 +57,9 @@ def running_explorer(
         deadline = time.monotonic() + 30
         while True:
             if process.poll() is not None:
-                raise AssertionError(f"the explorer exited: {''.join(banner)}{process.stdout.read()}")
+                raise AssertionError(
+                    f"the explorer exited: {''.join(banner)}{process.stdout.read()}"
+                )
             try:
                 httpx.get(base_url + "/static/favicon.svg", timeout=1)
                 break

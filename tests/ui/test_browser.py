@@ -5,7 +5,7 @@ downloads a browser) against ``agents-sessions ui`` run for real on the seeded
 PostgreSQL database. The test reads what is on screen, clicks what a person clicks,
 fails on any console error (a CSP violation is one) or JavaScript dialog, and saves a
 screenshot of each page: into ``build/ui-screenshots/``, or the directory named by
-``AGENTS_SESSIONS_UI_SCREENSHOTS`` (the README's images are made that way).
+``EXPLORER_SCREENSHOTS`` (the README's images are made that way).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def chromium() -> Iterator[Any]:
 def screenshots() -> Path:
     """Where this run's screenshots go."""
     directory = Path(
-        os.environ.get("AGENTS_SESSIONS_UI_SCREENSHOTS") or REPOSITORY / "build" / "ui-screenshots"
+        os.environ.get("EXPLORER_SCREENSHOTS") or REPOSITORY / "build" / "ui-screenshots"
     )
     directory.mkdir(parents=True, exist_ok=True)
     return directory
@@ -83,19 +83,25 @@ def test_a_person_browses_conversations_a_transcript_and_usage(
     with running_explorer(seeded.url) as explorer:
         context = chromium.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()
-        page.on(
-            "console",
-            lambda message: console_errors.append(message.text) if message.type == "error" else None,
-        )
+
+        def on_console(message: Any) -> None:
+            if message.type == "error":
+                console_errors.append(message.text)
+
+        def on_dialog(dialog: Any) -> None:
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("console", on_console)
         page.on("pageerror", lambda error: console_errors.append(str(error)))
-        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("dialog", on_dialog)
 
         # The conversation list: newest first, a page of rows, a way to the next page.
         page.goto(explorer.base_url + "/")
         expect(page.get_by_role("heading", name="Conversations")).to_be_visible()
         expect(page.locator("table.listing tbody tr")).to_have_count(50)
         expect(page.get_by_role("link", name="Older »")).to_be_visible()
-        page.screenshot(path=screenshots / "explorer-conversations.png", full_page=True)
+        page.screenshot(path=screenshots / "explorer-conversations.png")
 
         # Filter by a user, then open one of the conversations.
         page.get_by_label("User").fill(BULK_USER)

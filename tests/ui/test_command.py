@@ -28,9 +28,12 @@ def test_the_command_prints_its_address_and_serves_the_pages(seeded: SeededDatab
         ]:
             response = httpx.get(explorer.base_url + path, params=params)
             assert response.status_code == 200, response.text[-300:]
-        assert "It is 18°C and sunny in Paris." in httpx.get(
-            explorer.base_url + "/conversation", params={"id": WEATHER_CONVERSATION}
-        ).text
+        assert (
+            "It is 18°C and sunny in Paris."
+            in httpx.get(
+                explorer.base_url + "/conversation", params={"id": WEATHER_CONVERSATION}
+            ).text
+        )
 
 
 @pytest.mark.parametrize("seeded", ["sqlite"], indirect=True)

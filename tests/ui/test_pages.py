@@ -34,7 +34,9 @@ from tests.ui.seed import (
 
 
 def conversation_ids_listed(page: str) -> list[str]:
-    return [html.unescape(found) for found in re.findall(r'<td class="id"><a [^>]*>([^<]*)</a>', page)]
+    return [
+        html.unescape(found) for found in re.findall(r'<td class="id"><a [^>]*>([^<]*)</a>', page)
+    ]
 
 
 def next_page_link(page: str) -> str | None:
@@ -56,7 +58,10 @@ def test_conversation_list_shows_newest_first_with_user_items_tokens_and_activit
     weather = client.get("/", params={"user": "alice"}).text
     row = re.search(r"<tr>\s*<td class=\"id\">.*?</tr>", weather, re.S)
     assert row is not None
-    cells = [html.unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(0), re.S)]
+    cells = [
+        html.unescape(re.sub(r"<[^>]+>", "", cell)).strip()
+        for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(0), re.S)
+    ]
     assert cells[:4] == [WEATHER_CONVERSATION, "alice", "4", "310"]
     assert cells[4].endswith("UTC") and cells[5].endswith("UTC")
 
@@ -77,7 +82,9 @@ def test_conversation_list_pages_by_keyset_with_every_conversation_once(
 def test_conversation_list_filters_by_creation_date(client: TestClient) -> None:
     today = datetime.now(timezone.utc).date()
     tomorrow, yesterday = today + timedelta(days=1), today - timedelta(days=1)
-    assert len(conversation_ids_listed(client.get("/", params={"from": str(today)}).text)) == PAGE_SIZE
+    assert (
+        len(conversation_ids_listed(client.get("/", params={"from": str(today)}).text)) == PAGE_SIZE
+    )
     assert conversation_ids_listed(client.get("/", params={"from": str(tomorrow)}).text) == []
     assert conversation_ids_listed(client.get("/", params={"to": str(yesterday)}).text) == []
     both = client.get("/", params={"user": "bob", "from": str(yesterday), "to": str(today)})
@@ -130,7 +137,9 @@ def test_every_item_of_the_page_has_its_exact_stored_json_one_click_away(
     page = client.get("/conversation", params={"id": WEATHER_CONVERSATION}).text
     shown = {
         int(item_id): html.unescape(document)
-        for item_id, document in re.findall(r'<pre id="item-(\d+)" class="json">(.*?)</pre>', page, re.S)
+        for item_id, document in re.findall(
+            r'<pre id="item-(\d+)" class="json">(.*?)</pre>', page, re.S
+        )
     }
     assert shown == {item_id: document for item_id, document in stored}
     assert page.count('<details class="raw">') == 3
@@ -152,16 +161,20 @@ def test_a_long_transcript_pages_by_item_id(client: TestClient) -> None:
     later = next_page_link(first)
     assert later is not None
     second = client.get(later).text
-    assert [f"line {n}" for n in range(TRANSCRIPT_PAGE_SIZE, LONG_CONVERSATION_ITEMS)] == re.findall(
-        r'<div class="text">(line \d+)</div>', second
-    )
+    assert [
+        f"line {n}" for n in range(TRANSCRIPT_PAGE_SIZE, LONG_CONVERSATION_ITEMS)
+    ] == re.findall(r'<div class="text">(line \d+)</div>', second)
     assert "From the first item" in second
 
 
 def test_an_id_full_of_url_syntax_links_to_its_own_page(client: TestClient) -> None:
     listing = client.get("/").text
-    links = [html.unescape(link) for link in re.findall(r'<td class="id"><a href="([^"]*)"', listing)]
-    (link,) = [link for link in links if parse_qs(urlsplit(link).query)["id"] == [ODD_ID_CONVERSATION]]
+    links = [
+        html.unescape(link) for link in re.findall(r'<td class="id"><a href="([^"]*)"', listing)
+    ]
+    (link,) = [
+        link for link in links if parse_qs(urlsplit(link).query)["id"] == [ODD_ID_CONVERSATION]
+    ]
     page = client.get(link)
     assert page.status_code == 200
     assert html.escape(ODD_ID_CONVERSATION) in page.text
@@ -199,7 +212,9 @@ def test_usage_page_draws_charts_and_shows_the_monitoring_numbers(
     assert response.status_code == 200
     assert response.text.count("<svg") == 2
     page = html.unescape(response.text)
-    titles = [html.unescape(title) for title in re.findall(r"<title>([^<]*)</title>", response.text)]
+    titles = [
+        html.unescape(title) for title in re.findall(r"<title>([^<]*)</title>", response.text)
+    ]
     by_model: dict[str, int] = {}
     for model, value in re.findall(r"· (.+): ([\d,]+) tokens$", "\n".join(titles), re.M):
         by_model[model] = by_model.get(model, 0) + int(value.replace(",", ""))

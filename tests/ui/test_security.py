@@ -20,7 +20,6 @@ from agents_sessions import ConfigurationError, dispose_all, get_store
 from agents_sessions.db.models import conversations_table
 from agents_sessions.errors import DatabaseError
 from agents_sessions.ui import ExplorerAccess, create_app
-from agents_sessions.ui import security as security_module
 from agents_sessions.ui.reading import read_only
 from agents_sessions.ui.security import CONTENT_SECURITY_POLICY, TOKEN_COOKIE
 from tests.ui.conftest import BASE_URL
@@ -160,7 +159,7 @@ def test_with_a_token_every_request_must_present_it(
         comparisons.append((a, b))
         return real_compare(a, b)
 
-    monkeypatch.setattr(security_module.hmac, "compare_digest", recording_compare)
+    monkeypatch.setattr(hmac, "compare_digest", recording_compare)
     app = create_app(get_store(seeded.url), ExplorerAccess.for_bind("0.0.0.0", TOKEN))
     with TestClient(app, base_url="http://explorer.internal:8765") as client:
         assert client.get("/").status_code == 401
@@ -170,9 +169,7 @@ def test_with_a_token_every_request_must_present_it(
         assert client.get("/usage", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
 
         # A browser: the token once in the address, then a cookie; the address is cleaned.
-        visit = client.get(
-            "/", params={"token": TOKEN, "user": "alice"}, follow_redirects=False
-        )
+        visit = client.get("/", params={"token": TOKEN, "user": "alice"}, follow_redirects=False)
         assert visit.status_code == 303
         assert visit.headers["location"] == "/?user=alice"
         cookie = visit.headers["set-cookie"]
@@ -262,5 +259,3 @@ def test_every_page_works_for_a_role_that_may_only_select(seeded: SeededDatabase
             connection.execute(text(f'DROP OWNED BY "{role}"'))
             connection.execute(text(f'DROP ROLE "{role}"'))
         admin.dispose()
-
-
