@@ -23,6 +23,8 @@ import json
 import logging
 import re
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -50,6 +52,12 @@ from .security import ExplorerAccess, ExplorerGuard
 from .transcript import transcript
 
 logger = logging.getLogger("agents_sessions.ui")
+
+#: How long the usage page's numbers are reused (seconds). They aggregate every row of
+#: the window -- a month of usage on a big store takes a second of database time --
+#: so a dashboard left open, or several people looking, costs one computation per
+#: window per interval. The page says "as of" when they were read.
+USAGE_MAX_AGE_S = 30.0
 
 # Exports up to this size stay in memory; larger ones spill to a temporary file.
 _EXPORT_SPOOL_BYTES = 8 * 1024 * 1024
@@ -157,9 +165,29 @@ def list_path(request: Request, **query: Any) -> str:
 class Explorer:
     """The page handlers over one store."""
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, *, usage_max_age_s: float = USAGE_MAX_AGE_S) -> None:
         self.store = store
         self.templates = _templates()
+        self.usage_max_age_s = usage_max_age_s
+        self._usage: dict[str, tuple[float, queries.UsageOverview]] = {}
+        self._usage_locks = {key: threading.Lock() for key in queries.WINDOWS}
+
+    def usage_overview(self, window: queries.Window) -> queries.UsageOverview:
+        """The window's overview, read again once it is older than ``usage_max_age_s``.
+
+        One reader per window at a time: requests arriving while it is being read wait
+        for that reading instead of starting their own.
+        """
+        with self._usage_locks[window.key]:
+            cached = self._usage.get(window.key)
+            if cached is not None and time.monotonic() - cached[0] < self.usage_max_age_s:
+                return cached[1]
+            with read_only(self.store) as connection:
+                overview = queries.usage_overview(
+                    connection, window, now=datetime.now(timezone.utc)
+                )
+            self._usage[window.key] = (time.monotonic(), overview)
+            return overview
 
     def render(
         self, request: Request, template: str, context: dict[str, Any], status: int = 200
@@ -274,9 +302,7 @@ class Explorer:
             raise InvalidArgumentError(
                 f"window must be one of {', '.join(queries.WINDOWS)}, got {key!r}"
             )
-        now = datetime.now(timezone.utc)
-        with read_only(self.store) as connection:
-            overview = queries.usage_overview(connection, window, now=now)
+        overview = self.usage_overview(window)
         label = _bucket_label(window)
         series, values = charts.top_series(overview.tokens)
         token_chart = charts.stacked_bars(
@@ -304,7 +330,7 @@ class Explorer:
                 "windows": list(queries.WINDOWS.values()),
                 "token_chart": token_chart,
                 "active_chart": active_chart,
-                "generated_at": now,
+                "generated_at": overview.as_of,
             },
         )
 
@@ -377,13 +403,19 @@ def _count_parameter(request: Request, name: str) -> int | None:
     return int(value)
 
 
-def create_app(store: SessionStore, access: ExplorerAccess | None = None) -> Starlette:
+def create_app(
+    store: SessionStore,
+    access: ExplorerAccess | None = None,
+    *,
+    usage_max_age_s: float = USAGE_MAX_AGE_S,
+) -> Starlette:
     """The explorer over ``store``, guarded by ``access`` (default: loopback, no token).
 
     The store is only ever read (:func:`.reading.read_only`); give it a read-only role
-    or a replica's URL if you like.
+    or a replica's URL if you like. ``usage_max_age_s``: how long the usage page's
+    numbers are reused (0: read on every request).
     """
-    explorer = Explorer(store)
+    explorer = Explorer(store, usage_max_age_s=usage_max_age_s)
     access = access or ExplorerAccess.for_bind("127.0.0.1", None)
     return Starlette(
         routes=[

@@ -352,12 +352,14 @@ class UsageOverview:
     """Everything the usage page shows for one window.
 
     Attributes:
+        as_of: The moment the window ends (when it was read).
         buckets: The start of every bucket of the window, oldest first (UTC).
         tokens: ``(bucket start, model) -> total tokens``.
         active: ``bucket start -> conversations with an item written in it``.
     """
 
     window: Window
+    as_of: datetime
     buckets: list[datetime]
     tokens: dict[tuple[datetime, str], int]
     active: dict[datetime, int]
@@ -417,31 +419,50 @@ def usage_overview(connection: Connection, window: Window, *, now: datetime) -> 
         tokens[(_bucket_start(bucket), model)] = int(total or 0)
 
     # "Active" = an item was written in the bucket: from the messages themselves, so
-    # a conversation active on several days counts on each of them.
+    # a conversation active on several days counts on each of them. DISTINCT pairs
+    # first, then a count per bucket: a hash aggregate, where count(DISTINCT ...)
+    # would sort every message of the window.
     message_bucket = _bucket(connection, messages.c.created_at, window.bucket).label("bucket")
+    pairs = (
+        select(message_bucket, messages.c.conversation_id)
+        .where(messages.c.created_at >= since)
+        .distinct()
+        .subquery()
+    )
     active = {
         _bucket_start(bucket): int(count)
         for bucket, count in connection.execute(
-            select(message_bucket, func.count(messages.c.conversation_id.distinct()))
-            .where(messages.c.created_at >= since)
-            .group_by(message_bucket)
+            select(pairs.c.bucket, func.count()).group_by(pairs.c.bucket)
         )
     }
 
-    total = func.sum(usage_logs.c.total_tokens)
+    # Usage per conversation first (the window's rows, one pass), then per owner: the
+    # join then meets one row per conversation instead of one per request.
+    per_conversation = (
+        select(
+            usage_logs.c.conversation_id,
+            func.sum(usage_logs.c.requests).label("requests"),
+            func.sum(usage_logs.c.total_tokens).label("tokens"),
+        )
+        .where(usage_logs.c.timestamp >= since)
+        .group_by(usage_logs.c.conversation_id)
+        .subquery()
+    )
+    total = func.sum(per_conversation.c.tokens)
     top_users = [
         UserUsage(user_id, int(conversation_count), int(requests or 0), int(tokens_used or 0))
         for user_id, conversation_count, requests, tokens_used in connection.execute(
             select(
                 conversations.c.user_id,
-                func.count(usage_logs.c.conversation_id.distinct()),
-                func.sum(usage_logs.c.requests),
+                func.count(),
+                func.sum(per_conversation.c.requests),
                 total,
             )
             .select_from(
-                usage_logs.join(conversations, conversations.c.id == usage_logs.c.conversation_id)
+                per_conversation.join(
+                    conversations, conversations.c.id == per_conversation.c.conversation_id
+                )
             )
-            .where(usage_logs.c.timestamp >= since)
             .group_by(conversations.c.user_id)
             .order_by(total.desc(), conversations.c.user_id)
             .limit(TOP_USERS)
@@ -449,6 +470,7 @@ def usage_overview(connection: Connection, window: Window, *, now: datetime) -> 
     ]
     return UsageOverview(
         window=window,
+        as_of=now,
         buckets=window_buckets(window, now),
         tokens=tokens,
         active=active,

@@ -19,7 +19,10 @@ from starlette.testclient import TestClient
 from agents_sessions import get_store
 from agents_sessions.db.models import messages_table
 from agents_sessions.ops.transfer import ExportFile
+from agents_sessions.repositories import UsageEntry
+from agents_sessions.ui import create_app
 from agents_sessions.ui.queries import PAGE_SIZE, TRANSCRIPT_PAGE_SIZE, WINDOWS
+from tests.ui.conftest import BASE_URL
 from tests.ui.seed import (
     BULK_CONVERSATIONS,
     BULK_USER,
@@ -239,3 +242,27 @@ def test_usage_rejects_an_unknown_window(client: TestClient) -> None:
 def test_the_stylesheet_and_icon_are_served_from_the_package(client: TestClient) -> None:
     assert client.get("/static/explorer.css").headers["content-type"].startswith("text/css")
     assert client.get("/static/favicon.svg").status_code == 200
+
+
+def test_usage_numbers_are_reused_for_a_while_then_read_again(seeded: SeededDatabase) -> None:
+    store = get_store(seeded.url)
+
+    def total_tokens_shown(client: TestClient) -> int:
+        page = client.get("/usage", params={"window": "24h"}).text
+        found = re.search(r'<span class="value">([\d,]+)</span><span class="name">tokens', page)
+        assert found is not None
+        return int(found.group(1).replace(",", ""))
+
+    reusing = TestClient(create_app(store, usage_max_age_s=3600), base_url=BASE_URL)
+    reading = TestClient(create_app(store, usage_max_age_s=0), base_url=BASE_URL)
+    before = total_tokens_shown(reusing)
+    assert total_tokens_shown(reading) == before
+    with store.transaction() as repos:
+        repos.conversations.upsert("late-usage")
+        repos.usage.record("late-usage", [UsageEntry(model="gpt-4.1", prompt_tokens=7)])
+    try:
+        assert total_tokens_shown(reusing) == before  # within its age: the same numbers
+        assert total_tokens_shown(reading) == before + 7  # read again
+    finally:
+        with store.transaction() as repos:
+            repos.conversations.delete("late-usage")
