@@ -180,7 +180,9 @@ class ExplorerGuard:
                 return 401, "Wrong token.\n", []
             # Trade the token in the address bar for a cookie, and clean the address.
             rest = urlencode([(name, value) for name, value in query if name != "token"])
-            location = scope.get("root_path", "") + scope["path"] + (f"?{rest}" if rest else "")
+            # One leading slash: "//host/..." would send the browser to another site.
+            path = "/" + (scope.get("root_path", "") + scope["path"]).lstrip("/")
+            location = path + (f"?{rest}" if rest else "")
             cookie = (
                 f"{TOKEN_COOKIE}={self.access.token}; HttpOnly; SameSite=Strict; Path=/"
             ).encode()

@@ -176,6 +176,12 @@ def test_with_a_token_every_request_must_present_it(
         assert cookie.startswith(f"{TOKEN_COOKIE}=") and "HttpOnly" in cookie
         assert "SameSite=Strict" in cookie
         assert client.get("/?user=alice").status_code == 200  # the client kept the cookie
+        elsewhere = client.get(
+            "http://explorer.internal:8765//attacker.example/",
+            params={"token": TOKEN},
+            follow_redirects=False,
+        )
+        assert elsewhere.headers["location"] == "/attacker.example/"  # never off-site
         client.cookies.clear()
         assert client.get("/").status_code == 401
     assert comparisons and all(b == TOKEN.encode() for _, b in comparisons)
