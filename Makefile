@@ -11,6 +11,7 @@
 #   make db-down stop them; the data volume stays (REMOVE_VOLUMES=1 deletes it)
 #   make bench   side-by-side benchmark vs the Agents SDK backends (installs .[dev,bench]);
 #                BENCH_ARGS="--quick" for a smoke run; needs local PostgreSQL (+ Redis)
+#                then the explorer's page timings on 100,000 conversations (benchmarks/ui_pages.py)
 #   make profile our throughput workload under py-spy + pyinstrument -> benchmarks/results/
 #   make soak    4 processes x 400 conversations for 120 s while their connections are
 #                killed; verifies every history (SOAK_ARGS="--shared" etc.; local PostgreSQL)
@@ -32,6 +33,8 @@ venv: $(STAMP)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_ARGS ?=
+# e.g. UI_BENCH_ARGS="--conversations 10000 --requests 20" for a smoke run of the page timings
+UI_BENCH_ARGS ?=
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
@@ -75,6 +78,7 @@ db-down:
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.ui_pages $(UI_BENCH_ARGS)
 
 profile: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench --profile $(BENCH_ARGS)

@@ -20,6 +20,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "erase",
     "prune",
     "backup",
+    # The explorer: its command loads the [ui] extra only when run.
+    "ui",
 )
 
 
