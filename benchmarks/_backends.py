@@ -15,6 +15,10 @@ same size:
   holds at most ``pool_size + max_overflow`` connections.
 * ``floor`` -- raw asyncpg with a pool and the least SQL that gives the same
   guarantees, one statement per call (:class:`FloorSession`).
+* ``floor_psycopg2`` -- the same SQL on psycopg2's asynchronous connections
+  (``async_=1``) driven by the event loop (``add_reader``/``add_writer``, no
+  threads), a bare pool of them (:class:`Psycopg2AsyncPool`): the limit for our
+  own driver.
 
 Imports happen inside the openers: a child process loads only its backend.
 """
@@ -26,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-BACKENDS = ("agents_sessions", "sqlalchemy", "sqlite", "redis", "floor")
+BACKENDS = ("agents_sessions", "sqlalchemy", "sqlite", "redis", "floor", "floor_psycopg2")
 
 LABELS = {
     "agents_sessions": "agents_sessions",
@@ -34,10 +38,11 @@ LABELS = {
     "sqlite": "SDK SQLite",
     "redis": "SDK Redis",
     "floor": "asyncpg floor",
+    "floor_psycopg2": "psycopg2-async floor",
 }
 
 #: Backends whose data lives in the benchmark's PostgreSQL database.
-POSTGRES_BACKENDS = frozenset({"agents_sessions", "sqlalchemy", "floor"})
+POSTGRES_BACKENDS = frozenset({"agents_sessions", "sqlalchemy", "floor", "floor_psycopg2"})
 
 
 class BenchSession(Protocol):
@@ -176,6 +181,126 @@ class FloorSession:
         return None if value is None else json.loads(value)
 
 
+# The floor's SQL in psycopg2's paramstyle (psycopg2 parses json columns itself).
+_PG2_ADD = FLOOR_ADD.replace("$1", "%(id)s").replace("$2::text[]", "%(items)s::text[]")
+_PG2_GET_LATEST = FLOOR_GET_LATEST.replace("$1", "%(id)s").replace("$2", "%(limit)s")
+_PG2_GET_ALL = FLOOR_GET_ALL.replace("$1", "%(id)s")
+_PG2_POP = FLOOR_POP.replace("$1", "%(id)s")
+
+
+class Psycopg2AsyncPool:
+    """A bare pool of psycopg2 asynchronous connections driven by the event loop.
+
+    ``psycopg2.connect(..., async_=1)`` never blocks: ``conn.poll()`` says whether
+    the socket must become readable or writable next, and the loop's
+    ``add_reader``/``add_writer`` wake the coroutine then. No threads, no GIL
+    hand-offs. A connection whose statement failed or was cancelled is closed and
+    replaced (its protocol state is unknown); the pool never holds more than
+    ``size`` connections.
+    """
+
+    def __init__(self, dsn: str, size: int) -> None:
+        self._dsn = dsn
+        self._size = size
+        self._idle: Any = None  # asyncio.Queue, made on the running loop
+        self._all: list[Any] = []
+
+    async def open(self) -> None:
+        """Connect ``size`` connections."""
+        import asyncio
+
+        self._idle = asyncio.Queue()
+        for _ in range(self._size):
+            self._idle.put_nowait(await self._connect())
+
+    async def _connect(self) -> Any:
+        import psycopg2
+
+        connection = psycopg2.connect(self._dsn, async_=1)
+        await self._wait(connection)
+        self._all.append(connection)
+        return connection
+
+    @staticmethod
+    async def _wait(connection: Any) -> None:
+        import asyncio
+
+        import psycopg2.extensions as ext
+
+        loop = asyncio.get_running_loop()
+        descriptor = connection.fileno()
+        while True:
+            state = connection.poll()
+            if state == ext.POLL_OK:
+                return
+            ready = loop.create_future()
+            if state == ext.POLL_READ:
+                loop.add_reader(descriptor, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(descriptor)
+            elif state == ext.POLL_WRITE:
+                loop.add_writer(descriptor, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(descriptor)
+            else:  # pragma: no cover - psycopg2 documents no other state
+                raise RuntimeError(f"unexpected poll state {state}")
+
+    async def fetch(self, sql: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run one statement on an idle connection; its rows (none for a plain write)."""
+        connection = await self._idle.get()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, parameters)
+            await self._wait(connection)
+            rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description else []
+            cursor.close()
+        except BaseException:
+            self._all.remove(connection)
+            connection.close()
+            self._idle.put_nowait(await self._connect())
+            raise
+        self._idle.put_nowait(connection)
+        return rows
+
+    async def close(self) -> None:
+        """Close every connection."""
+        for connection in self._all:
+            connection.close()
+        self._all.clear()
+
+
+class Psycopg2FloorSession:
+    """The floor's statements on :class:`Psycopg2AsyncPool`; JSON out parsed by psycopg2."""
+
+    def __init__(self, pool: Psycopg2AsyncPool, session_id: str) -> None:
+        self._pool = pool
+        self.session_id = session_id
+
+    async def add_items(self, items: list[Any]) -> None:
+        """One INSERT ... SELECT FROM unnest of the serialized items."""
+        if items:
+            await self._pool.fetch(
+                _PG2_ADD, {"id": self.session_id, "items": [json.dumps(item) for item in items]}
+            )
+
+    async def get_items(self, limit: int | None = None) -> list[Any]:
+        """One SELECT: the latest ``limit`` (a backward index scan), re-ordered."""
+        if limit is None:
+            rows = await self._pool.fetch(_PG2_GET_ALL, {"id": self.session_id})
+        else:
+            rows = await self._pool.fetch(_PG2_GET_LATEST, {"id": self.session_id, "limit": limit})
+        return [row[0] for row in rows]
+
+    async def pop_item(self) -> Any | None:
+        """One DELETE ... RETURNING of the newest item."""
+        rows = await self._pool.fetch(_PG2_POP, {"id": self.session_id})
+        return rows[0][0] if rows else None
+
+
 # ----------------------------------------------------------------------------- openers
 
 
@@ -260,12 +385,27 @@ async def _open_floor(config: BackendConfig) -> Backend:
     return Backend("floor", make, close)
 
 
+async def _open_floor_psycopg2(config: BackendConfig) -> Backend:
+    # A bare pool has no overflow: it opens the most connections the others may use.
+    pool = Psycopg2AsyncPool(config.postgres_url, config.max_connections)
+    await pool.open()
+
+    def make(conversation_id: str) -> BenchSession:
+        return Psycopg2FloorSession(pool, conversation_id)
+
+    async def close() -> None:
+        await pool.close()
+
+    return Backend("floor_psycopg2", make, close)
+
+
 _OPENERS: dict[str, Callable[[BackendConfig], Awaitable[Backend]]] = {
     "agents_sessions": _open_agents_sessions,
     "sqlalchemy": _open_sqlalchemy,
     "sqlite": _open_sqlite,
     "redis": _open_redis,
     "floor": _open_floor,
+    "floor_psycopg2": _open_floor_psycopg2,
 }
 
 

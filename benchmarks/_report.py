@@ -399,9 +399,15 @@ def _targets(results: dict[str, Any], depths: list[int]) -> list[dict[str, Any]]
         "x",
     )
     check(
-        "throughput ≥ 0.75x asyncpg floor",
+        "throughput ≥ 1.0x asyncpg floor",
         _ratio(tps(OURS), tps("floor")),
-        lambda v: v >= 0.75,
+        lambda v: v >= 1.0,
+        "x",
+    )
+    check(
+        "throughput ≥ 0.8x psycopg2-async floor",
+        _ratio(tps(OURS), tps("floor_psycopg2")),
+        lambda v: v >= 0.8,
         "x",
     )
     check(
@@ -410,14 +416,18 @@ def _targets(results: dict[str, Any], depths: list[int]) -> list[dict[str, Any]]
         lambda v: v >= 1.0,
         "x",
     )
-    for key, label in (("add_items_2", "add_items"), ("get_items_limit_20", "get_items(limit=20)")):
+    for key, label, bound in (
+        ("add_items_2", "add_items", 1.2),
+        ("get_items_limit_20", "get_items(limit=20)", 1.1),
+        ("pop_item", "pop_item", 1.2),
+    ):
         check(
-            f"{label} p50 ≤ 1.5x asyncpg floor",
+            f"{label} p50 ≤ {bound}x psycopg2-async floor",
             _ratio(
                 _get(results, OURS, "latency", key, "p50_ms"),
-                _get(results, "floor", "latency", key, "p50_ms"),
+                _get(results, "floor_psycopg2", "latency", key, "p50_ms"),
             ),
-            lambda v: v <= 1.5,
+            lambda v, bound=bound: v <= bound,
             "x",
         )
     if depths:

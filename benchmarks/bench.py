@@ -504,7 +504,7 @@ class Orchestrator:
                 admin.close()
             url = _libpq_url(self.args.database_url, database)
             try:
-                if backend == "floor":
+                if backend in ("floor", "floor_psycopg2"):
                     asyncio.run(create_floor_schema(url))
                 yield BackendConfig(
                     backend, postgres_url=url, pool_size=pool_size, max_overflow=max_overflow

@@ -15,18 +15,25 @@ import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError as AlembicError
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, inspect, text
 
 from ..errors import InvalidArgumentError, SchemaNotAtHeadError, translate_database_errors
 from ..settings import Settings, load_settings
 from .engine import create_pooled_engine, parse_database_url
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+# Alembic is imported where it is used, not here: an app whose database is at head
+# never loads it (see SHIPPED_HEAD_REVISION), and ``import agents_sessions`` stays light.
+
+#: The revision the shipped migrations end at, written down so that the check every
+#: engine makes on first use needs no Alembic import. A unit test holds it equal to
+#: :func:`head_revision` (the migration scripts' own answer).
+SHIPPED_HEAD_REVISION = "0003"
 
 # Alembic's `context` and `op` are process-global proxies: two migrations running in
 # one process at once (two engines' first use, say) would cross their wires. The
@@ -62,6 +69,8 @@ def alembic_config(
     ``database_url`` to let ``env.py`` open its own; with neither, ``env.py`` reads
     the URL from the settings (``DATABASE_URL``).
     """
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_directory()))
     if connection is not None:
@@ -75,6 +84,8 @@ def alembic_config(
 
 @functools.lru_cache(maxsize=1)
 def _script_directory() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
@@ -87,8 +98,14 @@ def head_revision() -> str:
 
 
 def current_revision(connection: Connection) -> str | None:
-    """The revision the database is at (``None`` for an empty database)."""
-    heads = MigrationContext.configure(connection).get_current_heads()
+    """The revision the database is at (``None`` for an empty database).
+
+    Read from Alembic's ``alembic_version`` table directly (what Alembic's own
+    ``MigrationContext.get_current_heads`` reads), so the check needs no Alembic.
+    """
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    heads = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
     return heads[0] if heads else None
 
 
@@ -103,11 +120,15 @@ def upgrade(
     settings = settings or load_settings()
     url = database_url or settings.resolved_migration_url()
     parse_database_url(url)  # a bad URL fails here, with a clear message
+    from alembic import command
+
     with translate_database_errors(), _alembic_lock:
         command.upgrade(alembic_config(database_url=url, settings=settings), revision)
 
 
 def _is_known_revision(revision: str) -> bool:
+    from alembic.util import CommandError as AlembicError
+
     try:
         return _script_directory().get_revision(revision) is not None
     except AlembicError:
@@ -122,12 +143,14 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
     Alembic under the migration lock; without it :class:`SchemaNotAtHeadError`
     says which command to run.
     """
-    head = head_revision()
     with translate_database_errors(), engine.connect() as connection:
         current = current_revision(connection)
         connection.rollback()
-        if current == head:
+        if current == SHIPPED_HEAD_REVISION:
             return
+        from alembic import command
+
+        head = head_revision()
         if current is not None and not _is_known_revision(current):
             raise SchemaNotAtHeadError(
                 f"the database is at revision {current}, which this version of "
@@ -178,6 +201,9 @@ def downgrade(
     settings = settings or load_settings()
     url = database_url or settings.resolved_migration_url()
     parse_database_url(url)  # a bad URL fails here, with a clear message
+    from alembic import command
+    from alembic.util import CommandError as AlembicError
+
     try:
         with translate_database_errors(), _alembic_lock:
             command.downgrade(alembic_config(database_url=url, settings=settings), revision)

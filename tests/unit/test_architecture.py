@@ -57,3 +57,25 @@ def test_every_module_stays_one_concept_in_size() -> None:
         > allowed.get(name := _module_name(path), 520)
     }
     assert too_long == {}
+
+
+def test_the_written_down_head_revision_is_the_migration_scripts_head() -> None:
+    from agents_sessions.db.migrate import SHIPPED_HEAD_REVISION, head_revision
+
+    assert head_revision() == SHIPPED_HEAD_REVISION
+
+
+def test_importing_the_package_loads_neither_alembic_nor_the_operations() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agents_sessions\n"
+        "loaded = sorted(m for m in ('alembic', 'agents_sessions.cli', 'agents_sessions.ops') "
+        "if m in sys.modules)\n"
+        "print(','.join(loaded))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert completed.stdout.strip() == ""
