@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -427,7 +429,7 @@ def _targets(results: dict[str, Any], depths: list[int]) -> list[dict[str, Any]]
                 _get(results, OURS, "latency", key, "p50_ms"),
                 _get(results, "floor_psycopg2", "latency", key, "p50_ms"),
             ),
-            lambda v, bound=bound: v <= bound,
+            functools.partial(operator.ge, bound),
             "x",
         )
     if depths:
