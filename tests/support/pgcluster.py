@@ -609,7 +609,6 @@ class Cluster:
         replica.start()
         return replica
 
-
     # ------------------------------------------------------------ archiving and recovery
 
     def switch_wal(self, *, timeout: float = 30.0) -> str:
