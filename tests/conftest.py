@@ -334,6 +334,17 @@ def throwaway_cluster() -> Iterator[Cluster]:
         dispose_all()
 
 
+@pytest.fixture
+def archiving_cluster() -> Iterator[Cluster]:
+    """A throwaway server that archives its WAL (``archive_mode = on``) into
+    ``archiving_cluster.archive_dir``: for base backups and point-in-time recovery
+    (``Cluster.base_backup``, ``switch_wal``, ``recover``)."""
+    _require_throwaway_tools(check_server_tools, "a throwaway archiving PostgreSQL")
+    with Cluster(name="archiving", archive=True) as cluster:
+        yield cluster
+        dispose_all()
+
+
 @pytest.fixture(scope="module")
 def replica_pair() -> Iterator[tuple[Cluster, Cluster]]:
     """``(primary, replica)``: a throwaway server and its streaming standby.
