@@ -115,10 +115,22 @@ def restore_point_name(command: str, at: datetime) -> str:
 
 
 def holds_conversations(connection: Connection) -> bool:
-    """Whether the ``conversations`` table exists and has a row (the role can see)."""
+    """Whether the ``conversations`` table exists and has a row (that the role can see).
+
+    A PostgreSQL role that may not read the table (a monitoring role) cannot tell:
+    the answer is then ``True``, the cautious one.
+    """
     if connection.dialect.name == "postgresql":
-        if connection.execute(text("SELECT to_regclass('conversations')")).scalar() is None:
+        readable = connection.execute(
+            text(
+                "SELECT has_table_privilege(to_regclass('conversations'), 'SELECT') "
+                "WHERE to_regclass('conversations') IS NOT NULL"
+            )
+        ).scalar()
+        if readable is None:  # no such table
             return False
+        if not readable:
+            return True
     elif not connection.dialect.has_table(connection, "conversations"):
         return False
     return bool(

@@ -362,6 +362,8 @@ class Cluster:
         self.log_file = self.directory / "server.log"
         #: Where ``archive_command`` copies finished WAL files (``archive=True``).
         self.archive_dir = self.directory / "archive"
+        #: The ``archive_command`` of ``archive=True`` (``None`` otherwise).
+        self.archive_command: str | None = None
         _live[id(self)] = self
         try:
             if _directory is None:
@@ -417,8 +419,8 @@ class Cluster:
         # The classic command of the PostgreSQL manual (§26.3.1): never overwrite a
         # file already archived, and fail (so the server retries) if the copy fails.
         archive = shlex.quote(str(self.archive_dir))
-        command = f"test ! -f {archive}/%f && cp %p {archive}/%f"
-        return {"archive_mode": "on", "archive_command": _conf_string(command)}
+        self.archive_command = f"test ! -f {archive}/%f && cp %p {archive}/%f"
+        return {"archive_mode": "on", "archive_command": _conf_string(self.archive_command)}
 
     def _write_pg_hba(self, *, tls: bool, allow_plaintext: bool) -> None:
         lines = ["local all all trust", "local replication all trust"]
