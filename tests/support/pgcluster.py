@@ -13,6 +13,8 @@ their own from here:
   (``archive_mode = on``), :meth:`Cluster.base_backup` takes a ``pg_basebackup``
   and :meth:`Cluster.recover` starts a new server from one, replaying the archive
   up to a named restore point or a moment (point-in-time recovery).
+* :class:`PgBackRest` -- pgBackRest with a repository of its own for a cluster:
+  ``archive-push`` as its ``archive_command``, backups, and restores to a target.
 * :class:`PgBouncer` -- a ``pgbouncer`` in transaction pooling mode in front of a
   cluster, with its admin console (``SHOW POOLS`` ...) at hand.
 
@@ -719,22 +721,138 @@ class Cluster:
         signal_file = recovered.data_dir / "recovery.signal"
         signal_file.touch()
         _give_to_server_user(signal_file)
-        recovered.start()
+        recovered.start_recovery(timeout=timeout)
+        return recovered
+
+    def start_recovery(self, *, timeout: float = 90.0) -> None:
+        """Start a server set up for targeted recovery; return once it is promoted.
+
+        Raises:
+            ClusterError: the server stopped (e.g. the target was never reached) or
+                did not leave recovery within ``timeout`` seconds.
+        """
+        self.start()
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if recovered.execute("SELECT pg_is_in_recovery()") == [(False,)]:
-                    return recovered
+                if self.execute("SELECT pg_is_in_recovery()") == [(False,)]:
+                    return
             except psycopg2.OperationalError:
-                if not recovered.running:
+                if not self.running:
                     raise ClusterError(
-                        f"recovery of {name!r} stopped the server:\n{recovered.log_tail()}"
+                        f"recovery of {self.name!r} stopped the server:\n{self.log_tail()}"
                     ) from None
             if time.monotonic() > deadline:
                 raise ClusterError(
-                    f"{name!r} still in recovery after {timeout:g}s:\n{recovered.log_tail()}"
+                    f"{self.name!r} still in recovery after {timeout:g}s:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
+
+
+class PgBackRest:
+    """pgBackRest for one throwaway cluster: a repository in a temporary directory.
+
+    Give it the cluster *before* starting it: it writes ``pgbackrest.conf`` (stanza
+    ``main``, the repository, the cluster's data directory, port and socket) and
+    points the cluster's ``archive_command`` at ``pgbackrest archive-push``::
+
+        cluster = Cluster(archive=True)
+        backrest = PgBackRest(cluster)
+        cluster.start()
+        backrest.run("stanza-create")
+        backrest.run("backup", "--type=full")
+        ...
+        recovered = backrest.recover(target_name="before-the-mistake")
+
+    Every command runs as the server's OS user, with ``--config`` naming this
+    file; the repository, logs and locks are removed with the cluster.
+    """
+
+    STANZA = "main"
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.executable = require_program(
+            "pgbackrest", "install it (Debian: apt-get install pgbackrest)"
+        )
+        self.cluster = cluster
+        self.directory = cluster.directory / "pgbackrest"
+        self.repository = self.directory / "repo"
+        for path in (self.directory, self.repository, self.directory / "log"):
+            path.mkdir()
+            _give_to_server_user(path)
+        self.config = self.directory / "pgbackrest.conf"
+        self.config.write_text(
+            "[global]\n"
+            f"repo1-path={self.repository}\n"
+            "repo1-retention-full=2\n"
+            "start-fast=y\n"
+            f"log-path={self.directory / 'log'}\n"
+            f"lock-path={self.directory / 'lock'}\n"
+            "log-level-console=warn\n"
+            "log-level-file=off\n"
+            f"[{self.STANZA}]\n"
+            f"pg1-path={cluster.data_dir}\n"
+            f"pg1-port={cluster.port}\n"
+            f"pg1-socket-path={cluster.directory}\n"
+        )
+        _give_to_server_user(self.config)
+        #: What the cluster archives with (set in its postgresql.conf).
+        self.archive_command = (
+            f"{self.executable} --config={self.config} --stanza={self.STANZA} archive-push %p"
+        )
+        cluster._write_settings({"archive_command": _conf_string(self.archive_command)})
+        cluster.archive_command = self.archive_command
+
+    def command(self, *arguments: str) -> list[str]:
+        """The full command line of ``pgbackrest ARGUMENTS`` for this stanza."""
+        return [self.executable, f"--config={self.config}", f"--stanza={self.STANZA}", *arguments]
+
+    def run(self, *arguments: str, timeout: float = 120) -> str:
+        """Run ``pgbackrest ARGUMENTS`` as the server user; its output.
+
+        Raises:
+            ClusterError: it failed (its output and the server log are in the message).
+        """
+        result = _run(self.command(*arguments), cwd=self.directory, timeout=timeout)
+        _checked(result, f"pgbackrest {' '.join(arguments)}", self.cluster.log_file)
+        return result.stdout
+
+    def recover(
+        self,
+        *,
+        target_name: str | None = None,
+        target_time: str | None = None,
+        name: str | None = None,
+        timeout: float = 90.0,
+    ) -> Cluster:
+        """``pgbackrest restore`` of the latest backup into a new server, recovering
+        to a restore point (``--type=name``) or a moment (``--type=time``), then
+        promoted. pgBackRest writes ``restore_command`` and ``recovery.signal``
+        itself. Removed with the source cluster.
+        """
+        if (target_name is None) == (target_time is None):
+            raise ValueError("give exactly one of target_name and target_time")
+        name = name or f"{self.cluster.name}_restored"
+        directory = _make_directory(name)
+        recovered = Cluster(tls=False, name=name, _directory=directory)
+        self.cluster.recoveries.append(recovered)
+        kind, target = ("name", target_name) if target_name is not None else ("time", target_time)
+        self.run(
+            "restore",
+            f"--pg1-path={recovered.data_dir}",
+            f"--type={kind}",
+            f"--target={target}",
+            "--target-action=promote",
+        )
+        recovered._write_settings(
+            {
+                "port": str(recovered.port),
+                "unix_socket_directories": f"'{directory}'",
+                "archive_mode": "off",
+            }
+        )
+        recovered.start_recovery(timeout=timeout)
+        return recovered
 
 
 def _conf_string(value: str) -> str:
