@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
 import click
+from sqlalchemy import Engine
 
 from ..errors import AgentsSessionsError, ExitCode
 from ..ops.recovery import RestorePoint, create_restore_point
@@ -172,7 +173,7 @@ def parse_duration(text: str, *, name: str) -> timedelta:
 # ------------------------------------------------------------------ restore points
 
 
-def restore_point_before(database: Any, command: str) -> RestorePoint:
+def restore_point_before(database: Engine | str, command: str) -> RestorePoint:
     """Create a named restore point before a destructive ``command`` and say so on stderr.
 
     ``database`` is the store's engine or a URL. One line either way: the name to
