@@ -33,6 +33,7 @@ from agents_sessions import dispose_all
 from agents_sessions.db.engine import parse_database_url
 from tests.support.pgcluster import (
     Cluster,
+    PgBackRest,
     PgBouncer,
     ToolMissingError,
     check_server_tools,
@@ -332,6 +333,38 @@ def throwaway_cluster() -> Iterator[Cluster]:
     with Cluster(name="throwaway") as cluster:
         yield cluster
         dispose_all()
+
+
+@pytest.fixture
+def archiving_cluster() -> Iterator[Cluster]:
+    """A throwaway server that archives its WAL (``archive_mode = on``) into
+    ``archiving_cluster.archive_dir``: for base backups and point-in-time recovery
+    (``Cluster.base_backup``, ``switch_wal``, ``recover``)."""
+    _require_throwaway_tools(check_server_tools, "a throwaway archiving PostgreSQL")
+    with Cluster(name="archiving", archive=True) as cluster:
+        yield cluster
+        dispose_all()
+
+
+@pytest.fixture
+def pgbackrest_cluster() -> Iterator[tuple[Cluster, PgBackRest]]:
+    """A throwaway server archiving through pgBackRest into a repository of its own
+    (stanza ``main`` created); back it up with ``backrest.run("backup", "--type=full")``
+    and restore with ``backrest.recover(...)``."""
+    _require_throwaway_tools(check_server_tools, "a throwaway archiving PostgreSQL")
+    _require_throwaway_tools(
+        lambda: require_program("pgbackrest", "install it (Debian: apt-get install pgbackrest)"),
+        "pgBackRest",
+    )
+    cluster = Cluster(name="backrest", archive=True)
+    try:
+        backrest = PgBackRest(cluster)
+        cluster.start()
+        backrest.run("stanza-create")
+        yield cluster, backrest
+        dispose_all()
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")

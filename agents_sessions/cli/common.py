@@ -20,9 +20,11 @@ from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
 import click
+from sqlalchemy import Engine
 
 from ..errors import AgentsSessionsError, ExitCode
 from ..items import utf8_safe_json
+from ..ops.recovery import RestorePoint, create_restore_point
 from ..settings import Settings, load_settings
 from ..store import SessionStore, get_store
 
@@ -164,3 +166,17 @@ def parse_duration(text: str, *, name: str) -> timedelta:
             param_hint=name,
         )
     return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
+
+
+# ------------------------------------------------------------------ restore points
+
+
+def restore_point_before(database: Engine | str, command: str) -> RestorePoint:
+    """Create a named restore point before a destructive ``command`` and say so on stderr.
+
+    ``database`` is the store's engine or a URL. One line either way: the name to
+    give ``recovery_target_name``, or why there is none (the command goes ahead).
+    """
+    point = create_restore_point(database, command)
+    click.echo(point.describe(), err=True)
+    return point

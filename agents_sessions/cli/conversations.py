@@ -20,6 +20,7 @@ from .common import (
     pass_cli_context,
     render_table,
     reported_errors,
+    restore_point_before,
 )
 from .main import cli
 
@@ -236,7 +237,11 @@ def show_command(context: CliContext, conversation_id: str, as_json: bool) -> No
 @json_option
 @pass_cli_context
 def delete_command(context: CliContext, conversation_id: str, yes: bool, as_json: bool) -> None:
-    """Delete a conversation with its messages and usage (cannot be undone)."""
+    """Delete a conversation with its messages and usage (cannot be undone).
+
+    On PostgreSQL a named restore point is created first and its name printed
+    (stderr; "restore_point" in --json), to recover to with point-in-time recovery.
+    """
     with reported_errors():
         store = context.store()
         with store.read() as repositories:
@@ -252,11 +257,12 @@ def delete_command(context: CliContext, conversation_id: str, yes: bool, as_json
             err=True,
         ):
             fail("not confirmed; nothing was deleted", ExitCode.PROBLEM)
+        point = restore_point_before(store.engine, "conversations-delete")
         with store.transaction() as repositories:
             deleted = repositories.conversations.delete(conversation_id)
         if not deleted:
             fail(f"conversation {conversation_id!r} was deleted meanwhile", ExitCode.PROBLEM)
     if as_json:
-        emit_json({"deleted": conversation_id, "messages": count})
+        emit_json({"deleted": conversation_id, "messages": count, "restore_point": point.as_dict()})
     else:
         click.echo(f"deleted conversation {_printable(conversation_id)} ({count} messages)")

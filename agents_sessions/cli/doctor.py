@@ -35,7 +35,8 @@ _MARKS = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
 @pass_cli_context
 def doctor_command(context: CliContext, connect_timeout: int, as_json: bool) -> None:
     """Check the database: connection, server version, TLS, schema revision, pool
-    settings, indexes, and the role's privileges (SQLite: file, WAL, revision, indexes).
+    settings, indexes, the role's privileges, and WAL archiving for point-in-time
+    recovery (SQLite: file, WAL, revision, indexes).
 
     Exits 1 if any check fails; each failure says what to do. Warnings (e.g. a
     superuser application role) do not change the exit status.

@@ -15,6 +15,7 @@ from .common import (
     json_option,
     pass_cli_context,
     reported_errors,
+    restore_point_before,
 )
 from .main import cli
 
@@ -37,6 +38,9 @@ def erase_command(context: CliContext, user_id: str, yes: bool, as_json: bool) -
     For data-subject (erasure) requests. One transaction: all of it goes, or
     nothing does. Other users' data is not touched. Asks for confirmation, showing
     what will be deleted, unless --yes; declining exits with status 1.
+
+    On PostgreSQL a named restore point is created first and its name printed
+    (stderr; "restore_point" in --json), to recover to with point-in-time recovery.
     """
     with reported_errors():
         store = context.store()
@@ -51,8 +55,16 @@ def erase_command(context: CliContext, user_id: str, yes: bool, as_json: bool) -
                 if not click.confirm("Delete them?", default=False, err=True):
                     click.echo("Nothing was deleted.", err=True)
                     raise SystemExit(int(ExitCode.PROBLEM))
+        point = restore_point_before(store.engine, "erase")
         removed = erase_user(store, user_id)
     if as_json:
-        emit_json({"database": context.safe_url(), "user_id": user_id, **removed.as_dict()})
+        emit_json(
+            {
+                "database": context.safe_url(),
+                "user_id": user_id,
+                **removed.as_dict(),
+                "restore_point": point.as_dict(),
+            }
+        )
         return
     click.echo(f"erased user {user_id!r}: deleted {_describe(removed)}")

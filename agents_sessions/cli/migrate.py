@@ -26,6 +26,7 @@ from .common import (
     pass_cli_context,
     render_table,
     reported_errors,
+    restore_point_before,
 )
 from .main import cli
 
@@ -92,6 +93,8 @@ def downgrade_command(context: CliContext, revision: str, yes: bool) -> None:
     """Downgrade the database to REVISION (an id, `-1` for one step, or `base`).
 
     Tables dropped by the downgraded revisions lose their data (`base` drops them all).
+    On PostgreSQL a named restore point is created first and its name printed on
+    stderr, to recover to with point-in-time recovery.
     """
     with reported_errors():
         settings = context.settings()
@@ -103,6 +106,7 @@ def downgrade_command(context: CliContext, revision: str, yes: bool) -> None:
             err=True,
         ):
             fail("not confirmed; nothing was changed", ExitCode.PROBLEM)
+        restore_point_before(settings.resolved_migration_url(), "migrate-downgrade")
         migrations.downgrade(settings=settings, revision=revision)
         after = migrations.schema_status(settings=settings)
     click.echo(

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 import click
 
+from ..ops.recovery import RestorePoint
 from ..ops.retention import DEFAULT_PRUNE_BATCH_SIZE, PruneSummary, prune, prune_plan
 from .common import (
     CliContext,
@@ -19,6 +20,7 @@ from .common import (
     pass_cli_context,
     progress,
     reported_errors,
+    restore_point_before,
 )
 from .main import cli
 
@@ -46,24 +48,34 @@ def prune_command(
     """Delete conversations (with their messages and usage) not updated for a while.
 
     Works in batches, each its own short transaction, while the application keeps
-    running: a conversation that gets a new message meanwhile is kept.
+    running: a conversation that gets a new message meanwhile is kept. On
+    PostgreSQL, when there is something to delete, a named restore point is created
+    first and its name printed (stderr; "restore_point" in --json).
     """
     age = parse_duration(older_than, name="--older-than")
     now = datetime.now(timezone.utc)  # one cutoff for the plan and the run
     with reported_errors():
         store = context.store()
         plan = prune_plan(store, age, batch_size=batch_size, now=now)
+        point = None
         if dry_run:
             summary = plan
         else:
+            if plan.conversations:
+                point = restore_point_before(store.engine, "prune")
             with progress("pruning messages", plan.messages) as bar:
                 summary = prune(store, age, batch_size=batch_size, progress=bar.update, now=now)
-    _report(context, summary, as_json)
+    _report(context, summary, as_json, point)
 
 
-def _report(context: CliContext, summary: PruneSummary, as_json: bool) -> None:
+def _report(
+    context: CliContext, summary: PruneSummary, as_json: bool, point: RestorePoint | None
+) -> None:
     if as_json:
-        emit_json({"database": context.safe_url(), **summary.as_dict()})
+        document = {"database": context.safe_url(), **summary.as_dict()}
+        if not summary.dry_run:
+            document["restore_point"] = None if point is None else point.as_dict()
+        emit_json(document)
         return
     verb = "would delete" if summary.dry_run else "deleted"
     click.echo(

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from ..errors import ExitCode
+from ..ops.recovery import RestorePoint, holds_conversations
 from ..ops.transfer import (
     DEFAULT_BATCH_SIZE,
     ExportFile,
@@ -31,6 +32,7 @@ from .common import (
     pass_cli_context,
     progress,
     reported_errors,
+    restore_point_before,
 )
 from .main import cli
 
@@ -145,20 +147,34 @@ def import_command(context: CliContext, source: str, batch_size: int, as_json: b
     nothing is written. Then each conversation is imported in its own transaction.
     Importing the same file again changes nothing. A conversation whose stored
     messages differ from the file's is refused (exit status 1), never merged.
+    Into a PostgreSQL database that already holds conversations, a named restore
+    point is created first and its name printed (stderr; "restore_point" in --json).
     """
     with reported_errors(), ExportFile(source) as export:
         store = context.store()
+        point = None
+        with store.read() as repositories:
+            populated = holds_conversations(repositories.connection)
+        if populated:  # importing over existing data: mark the moment before
+            point = restore_point_before(store.engine, "import")
         with progress("importing conversations", export.counts.conversations) as bar:
             summary = import_export(store, export, batch_size=batch_size, progress=bar.update)
-    _report_import(context, source, summary, as_json)
+    _report_import(context, source, summary, as_json, point)
     if summary.refused:
         raise SystemExit(int(ExitCode.PROBLEM))
 
 
-def _report_import(context: CliContext, source: str, summary: ImportSummary, as_json: bool) -> None:
+def _report_import(
+    context: CliContext,
+    source: str,
+    summary: ImportSummary,
+    as_json: bool,
+    point: RestorePoint | None,
+) -> None:
     if as_json:
         document: dict[str, Any] = {"database": context.safe_url(), "source": source}
         document.update(summary.as_dict())
+        document["restore_point"] = None if point is None else point.as_dict()
         emit_json(document)
         return
     click.echo(

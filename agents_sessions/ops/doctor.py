@@ -12,7 +12,9 @@ is ``ok``, advice saying what to do:
 * ``pool`` -- the pool settings taken from the URL (and the server's connection limit);
 * ``indexes`` -- every index the models define exists, on the right columns;
 * ``privileges`` (PostgreSQL) -- the role may read and write the tables;
-* ``role`` (PostgreSQL) -- the role does not hold more power than an app needs.
+* ``role`` (PostgreSQL) -- the role does not hold more power than an app needs;
+* ``archiving`` (PostgreSQL) -- WAL archiving for point-in-time recovery: on, and
+  not failing (``pg_stat_archiver``); see :mod:`agents_sessions.ops.archiving`.
 
 A failure never raises: an unreachable server is a failed ``database`` check with
 advice, and the checks that need a connection are then not run. No check
@@ -39,6 +41,7 @@ from ..db.migrate import schema_status_of
 from ..db.models import Base
 from ..errors import AgentsSessionsError
 from ..settings import Settings, load_settings
+from .archiving import judge_archiving, read_archiver_state
 
 #: The outcome of one check.
 Status = Literal["ok", "warn", "fail"]
@@ -407,6 +410,11 @@ def _check_role(connection: Connection) -> Check:
     return Check("role", "ok", f"role {row.name} is not a superuser and owns none of the tables")
 
 
+def _check_archiving(connection: Connection) -> Check:
+    status, detail, advice = judge_archiving(read_archiver_state(connection))
+    return Check("archiving", status, detail, advice)
+
+
 # --------------------------------------------------------------------------- runner
 
 
@@ -553,6 +561,7 @@ def diagnose(
                 checks += [
                     ("privileges", lambda: _check_privileges(connection)),
                     ("role", lambda: _check_role(connection)),
+                    ("archiving", lambda: _check_archiving(connection)),
                 ]
             for name, function in checks:
                 report.checks.append(_run(name, function, connection, scrub))

@@ -576,7 +576,11 @@ def test_delete_asks_first_and_removes_messages_and_usage(migrated_url: str) -> 
         repos.messages.append("conv-json", [user_message("a")])
     scripted = run(migrated_url, "conversations", "delete", "conv-json", "--yes", "--json")
     assert scripted.exit_code == 0
-    assert json.loads(scripted.stdout) == {"deleted": "conv-json", "messages": 1}
+    document = json.loads(scripted.stdout)
+    # A PostgreSQL database gets a restore point first (tests/operations/test_restore_points.py).
+    point = document.pop("restore_point")
+    assert point["created"] is (store.dialect == "postgresql")
+    assert document == {"deleted": "conv-json", "messages": 1}
 
 
 # --------------------------------------------------------------------------- doctor
@@ -601,7 +605,7 @@ def test_doctor_passes_on_a_healthy_database(migrated_url: str, backend: str) ->
     names = [check["name"] for check in report["checks"]]
     common = ["database", "server_version", "schema", "pool", "indexes"]
     if backend == "postgresql":
-        assert names == [*common[:2], "tls", *common[2:], "privileges", "role"]
+        assert names == [*common[:2], "tls", *common[2:], "privileges", "role", "archiving"]
         assert _check(report, "privileges")["status"] == "ok"
         # The test's role created (owns) the tables: more than an app needs.
         assert _check(report, "role")["status"] == "warn"

@@ -8,7 +8,13 @@ their own from here:
   127.0.0.1, trust authentication, started and stopped with ``pg_ctl -w``;
   ``Cluster(tls=True)`` adds a throwaway certificate authority and a server
   certificate, and refuses unencrypted TCP connections;
-  :meth:`Cluster.make_replica` adds a streaming standby (``pg_basebackup -R``).
+  :meth:`Cluster.make_replica` adds a streaming standby (``pg_basebackup -R``);
+  ``Cluster(archive=True)`` archives its WAL into a directory of its own
+  (``archive_mode = on``), :meth:`Cluster.base_backup` takes a ``pg_basebackup``
+  and :meth:`Cluster.recover` starts a new server from one, replaying the archive
+  up to a named restore point or a moment (point-in-time recovery).
+* :class:`PgBackRest` -- pgBackRest with a repository of its own for a cluster:
+  ``archive-push`` as its ``archive_command``, backups, and restores to a target.
 * :class:`PgBouncer` -- a ``pgbouncer`` in transaction pooling mode in front of a
   cluster, with its admin console (``SHOW POOLS`` ...) at hand.
 
@@ -28,6 +34,7 @@ import contextlib
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -325,6 +332,9 @@ class Cluster:
             accepted. ``False`` (the default) puts ``hostnossl ... reject`` lines
             first in ``pg_hba.conf``: TLS is enforced.
         settings: Extra ``postgresql.conf`` settings (``{"max_connections": "20"}``).
+        archive: Turn on continuous archiving: ``archive_mode = on`` and an
+            ``archive_command`` that copies each finished WAL file into
+            :attr:`archive_dir` (and refuses to overwrite one already there).
         name: A word for the directory name and error messages.
     """
 
@@ -334,6 +344,7 @@ class Cluster:
         tls: bool = False,
         allow_plaintext: bool = False,
         settings: Mapping[str, str] | None = None,
+        archive: bool = False,
         name: str = "pg",
         _directory: Path | None = None,
     ) -> None:
@@ -344,17 +355,24 @@ class Cluster:
         self.port = free_port()
         self.ca: CertificateAuthority | None = None
         self.replicas: list[Cluster] = []
+        #: Servers recovered from this one's base backups (:meth:`recover`).
+        self.recoveries: list[Cluster] = []
         self._running = False
         self._removed = False
         self.directory = _directory or _make_directory(name)
         self.data_dir = self.directory / "data"
         self.log_file = self.directory / "server.log"
+        #: Where ``archive_command`` copies finished WAL files (``archive=True``).
+        self.archive_dir = self.directory / "archive"
+        #: The ``archive_command`` of ``archive=True`` (``None`` otherwise).
+        self.archive_command: str | None = None
         _live[id(self)] = self
         try:
             if _directory is None:
                 self._initdb()
                 self._write_pg_hba(tls=tls, allow_plaintext=allow_plaintext)
-                self._write_settings(self._base_settings(tls) | dict(settings or {}))
+                archiving = self._archive_settings() if archive else {}
+                self._write_settings(self._base_settings(tls) | archiving | dict(settings or {}))
         except BaseException:
             self.cleanup()
             raise
@@ -396,6 +414,15 @@ class Cluster:
             _give_to_server_user(cert)
             settings |= {"ssl": "on", "ssl_cert_file": f"'{cert}'", "ssl_key_file": f"'{key}'"}
         return settings
+
+    def _archive_settings(self) -> dict[str, str]:
+        self.archive_dir.mkdir()
+        _give_to_server_user(self.archive_dir)
+        # The classic command of the PostgreSQL manual (§26.3.1): never overwrite a
+        # file already archived, and fail (so the server retries) if the copy fails.
+        archive = shlex.quote(str(self.archive_dir))
+        self.archive_command = f"test ! -f {archive}/%f && cp %p {archive}/%f"
+        return {"archive_mode": "on", "archive_command": _conf_string(self.archive_command)}
 
     def _write_pg_hba(self, *, tls: bool, allow_plaintext: bool) -> None:
         lines = ["local all all trust", "local replication all trust"]
@@ -464,14 +491,15 @@ class Cluster:
         return _tail(self.log_file, lines)
 
     def cleanup(self) -> None:
-        """Stop the server (and its replicas) immediately and delete the directory.
+        """Stop the server (and its replicas and recoveries) immediately and delete
+        the directory.
 
         Idempotent; never raises for a server that is already gone.
         """
         if self._removed:
             return
-        for replica in self.replicas:
-            replica.cleanup()
+        for derived in (*self.replicas, *self.recoveries):
+            derived.cleanup()
         if self.data_dir.exists():
             with contextlib.suppress(Exception):
                 if self.running:
@@ -584,6 +612,252 @@ class Cluster:
         )
         replica.start()
         return replica
+
+    # ------------------------------------------------------------ archiving and recovery
+
+    def switch_wal(self, *, timeout: float = 30.0) -> str:
+        """Close the current WAL file (``pg_switch_wal()``) and wait until it is archived.
+
+        Archiving only ever copies finished 16 MB files; forcing the switch puts
+        every change made so far into the archive now instead of whenever the file
+        fills up. Returns the name of the file that was closed.
+
+        Raises:
+            TimeoutError: not archived within ``timeout`` seconds (the archiver's
+                failures and the server log are in the message).
+        """
+        (walfile,) = self.execute("SELECT pg_walfile_name(pg_switch_wal())")[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            # Same timeline: WAL file names sort in WAL order.
+            archived, failed, last_failed = self.execute(
+                "SELECT coalesce(last_archived_wal >= %s, false), failed_count, "
+                "last_failed_wal FROM pg_stat_archiver",
+                [walfile],
+            )[0]
+            if archived:
+                return str(walfile)
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"WAL file {walfile} of cluster {self.name!r} not archived after "
+                    f"{timeout:g}s ({failed} failed attempts, last on {last_failed})\n"
+                    f"--- server log ---\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def base_backup(self, name: str = "base") -> Path:
+        """``pg_basebackup`` of this running cluster into a new directory; returns it.
+
+        Plain format, with the WAL needed to make the copy consistent streamed
+        into it (``-X stream``), after an immediate checkpoint (``--checkpoint=fast``).
+        """
+        backups = self.directory / "backups"
+        if not backups.exists():
+            backups.mkdir()
+            _give_to_server_user(backups)
+        target = backups / name
+        result = _run(
+            [
+                self.bindir / "pg_basebackup", "-D", target, "-h", HOST,
+                "-p", str(self.port), "-U", SUPERUSER, "-X", "stream",
+                "--checkpoint=fast", "--no-sync",
+            ],
+            cwd=self.directory,
+        )  # fmt: skip
+        _checked(result, f"pg_basebackup of {self.name!r}", self.log_file)
+        return target
+
+    def recover(
+        self,
+        base_backup: Path,
+        *,
+        target_name: str | None = None,
+        target_time: str | None = None,
+        name: str | None = None,
+        timeout: float = 90.0,
+    ) -> Cluster:
+        """Point-in-time recovery: a new server from ``base_backup`` and this cluster's
+        WAL archive, replayed up to a restore point or a moment, then promoted.
+
+        A copy of the base backup gets ``restore_command`` (reads :attr:`archive_dir`),
+        ``recovery_target_name`` or ``recovery_target_time``,
+        ``recovery_target_action = 'promote'`` and a ``recovery.signal`` file; it is
+        started, and this returns once it has reached the target and left recovery
+        (a new timeline). It archives nothing itself, and is removed with this cluster.
+
+        Raises:
+            ValueError: not exactly one of ``target_name`` and ``target_time``.
+            ClusterError: the server stopped (e.g. the target was never reached) or
+                did not finish recovery within ``timeout`` seconds.
+        """
+        if (target_name is None) == (target_time is None):
+            raise ValueError("give exactly one of target_name and target_time")
+        name = name or f"{self.name}_recovered"
+        directory = _make_directory(name)
+        recovered = Cluster(tls=False, name=name, _directory=directory)
+        recovered.tls, recovered.ca = self.tls, self.ca
+        self.recoveries.append(recovered)
+        # cp -a as the server user: the data directory must be its own, mode 0700.
+        _checked(
+            _run(["cp", "-a", base_backup, recovered.data_dir], cwd=directory),
+            f"copy of base backup {base_backup}",
+        )
+        archive = shlex.quote(str(self.archive_dir))
+        target = (
+            {"recovery_target_name": _conf_string(target_name)}
+            if target_name is not None
+            else {"recovery_target_time": _conf_string(str(target_time))}
+        )
+        recovered._write_settings(
+            {
+                "port": str(recovered.port),
+                "unix_socket_directories": f"'{directory}'",
+                "archive_mode": "off",
+                "restore_command": _conf_string(f"cp {archive}/%f %p"),
+                **target,
+                "recovery_target_action": "'promote'",
+            }
+        )
+        signal_file = recovered.data_dir / "recovery.signal"
+        signal_file.touch()
+        _give_to_server_user(signal_file)
+        recovered.start_recovery(timeout=timeout)
+        return recovered
+
+    def start_recovery(self, *, timeout: float = 90.0) -> None:
+        """Start a server set up for targeted recovery; return once it is promoted.
+
+        Raises:
+            ClusterError: the server stopped (e.g. the target was never reached) or
+                did not leave recovery within ``timeout`` seconds.
+        """
+        self.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.execute("SELECT pg_is_in_recovery()") == [(False,)]:
+                    return
+            except psycopg2.OperationalError:
+                if not self.running:
+                    raise ClusterError(
+                        f"recovery of {self.name!r} stopped the server:\n{self.log_tail()}"
+                    ) from None
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"{self.name!r} still in recovery after {timeout:g}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+
+class PgBackRest:
+    """pgBackRest for one throwaway cluster: a repository in a temporary directory.
+
+    Give it the cluster *before* starting it: it writes ``pgbackrest.conf`` (stanza
+    ``main``, the repository, the cluster's data directory, port and socket) and
+    points the cluster's ``archive_command`` at ``pgbackrest archive-push``::
+
+        cluster = Cluster(archive=True)
+        backrest = PgBackRest(cluster)
+        cluster.start()
+        backrest.run("stanza-create")
+        backrest.run("backup", "--type=full")
+        ...
+        recovered = backrest.recover(target_name="before-the-mistake")
+
+    Every command runs as the server's OS user, with ``--config`` naming this
+    file; the repository, logs and locks are removed with the cluster.
+    """
+
+    STANZA = "main"
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.executable = require_program(
+            "pgbackrest", "install it (Debian: apt-get install pgbackrest)"
+        )
+        self.cluster = cluster
+        self.directory = cluster.directory / "pgbackrest"
+        self.repository = self.directory / "repo"
+        for path in (self.directory, self.repository, self.directory / "log"):
+            path.mkdir()
+            _give_to_server_user(path)
+        self.config = self.directory / "pgbackrest.conf"
+        self.config.write_text(
+            "[global]\n"
+            f"repo1-path={self.repository}\n"
+            "repo1-retention-full=2\n"
+            "start-fast=y\n"
+            f"log-path={self.directory / 'log'}\n"
+            f"lock-path={self.directory / 'lock'}\n"
+            "log-level-console=warn\n"
+            "log-level-file=off\n"
+            f"[{self.STANZA}]\n"
+            f"pg1-path={cluster.data_dir}\n"
+            f"pg1-port={cluster.port}\n"
+            f"pg1-socket-path={cluster.directory}\n"
+        )
+        _give_to_server_user(self.config)
+        #: What the cluster archives with (set in its postgresql.conf).
+        self.archive_command = (
+            f"{self.executable} --config={self.config} --stanza={self.STANZA} archive-push %p"
+        )
+        cluster._write_settings({"archive_command": _conf_string(self.archive_command)})
+        cluster.archive_command = self.archive_command
+
+    def command(self, *arguments: str) -> list[str]:
+        """The full command line of ``pgbackrest ARGUMENTS`` for this stanza."""
+        return [self.executable, f"--config={self.config}", f"--stanza={self.STANZA}", *arguments]
+
+    def run(self, *arguments: str, timeout: float = 120) -> str:
+        """Run ``pgbackrest ARGUMENTS`` as the server user; its output.
+
+        Raises:
+            ClusterError: it failed (its output and the server log are in the message).
+        """
+        result = _run(self.command(*arguments), cwd=self.directory, timeout=timeout)
+        _checked(result, f"pgbackrest {' '.join(arguments)}", self.cluster.log_file)
+        return result.stdout
+
+    def recover(
+        self,
+        *,
+        target_name: str | None = None,
+        target_time: str | None = None,
+        name: str | None = None,
+        timeout: float = 90.0,
+    ) -> Cluster:
+        """``pgbackrest restore`` of the latest backup into a new server, recovering
+        to a restore point (``--type=name``) or a moment (``--type=time``), then
+        promoted. pgBackRest writes ``restore_command`` and ``recovery.signal``
+        itself. Removed with the source cluster.
+        """
+        if (target_name is None) == (target_time is None):
+            raise ValueError("give exactly one of target_name and target_time")
+        name = name or f"{self.cluster.name}_restored"
+        directory = _make_directory(name)
+        recovered = Cluster(tls=False, name=name, _directory=directory)
+        self.cluster.recoveries.append(recovered)
+        kind, target = ("name", target_name) if target_name is not None else ("time", target_time)
+        self.run(
+            "restore",
+            f"--pg1-path={recovered.data_dir}",
+            f"--type={kind}",
+            f"--target={target}",
+            "--target-action=promote",
+        )
+        recovered._write_settings(
+            {
+                "port": str(recovered.port),
+                "unix_socket_directories": f"'{directory}'",
+                "archive_mode": "off",
+            }
+        )
+        recovered.start_recovery(timeout=timeout)
+        return recovered
+
+
+def _conf_string(value: str) -> str:
+    """``value`` as a single-quoted ``postgresql.conf`` string."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def wait_for_replay(primary: Cluster, replica: Cluster, *, timeout: float = 30.0) -> None:
