@@ -130,6 +130,16 @@ class AccessDeniedError(DatabaseError, PermissionError):
     """
 
 
+class RowLevelSecurityFilteredError(AccessDeniedError):
+    """Row-level security hides other tenants' rows from the role an operator command runs as.
+
+    Raised before anything is read or written by operations that must see every
+    tenant's rows (erasure, pruning, and the CLI's statistics, listings and exports):
+    under that role they would find nothing and report an empty success. Run them as
+    the tables' owner (its URL in ``DATABASE_MIGRATION_URL``, or ``--database-url``).
+    """
+
+
 class ReadOnlyDatabaseError(DatabaseError):
     """A write reached a read-only database: a hot-standby replica, or a read-only session.
 

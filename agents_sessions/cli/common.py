@@ -21,7 +21,9 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from ..db.engine import mask_url
 from ..errors import AgentsSessionsError, ExitCode
+from ..ops.tenancy import require_unfiltered_access, tables_filtered_for_current_role
 from ..settings import Settings, load_settings
 from ..store import SessionStore, get_store
 
@@ -65,6 +67,39 @@ class CliContext:
         """
         settings = self.settings().model_copy(update={"auto_migrate": False})
         return get_store(settings.resolved_database_url(), settings=settings)
+
+    def unfiltered_store(self, action: str) -> SessionStore:
+        """A store whose role sees every tenant's rows, for ``action`` (erase, prune, stats...).
+
+        Under row-level security the application role sees only the tenant it acts
+        for; with none, nothing -- an erasure would delete nothing and say it
+        succeeded. So: the database URL's store when its role is not filtered (one
+        query; always on SQLite); else the migration URL's (the tables' owner in the
+        least-privilege setup) when one is configured and is not filtered either;
+        else :class:`RowLevelSecurityFilteredError` saying which URL to use.
+        """
+        store = self.store()
+        with store.read() as repos:
+            filtered = tables_filtered_for_current_role(repos.connection)
+        settings = self.settings()
+        if not filtered or settings.migration_url is None:
+            if filtered:
+                with store.read() as repos:
+                    require_unfiltered_access(repos.connection, action)
+            return store
+        owner_url = settings.resolved_migration_url()
+        if owner_url == settings.resolved_database_url():
+            with store.read() as repos:
+                require_unfiltered_access(repos.connection, action)
+        owner = get_store(owner_url, settings=settings.model_copy(update={"auto_migrate": False}))
+        with owner.read() as repos:
+            require_unfiltered_access(repos.connection, action)
+        click.echo(
+            f"note: row-level security filters the role of {self.safe_url()}; {action} runs "
+            f"as the owner, on the migration URL {mask_url(owner_url)}",
+            err=True,
+        )
+        return owner
 
 
 pass_cli_context = click.make_pass_decorator(CliContext)

@@ -39,7 +39,7 @@ def erase_command(context: CliContext, user_id: str, yes: bool, as_json: bool) -
     what will be deleted, unless --yes; declining exits with status 1.
     """
     with reported_errors():
-        store = context.store()
+        store = context.unfiltered_store(f"erase --user {user_id!r}")
         if not yes:
             planned = user_data_counts(store, user_id)
             if planned.conversations:

@@ -82,7 +82,7 @@ def export_command(
     """
     ids = list(conversation_ids) or None
     with reported_errors():
-        store = context.store()
+        store = context.unfiltered_store("export")
         total = count_export(store, conversation_ids=ids, user_id=user_id)
         with progress("exporting conversations", total) as bar:
             if output == "-":
@@ -147,7 +147,7 @@ def import_command(context: CliContext, source: str, batch_size: int, as_json: b
     messages differ from the file's is refused (exit status 1), never merged.
     """
     with reported_errors(), ExportFile(source) as export:
-        store = context.store()
+        store = context.unfiltered_store("import")
         with progress("importing conversations", export.counts.conversations) as bar:
             summary = import_export(store, export, batch_size=batch_size, progress=bar.update)
     _report_import(context, source, summary, as_json)

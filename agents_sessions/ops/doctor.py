@@ -12,7 +12,9 @@ is ``ok``, advice saying what to do:
 * ``pool`` -- the pool settings taken from the URL (and the server's connection limit);
 * ``indexes`` -- every index the models define exists, on the right columns;
 * ``privileges`` (PostgreSQL) -- the role may read and write the tables;
-* ``role`` (PostgreSQL) -- the role does not hold more power than an app needs.
+* ``role`` (PostgreSQL) -- the role does not hold more power than an app needs;
+* ``row_level_security`` (PostgreSQL) -- whether tenant row-level security is enabled,
+  and whether it filters this role (then operator commands need the owner's URL).
 
 A failure never raises: an unreachable server is a failed ``database`` check with
 advice, and the checks that need a connection are then not run. No check
@@ -39,6 +41,7 @@ from ..db.migrate import schema_status_of
 from ..db.models import Base
 from ..errors import AgentsSessionsError
 from ..settings import Settings, load_settings
+from .tenancy import row_level_security_status, tables_filtered_for_current_role
 
 #: The outcome of one check.
 Status = Literal["ok", "warn", "fail"]
@@ -407,6 +410,32 @@ def _check_role(connection: Connection) -> Check:
     return Check("role", "ok", f"role {row.name} is not a superuser and owns none of the tables")
 
 
+def _check_row_level_security(connection: Connection) -> Check:
+    states = row_level_security_status(connection)
+    enabled = [table for table, on in states.items() if on]
+    if not enabled:
+        return Check("row_level_security", "ok", "disabled: no tenant isolation by the database")
+    role = str(connection.execute(text("SELECT current_user")).scalar_one())
+    filtered = tables_filtered_for_current_role(connection)
+    if not filtered:
+        return Check(
+            "row_level_security",
+            "ok",
+            f"enabled on {', '.join(enabled)}; role {role} is not filtered by it (it owns "
+            "the tables or bypasses row-level security): operator commands see every tenant",
+        )
+    return Check(
+        "row_level_security",
+        "warn",
+        f"enabled, and it filters role {role} ({', '.join(filtered)}): this role sees only "
+        "the rows of the tenant it acts for, and none without one. Right for the "
+        "application; operator commands (erase, prune, stats, export, conversations) "
+        "refuse to run as it, since they would find nothing",
+        "run operator commands as the tables' owner: set DATABASE_MIGRATION_URL to the "
+        "owner's URL (they use it when this role is filtered) or pass it with --database-url",
+    )
+
+
 # --------------------------------------------------------------------------- runner
 
 
@@ -553,6 +582,7 @@ def diagnose(
                 checks += [
                     ("privileges", lambda: _check_privileges(connection)),
                     ("role", lambda: _check_role(connection)),
+                    ("row_level_security", lambda: _check_row_level_security(connection)),
                 ]
             for name, function in checks:
                 report.checks.append(_run(name, function, connection, scrub))
