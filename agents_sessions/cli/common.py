@@ -20,9 +20,17 @@ from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
 import click
+from sqlalchemy import exc as sa_exc
 
 from ..db.engine import mask_url
-from ..errors import AgentsSessionsError, ExitCode
+from ..errors import (
+    AccessDeniedError,
+    AgentsSessionsError,
+    DatabaseError,
+    ExitCode,
+    RowLevelSecurityFilteredError,
+    sqlstate_of,
+)
 from ..ops.tenancy import require_unfiltered_access, tables_filtered_for_current_role
 from ..settings import Settings, load_settings
 from ..store import SessionStore, get_store
@@ -105,10 +113,69 @@ class CliContext:
 pass_cli_context = click.make_pass_decorator(CliContext)
 
 
-def fail(message: str, code: ExitCode) -> NoReturn:
-    """Print ``message`` to stderr and exit with ``code``."""
+def fail(message: str, code: ExitCode, *, hint: str | None = None) -> NoReturn:
+    """Print ``message`` to stderr, then the database in use and ``hint``; exit with ``code``.
+
+    Naming the database (password masked) answers the first question after any
+    failure: was it the database I meant? (An unset ``DATABASE_URL`` silently means
+    the embedded SQLite file.)
+    """
     click.echo(f"error: {message}", err=True)
+    database = _database_in_use()
+    if database is not None:
+        click.echo(f"database: {database}", err=True)
+    if hint is not None:
+        click.echo(f"hint: {hint}", err=True)
     sys.exit(int(code))
+
+
+def _database_in_use() -> str | None:
+    """The masked URL of the command's database, if one can be named."""
+    context = click.get_current_context(silent=True)
+    cli_context = context.find_object(CliContext) if context is not None else None
+    if cli_context is None:
+        return None
+    try:
+        return cli_context.safe_url()
+    except AgentsSessionsError:  # the settings themselves are what failed
+        return mask_url(cli_context.database_url) if cli_context.database_url else None
+
+
+#: What to check when the server could not be reached or refused the login.
+CONNECTION_HINT = (
+    "check the host and port (is the server running and reachable from here?), the "
+    "database name, and the user name and password in the URL (--database-url or "
+    "DATABASE_URL); `agents-sessions doctor` checks the connection step by step"
+)
+
+
+def _is_connection_failure(error: AgentsSessionsError) -> bool:
+    """A failed connect (no SQLSTATE: libpq gave up before a session existed)."""
+    cause = error.__cause__
+    return (
+        type(error) is DatabaseError
+        and isinstance(cause, sa_exc.OperationalError)
+        and sqlstate_of(cause) is None
+    )
+
+
+@contextmanager
+def as_owner(action: str) -> Iterator[None]:
+    """Turn "permission denied" / "must be owner" during ``action`` into advice.
+
+    Schema changes (migrations, ``rls enable``) need the role that owns the tables;
+    run as the application role of the least-privilege setup they are refused.
+    """
+    try:
+        yield
+    except RowLevelSecurityFilteredError:
+        raise
+    except AccessDeniedError as exc:
+        raise AccessDeniedError(
+            f"{exc}. {action} must run as the role that owns the tables (the owner role "
+            "of `agents-sessions roles sql`), not the application role: set "
+            "DATABASE_MIGRATION_URL to the owner's URL, or pass it with --database-url"
+        ) from exc
 
 
 @contextmanager
@@ -116,8 +183,11 @@ def reported_errors() -> Iterator[None]:
     """Turn package errors into one clear line on stderr and a meaningful exit code."""
     try:
         yield
+    except BrokenPipeError:  # the reader went away (`| head`): the entry point ends quietly
+        raise
     except AgentsSessionsError as exc:  # each error class knows its exit status
-        fail(str(exc), exc.exit_code)
+        hint = CONNECTION_HINT if _is_connection_failure(exc) else None
+        fail(str(exc), exc.exit_code, hint=hint)
     except OSError as exc:  # a file or directory argument: missing, unwritable, disk full
         message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
         fail(message, ExitCode.CONFIGURATION)

@@ -10,7 +10,14 @@ from ..ops.tenancy import (
     enable_row_level_security,
     row_level_security_status,
 )
-from .common import CliContext, emit_json, json_option, pass_cli_context, reported_errors
+from .common import (
+    CliContext,
+    as_owner,
+    emit_json,
+    json_option,
+    pass_cli_context,
+    reported_errors,
+)
 from .main import cli
 
 
@@ -57,7 +64,7 @@ def enable(context: CliContext, yes: bool) -> None:
         if not click.confirm("Enable it?", default=False, err=True):
             click.echo("Nothing was changed.", err=True)
             raise SystemExit(int(ExitCode.PROBLEM))
-    with reported_errors(), context.store().transaction() as repos:
+    with reported_errors(), as_owner("rls enable"), context.store().transaction() as repos:
         enable_row_level_security(repos.connection)
     click.echo("row-level security enabled on conversations, messages, usage_logs")
 
@@ -66,6 +73,6 @@ def enable(context: CliContext, yes: bool) -> None:
 @pass_cli_context
 def disable(context: CliContext) -> None:
     """Stop enforcing the tenant policies (they stay defined)."""
-    with reported_errors(), context.store().transaction() as repos:
+    with reported_errors(), as_owner("rls disable"), context.store().transaction() as repos:
         disable_row_level_security(repos.connection)
     click.echo("row-level security disabled on conversations, messages, usage_logs")

@@ -27,6 +27,7 @@ from ..ops.transfer import (
 from .common import (
     CliContext,
     emit_json,
+    fail,
     json_option,
     pass_cli_context,
     progress,
@@ -81,6 +82,12 @@ def export_command(
     --json) to standard error.
     """
     ids = list(conversation_ids) or None
+    if output != "-" and not Path(output).expanduser().parent.is_dir():
+        fail(
+            f"{output}: the directory {Path(output).expanduser().parent} does not exist; "
+            "create it first",
+            ExitCode.CONFIGURATION,
+        )
     with reported_errors():
         store = context.unfiltered_store("export")
         total = count_export(store, conversation_ids=ids, user_id=user_id)
