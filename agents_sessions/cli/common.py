@@ -44,6 +44,9 @@ class CliContext:
 
     database_url: str | None
     _settings: Settings | None = field(default=None, init=False, repr=False)
+    # Set when row-level security made an operator command act as the owner: the
+    # database named in messages is then the one actually used.
+    _acting_url: str | None = field(default=None, init=False, repr=False)
 
     def settings(self) -> Settings:
         """Settings from the environment, with ``--database-url`` on top (read once).
@@ -64,7 +67,9 @@ class CliContext:
         return self.settings().resolved_migration_url()
 
     def safe_url(self) -> str:
-        """The URL with its password masked, for messages."""
+        """The URL in use with its password masked, for messages."""
+        if self._acting_url is not None:
+            return mask_url(self._acting_url)
         return self.settings().safe_database_url()
 
     def store(self) -> SessionStore:
@@ -87,18 +92,13 @@ class CliContext:
         else :class:`RowLevelSecurityFilteredError` saying which URL to use.
         """
         store = self.store()
-        with store.read() as repos:
-            filtered = tables_filtered_for_current_role(repos.connection)
         settings = self.settings()
-        if not filtered or settings.migration_url is None:
-            if filtered:
-                with store.read() as repos:
-                    require_unfiltered_access(repos.connection, action)
-            return store
         owner_url = settings.resolved_migration_url()
-        if owner_url == settings.resolved_database_url():
-            with store.read() as repos:
-                require_unfiltered_access(repos.connection, action)
+        with store.read() as repos:
+            if not tables_filtered_for_current_role(repos.connection):
+                return store
+            if settings.migration_url is None or owner_url == settings.resolved_database_url():
+                require_unfiltered_access(repos.connection, action)  # refuses, naming the role
         owner = get_store(owner_url, settings=settings.model_copy(update={"auto_migrate": False}))
         with owner.read() as repos:
             require_unfiltered_access(repos.connection, action)
@@ -107,6 +107,7 @@ class CliContext:
             f"as the owner, on the migration URL {mask_url(owner_url)}",
             err=True,
         )
+        self._acting_url = owner_url
         return owner
 
 

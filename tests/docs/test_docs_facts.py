@@ -3,6 +3,7 @@ quoted messages, the install extras, the compose roles, BuildKit."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -112,3 +113,25 @@ def test_the_compose_init_script_creates_the_guides_roles_with_their_passwords(
     assert rows == [("agents_app", True, True, False), ("agents_owner", True, True, False)]
     compose = (ROOT / "docker" / "compose.yaml").read_text(encoding="utf-8")
     assert "DATABASE_URL: postgresql://agents_owner:" in compose  # the migrate job
+
+
+def test_every_python_name_the_docs_cite_exists() -> None:
+    """`agents_sessions.x.y` in the docs is a module, or a module's attribute."""
+    cited = set(re.findall(r"`(agents_sessions(?:\.\w+)+)`", README + GUIDE))
+    assert len(cited) >= 5
+    missing = []
+    for dotted in sorted(cited):
+        parts = dotted.split(".")
+        for split in range(len(parts), 0, -1):
+            try:
+                found: object = importlib.import_module(".".join(parts[:split]))
+            except ImportError:
+                continue
+            for attribute in parts[split:]:
+                found = getattr(found, attribute, None)
+            break
+        else:
+            found = None
+        if found is None:
+            missing.append(dotted)
+    assert missing == []

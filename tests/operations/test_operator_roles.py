@@ -131,6 +131,7 @@ def test_erase_acts_as_the_owner_through_the_migration_url_when_the_app_role_is_
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert (document["conversations"], document["messages"]) == (1, 2)
+    assert "://op_owner_" in document["database"]  # the database it used
     assert "runs as the owner" in result.stderr
     assert _u1_messages(roles.owner_url) == 0
 
