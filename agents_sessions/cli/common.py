@@ -121,12 +121,15 @@ def fail(message: str, code: ExitCode, *, hint: str | None = None) -> NoReturn:
     failure: was it the database I meant? (An unset ``DATABASE_URL`` silently means
     the embedded SQLite file.)
     """
-    click.echo(f"error: {message}", err=True)
-    database = _database_in_use()
-    if database is not None:
-        click.echo(f"database: {database}", err=True)
-    if hint is not None:
-        click.echo(f"hint: {hint}", err=True)
+    try:
+        click.echo(f"error: {message}", err=True)
+        database = _database_in_use()
+        if database is not None:
+            click.echo(f"database: {database}", err=True)
+        if hint is not None:
+            click.echo(f"hint: {hint}", err=True)
+    except BrokenPipeError:  # nobody reads stderr any more: the status must still say it
+        pass
     sys.exit(int(code))
 
 

@@ -267,3 +267,13 @@ def test_backup_and_export_into_a_missing_directory_are_errors(
     assert not (tmp_path / "no").exists()
     made = run("--database-url", sqlite_db, "backup", "--dir", str(missing), "--mkdir")
     assert made.exit_code == 0, made.output
+
+
+def test_a_failure_keeps_its_exit_status_when_its_reader_leaves_early(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'never-migrated.sqlite3'}"
+    shell = f"'{SCRIPT}' --database-url '{url}' stats 2>&1 | head -c 5 >/dev/null;"
+    shell += ' echo "status=${PIPESTATUS[0]}"'
+    finished = subprocess.run(
+        ["bash", "-c", shell], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert f"status={int(ExitCode.SCHEMA)}" in finished.stdout, finished.stdout
