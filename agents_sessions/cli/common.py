@@ -81,7 +81,7 @@ class CliContext:
         settings = self.settings().model_copy(update={"auto_migrate": False})
         return get_store(settings.resolved_database_url(), settings=settings)
 
-    def unfiltered_store(self, action: str) -> SessionStore:
+    def unfiltered_store(self, action: str, *, lag_tolerant: bool = False) -> SessionStore:
         """A store whose role sees every tenant's rows, for ``action`` (erase, prune, stats...).
 
         Under row-level security the application role sees only the tenant it acts
@@ -90,17 +90,21 @@ class CliContext:
         query; always on SQLite); else the migration URL's (the tables' owner in the
         least-privilege setup) when one is configured and is not filtered either;
         else :class:`RowLevelSecurityFilteredError` saying which URL to use.
+
+        ``lag_tolerant``: the command reads from the replica when one is configured,
+        so the check runs there too (a standby has the primary's roles and policies)
+        and works while the primary is down.
         """
         store = self.store()
         settings = self.settings()
         owner_url = settings.resolved_migration_url()
-        with store.read() as repos:
+        with store.read(lag_tolerant=lag_tolerant) as repos:
             if not tables_filtered_for_current_role(repos.connection):
                 return store
             if settings.migration_url is None or owner_url == settings.resolved_database_url():
                 require_unfiltered_access(repos.connection, action)  # refuses, naming the role
         owner = get_store(owner_url, settings=settings.model_copy(update={"auto_migrate": False}))
-        with owner.read() as repos:
+        with owner.read(lag_tolerant=lag_tolerant) as repos:
             require_unfiltered_access(repos.connection, action)
         click.echo(
             f"note: row-level security filters the role of {self.safe_url()}; {action} runs "

@@ -93,7 +93,9 @@ def list_command(
     # Lag-tolerant: served by the read replica when one is configured.
     with (
         reported_errors(),
-        context.unfiltered_store("conversations list").read(lag_tolerant=True) as repositories,
+        context.unfiltered_store("conversations list", lag_tolerant=True).read(
+            lag_tolerant=True
+        ) as repositories,
     ):
         if user_id is None:
             page = repositories.conversations.list_all(limit=limit, after=after)
@@ -207,7 +209,7 @@ def show_command(context: CliContext, conversation_id: str, as_json: bool) -> No
     # Lag-tolerant: served by the read replica when one is configured.
     with (
         reported_errors(),
-        context.unfiltered_store(f"conversations show {conversation_id!r}").read(
+        context.unfiltered_store(f"conversations show {conversation_id!r}", lag_tolerant=True).read(
             lag_tolerant=True
         ) as repositories,
     ):

@@ -44,7 +44,9 @@ def stats_command(context: CliContext, since: str, top: int, as_json: bool) -> N
     # Lag-tolerant: served by the read replica when one is configured.
     with (
         reported_errors(),
-        context.unfiltered_store("stats").read(lag_tolerant=True) as repositories,
+        context.unfiltered_store("stats", lag_tolerant=True).read(
+            lag_tolerant=True
+        ) as repositories,
     ):
         statistics = analytics.collect_statistics(
             repositories.connection, window=window, top_users=top

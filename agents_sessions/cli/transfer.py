@@ -89,7 +89,7 @@ def export_command(
             ExitCode.CONFIGURATION,
         )
     with reported_errors():
-        store = context.unfiltered_store("export")
+        store = context.unfiltered_store("export", lag_tolerant=True)
         total = count_export(store, conversation_ids=ids, user_id=user_id)
         with progress("exporting conversations", total) as bar:
             if output == "-":
