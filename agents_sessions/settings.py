@@ -4,8 +4,13 @@ Every field can be set by an environment variable named ``AGENTS_SESSIONS_<FIELD
 the database URL also answers to the conventional ``DATABASE_URL``. Explicit
 constructor arguments win over the environment, which wins over ``.env``.
 
+Which database URL wins: an explicit argument, then the process environment, then
+``.env``; within each, ``AGENTS_SESSIONS_DATABASE_URL`` over ``DATABASE_URL``.
+
 With no database URL anywhere, the package uses an embedded SQLite file (see
-:attr:`Settings.sqlite_path`), so a first run needs no server.
+:attr:`Settings.sqlite_path`), so a first run needs no server; it says so once, as a
+WARNING. ``require_database_url`` (``AGENTS_SESSIONS_REQUIRE_DATABASE_URL=true``)
+forbids that fallback, for production.
 """
 
 from __future__ import annotations
