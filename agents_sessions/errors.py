@@ -17,6 +17,7 @@ the password masked before they reach any error text.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
@@ -130,6 +131,16 @@ class AccessDeniedError(DatabaseError, PermissionError):
     """
 
 
+class RowLevelSecurityFilteredError(AccessDeniedError):
+    """Row-level security hides other tenants' rows from the role an operator command runs as.
+
+    Raised before anything is read or written by operations that must see every
+    tenant's rows (erasure, pruning, and the CLI's statistics, listings and exports):
+    under that role they would find nothing and report an empty success. Run them as
+    the tables' owner (its URL in ``DATABASE_MIGRATION_URL``, or ``--database-url``).
+    """
+
+
 class ReadOnlyDatabaseError(DatabaseError):
     """A write reached a read-only database: a hot-standby replica, or a read-only session.
 
@@ -197,6 +208,14 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 _READ_ONLY_TRANSACTION = "25006"
 
 
+# libpq's complaints about the URL's own parameters, at connect time: bad
+# configuration (exit 3), not an unreachable server.
+_BAD_CONNECTION_OPTION = re.compile(
+    r"invalid dsn|invalid connection option|invalid \w+ value|"
+    r"invalid integer value .* for connection option"
+)
+
+
 def sqlstate_of(error: BaseException) -> str | None:
     """The SQLSTATE of a driver error (wrapped by SQLAlchemy or not), if it has one.
 
@@ -235,6 +254,11 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
                 "lock_timeout_ms travel as the libpq startup parameter 'options', which "
                 "PgBouncer refuses; behind a pooler set them on the role instead "
                 "(ALTER ROLE app IN DATABASE db SET statement_timeout = '5s')"
+            ) from exc
+        if _BAD_CONNECTION_OPTION.search(first_line):
+            raise ConfigurationError(
+                f"the database URL carries an option libpq refuses: {first_line}; fix or "
+                "remove that parameter of the URL"
             ) from exc
         sqlstate = sqlstate_of(exc)
         if sqlstate == _INSUFFICIENT_PRIVILEGE:

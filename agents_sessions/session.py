@@ -113,7 +113,9 @@ class PostgreSQLSession:
         database_url: SQLAlchemy URL, e.g.
             ``postgresql://user:pass@host:5432/db?pool_size=20&max_overflow=10``.
             Defaults to ``DATABASE_URL`` from the environment or ``.env``, then to
-            the embedded SQLite file. Sessions with the same URL share one pool.
+            the embedded SQLite file (announced once as a WARNING; with
+            ``AGENTS_SESSIONS_REQUIRE_DATABASE_URL=true`` a missing URL is a
+            :class:`ConfigurationError` instead). Sessions with the same URL share one pool.
         user_id: Owner of the conversation, stored on it at the first write (an
             existing owner is never replaced by a session).
         metadata: JSON object stored on the conversation at the first write

@@ -4,8 +4,13 @@ Every field can be set by an environment variable named ``AGENTS_SESSIONS_<FIELD
 the database URL also answers to the conventional ``DATABASE_URL``. Explicit
 constructor arguments win over the environment, which wins over ``.env``.
 
+Which database URL wins: an explicit argument, then the process environment, then
+``.env``; within each, ``AGENTS_SESSIONS_DATABASE_URL`` over ``DATABASE_URL``.
+
 With no database URL anywhere, the package uses an embedded SQLite file (see
-:attr:`Settings.sqlite_path`), so a first run needs no server.
+:attr:`Settings.sqlite_path`), so a first run needs no server; it says so once, as a
+WARNING. ``require_database_url`` (``AGENTS_SESSIONS_REQUIRE_DATABASE_URL=true``)
+forbids that fallback, for production.
 """
 
 from __future__ import annotations
@@ -96,6 +101,15 @@ class Settings(BaseSettings):
             "straight to the primary before the replica is tried again."
         ),
     )
+    require_database_url: bool = Field(
+        default=False,
+        description=(
+            "Forbid the embedded SQLite fallback: with no database_url configured, "
+            "resolving the database URL raises ConfigurationError instead of using "
+            "sqlite_path. Set it in production, where a missing or misspelt DATABASE_URL "
+            "must not send conversations to a local file."
+        ),
+    )
     auto_migrate: bool = Field(
         default=True,
         description=(
@@ -171,9 +185,21 @@ class Settings(BaseSettings):
         return value
 
     def resolved_database_url(self) -> str:
-        """The URL to connect to: the configured one, or the embedded SQLite file."""
+        """The URL to connect to: the configured one, or the embedded SQLite file.
+
+        Raises:
+            ConfigurationError: no URL is configured and :attr:`require_database_url`
+                forbids the embedded file.
+        """
         if self.database_url is not None:
             return self.database_url.get_secret_value()
+        if self.require_database_url:
+            raise ConfigurationError(
+                "no database URL is configured and AGENTS_SESSIONS_REQUIRE_DATABASE_URL "
+                "forbids the embedded SQLite file: set DATABASE_URL (or "
+                "AGENTS_SESSIONS_DATABASE_URL, or --database-url) to "
+                "postgresql://user:password@host:5432/dbname"
+            )
         return f"sqlite:///{self.sqlite_path}"
 
     def resolved_migration_url(self) -> str:
@@ -190,6 +216,8 @@ class Settings(BaseSettings):
         """The resolved URL with its password masked, fit for logs and messages."""
         from .db.engine import mask_url  # local import: engine depends on this module
 
+        if self.database_url is None and self.require_database_url:
+            return "<no database URL configured>"
         return mask_url(self.resolved_database_url())
 
     @property
@@ -239,6 +267,26 @@ def default_settings() -> Settings:
     return settings
 
 
+def environment_variables_of(field: str) -> tuple[str, ...]:
+    """The environment variables that set ``field`` (``DATABASE_URL`` first where it exists)."""
+    info = Settings.model_fields.get(field)
+    alias = None if info is None else info.validation_alias
+    if isinstance(alias, AliasChoices):
+        names = [str(choice) for choice in alias.choices]
+        return tuple(sorted(names, key=lambda name: name.startswith("AGENTS_SESSIONS_")))
+    return (f"AGENTS_SESSIONS_{field.upper()}",)
+
+
+def _setting_name(location: tuple[int | str, ...]) -> str:
+    """``AGENTS_SESSIONS_MAX_ITEM_BYTES (max_item_bytes)``: what a reader can set."""
+    if not location:
+        return "settings"
+    field = str(location[0])
+    if field not in Settings.model_fields:  # an alias: already an environment variable
+        return field
+    return f"{' / '.join(environment_variables_of(field))} ({field})"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment, with explicit ``overrides`` on top.
 
@@ -252,7 +300,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**clean)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            f"{_setting_name(error['loc'])}: {error['msg']}"
             for error in exc.errors(include_input=False)
         )
         # `from None` on purpose: pydantic's own message quotes the input values,

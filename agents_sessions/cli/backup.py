@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import ExitCode
 from ..ops.backup import (
     backup_database,
     restore_database,
@@ -17,6 +18,7 @@ from ..ops.backup import (
 from .common import (
     CliContext,
     emit_json,
+    fail,
     json_option,
     pass_cli_context,
     progress,
@@ -40,8 +42,9 @@ def _size(size: int) -> str:
     "directory",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of the backups (created if missing).",
+    help="Directory of the backups; it must exist (or give --mkdir).",
 )
+@click.option("--mkdir", is_flag=True, help="Create --dir (and its parents) if missing.")
 @click.option(
     "--keep-days",
     type=click.IntRange(min=0),
@@ -51,12 +54,20 @@ def _size(size: int) -> str:
 )
 @json_option
 @pass_cli_context
-def backup_command(context: CliContext, directory: Path, keep_days: int, as_json: bool) -> None:
+def backup_command(
+    context: CliContext, directory: Path, mkdir: bool, keep_days: int, as_json: bool
+) -> None:
     """Back up the whole database to a timestamped, gzipped file in --dir.
 
     PostgreSQL: pg_dump (plain SQL, no owners or privileges), which must be on PATH.
     SQLite: a consistent online copy. The file appears only once complete.
     """
+    if not mkdir and not directory.expanduser().is_dir():
+        # A typo in --dir must not quietly grow a new tree that nobody restores from.
+        fail(
+            f"{directory}: no such directory; create it first, or add --mkdir",
+            ExitCode.CONFIGURATION,
+        )
     with reported_errors():
         result = backup_database(context.migration_url(), directory, keep_days=keep_days)
     if as_json:

@@ -80,7 +80,12 @@ def list_command(
     conversations arrive, and a deep page costs as little as the first.
     """
     # Lag-tolerant: served by the read replica when one is configured.
-    with reported_errors(), context.store().read(lag_tolerant=True) as repositories:
+    with (
+        reported_errors(),
+        context.unfiltered_store("conversations list", lag_tolerant=True).read(
+            lag_tolerant=True
+        ) as repositories,
+    ):
         if user_id is None:
             page = repositories.conversations.list_all(limit=limit, after=after)
         else:
@@ -191,7 +196,12 @@ def _describe_item(item: Mapping[str, Any]) -> tuple[str, list[str]]:
 def show_command(context: CliContext, conversation_id: str, as_json: bool) -> None:
     """Print a conversation as a readable transcript (--json: its stored items)."""
     # Lag-tolerant: served by the read replica when one is configured.
-    with reported_errors(), context.store().read(lag_tolerant=True) as repositories:
+    with (
+        reported_errors(),
+        context.unfiltered_store(f"conversations show {conversation_id!r}", lag_tolerant=True).read(
+            lag_tolerant=True
+        ) as repositories,
+    ):
         record = repositories.conversations.get(conversation_id)
         if record is None:
             fail(f"no conversation {conversation_id!r}", ExitCode.PROBLEM)
@@ -243,7 +253,7 @@ def delete_command(context: CliContext, conversation_id: str, yes: bool, as_json
     (stderr; "restore_point" in --json), to recover to with point-in-time recovery.
     """
     with reported_errors():
-        store = context.store()
+        store = context.unfiltered_store(f"conversations delete {conversation_id!r}")
         with store.read() as repositories:
             record = repositories.conversations.get(conversation_id)
             count = repositories.messages.count(conversation_id) if record else 0

@@ -43,7 +43,7 @@ def erase_command(context: CliContext, user_id: str, yes: bool, as_json: bool) -
     (stderr; "restore_point" in --json), to recover to with point-in-time recovery.
     """
     with reported_errors():
-        store = context.store()
+        store = context.unfiltered_store(f"erase --user {user_id!r}")
         if not yes:
             planned = user_data_counts(store, user_id)
             if planned.conversations:

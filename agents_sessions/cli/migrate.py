@@ -20,6 +20,7 @@ from ..db import migrate as migrations
 from ..errors import ExitCode
 from .common import (
     CliContext,
+    as_owner,
     emit_json,
     fail,
     json_option,
@@ -54,6 +55,25 @@ def _shown(revision: str | None) -> str:
     return revision or "none (empty)"
 
 
+def _downgrade_target(current: str | None, revision: str) -> str:
+    """What ``revision`` (an id, ``-N`` or ``base``) names from ``current``, for the prompt."""
+    if revision == "base":
+        return "base (no schema: every table dropped)"
+    steps = revision[1:] if revision.startswith("-") else ""
+    if not steps.isdigit() or current is None:
+        return revision
+    down = {info.revision: info.down_revisions for info in migrations.history()}
+    target: str | None = current
+    for _ in range(int(steps)):
+        parents = down.get(target or "", ())
+        target = parents[0] if parents else None
+        if target is None:
+            break
+    if target is None:
+        return f"{revision} (= base: no schema, every table dropped)"
+    return f"{target} ({revision})"
+
+
 @cli.group("migrate")
 def migrate_group() -> None:
     """Apply, inspect and check the schema migrations.
@@ -68,7 +88,7 @@ def migrate_group() -> None:
 @pass_cli_context
 def upgrade_command(context: CliContext, revision: str) -> None:
     """Upgrade the database to REVISION (default: head)."""
-    with reported_errors(), _revision_errors(revision):
+    with reported_errors(), as_owner("migrate upgrade"), _revision_errors(revision):
         settings = context.settings()
         before = migrations.schema_status(settings=settings)
         if before.state == "ahead":
@@ -99,15 +119,17 @@ def downgrade_command(context: CliContext, revision: str, yes: bool) -> None:
     with reported_errors():
         settings = context.settings()
         before = migrations.schema_status(settings=settings)
+        target = _downgrade_target(before.current, revision)
         if not yes and not click.confirm(
-            f"Downgrade {context.safe_url()} from {_shown(before.current)} to {revision}? "
+            f"Downgrade {context.safe_url()} from {_shown(before.current)} to {target}? "
             "Data in what the downgrade drops is lost",
             default=False,
             err=True,
         ):
             fail("not confirmed; nothing was changed", ExitCode.PROBLEM)
-        restore_point_before(settings.resolved_migration_url(), "migrate-downgrade")
-        migrations.downgrade(settings=settings, revision=revision)
+        with as_owner("migrate downgrade"):
+            restore_point_before(settings.resolved_migration_url(), "migrate-downgrade")
+            migrations.downgrade(settings=settings, revision=revision)
         after = migrations.schema_status(settings=settings)
     click.echo(
         f"{context.safe_url()}: downgraded from {_shown(before.current)} to {_shown(after.current)}"

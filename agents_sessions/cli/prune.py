@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import click
 
 from ..ops.recovery import RestorePoint
+from ..errors import ExitCode
 from ..ops.retention import DEFAULT_PRUNE_BATCH_SIZE, PruneSummary, prune, prune_plan
 from .common import (
     CliContext,
@@ -40,27 +41,45 @@ from .main import cli
     help="Most message rows deleted per transaction (bounds how long locks are held).",
 )
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 @pass_cli_context
 def prune_command(
-    context: CliContext, older_than: str, batch_size: int, dry_run: bool, as_json: bool
+    context: CliContext,
+    older_than: str,
+    batch_size: int,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
 ) -> None:
     """Delete conversations (with their messages and usage) not updated for a while.
 
     Works in batches, each its own short transaction, while the application keeps
-    running: a conversation that gets a new message meanwhile is kept. On
-    PostgreSQL, when there is something to delete, a named restore point is created
-    first and its name printed (stderr; "restore_point" in --json).
+    running: a conversation that gets a new message meanwhile is kept. Asks for
+    confirmation, showing what will be deleted, unless --yes or --dry-run; declining
+    exits with status 1. On PostgreSQL, when there is something to delete, a named
+    restore point is created first and its name printed (stderr; "restore_point" in
+    --json).
     """
     age = parse_duration(older_than, name="--older-than")
     now = datetime.now(timezone.utc)  # one cutoff for the plan and the run
     with reported_errors():
-        store = context.store()
+        store = context.unfiltered_store("prune")
         plan = prune_plan(store, age, batch_size=batch_size, now=now)
         point = None
         if dry_run:
             summary = plan
         else:
+            if not yes and plan.conversations:
+                click.echo(
+                    f"This permanently deletes {plan.conversations} conversations, "
+                    f"{plan.messages} messages and {plan.usage_rows} usage rows not updated "
+                    f"since {plan.cutoff.isoformat()} from {context.safe_url()}.",
+                    err=True,
+                )
+                if not click.confirm("Delete them?", default=False, err=True):
+                    click.echo("Nothing was deleted.", err=True)
+                    raise SystemExit(int(ExitCode.PROBLEM))
             if plan.conversations:
                 point = restore_point_before(store.engine, "prune")
             with progress("pruning messages", plan.messages) as bar:

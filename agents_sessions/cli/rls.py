@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import click
 
+from ..errors import ExitCode
 from ..ops.tenancy import (
     disable_row_level_security,
     enable_row_level_security,
     row_level_security_status,
 )
-from .common import CliContext, emit_json, json_option, pass_cli_context, reported_errors
+from .common import (
+    CliContext,
+    as_owner,
+    emit_json,
+    json_option,
+    pass_cli_context,
+    reported_errors,
+)
 from .main import cli
 
 
@@ -37,10 +45,26 @@ def status(context: CliContext, as_json: bool) -> None:
 
 
 @rls.command()
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_cli_context
-def enable(context: CliContext) -> None:
-    """Enforce the tenant policies on conversations, messages and usage_logs."""
-    with reported_errors(), context.store().transaction() as repos:
+def enable(context: CliContext, yes: bool) -> None:
+    """Enforce the tenant policies on conversations, messages and usage_logs.
+
+    From then on the application role sees only the rows of the tenant it acts for,
+    and none without one. Asks for confirmation unless --yes; declining exits with
+    status 1.
+    """
+    if not yes:
+        click.echo(
+            f"This enables row-level security on {context.safe_url()}: every role that does "
+            "not own the tables then sees and writes only the rows of the tenant it acts "
+            "for (PostgreSQLSession(..., tenant_id=...)), and nothing without one.",
+            err=True,
+        )
+        if not click.confirm("Enable it?", default=False, err=True):
+            click.echo("Nothing was changed.", err=True)
+            raise SystemExit(int(ExitCode.PROBLEM))
+    with reported_errors(), as_owner("rls enable"), context.store().transaction() as repos:
         enable_row_level_security(repos.connection)
     click.echo("row-level security enabled on conversations, messages, usage_logs")
 
@@ -49,6 +73,6 @@ def enable(context: CliContext) -> None:
 @pass_cli_context
 def disable(context: CliContext) -> None:
     """Stop enforcing the tenant policies (they stay defined)."""
-    with reported_errors(), context.store().transaction() as repos:
+    with reported_errors(), as_owner("rls disable"), context.store().transaction() as repos:
         disable_row_level_security(repos.connection)
     click.echo("row-level security disabled on conversations, messages, usage_logs")

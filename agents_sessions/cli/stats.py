@@ -42,7 +42,12 @@ def stats_command(context: CliContext, since: str, top: int, as_json: bool) -> N
     """Conversations, recent activity, top users by messages, token usage by model."""
     window = parse_duration(since, name="--since")
     # Lag-tolerant: served by the read replica when one is configured.
-    with reported_errors(), context.store().read(lag_tolerant=True) as repositories:
+    with (
+        reported_errors(),
+        context.unfiltered_store("stats", lag_tolerant=True).read(
+            lag_tolerant=True
+        ) as repositories,
+    ):
         statistics = analytics.collect_statistics(
             repositories.connection, window=window, top_users=top
         )

@@ -28,6 +28,7 @@ from ..ops.transfer import (
 from .common import (
     CliContext,
     emit_json,
+    fail,
     json_option,
     pass_cli_context,
     progress,
@@ -83,8 +84,14 @@ def export_command(
     --json) to standard error.
     """
     ids = list(conversation_ids) or None
+    if output != "-" and not Path(output).expanduser().parent.is_dir():
+        fail(
+            f"{output}: the directory {Path(output).expanduser().parent} does not exist; "
+            "create it first",
+            ExitCode.CONFIGURATION,
+        )
     with reported_errors():
-        store = context.store()
+        store = context.unfiltered_store("export", lag_tolerant=True)
         total = count_export(store, conversation_ids=ids, user_id=user_id)
         with progress("exporting conversations", total) as bar:
             if output == "-":
@@ -151,7 +158,7 @@ def import_command(context: CliContext, source: str, batch_size: int, as_json: b
     point is created first and its name printed (stderr; "restore_point" in --json).
     """
     with reported_errors(), ExportFile(source) as export:
-        store = context.store()
+        store = context.unfiltered_store("import")
         point = None
         with store.read() as repositories:
             populated = holds_conversations(repositories.connection)

@@ -16,6 +16,7 @@ for writes, so that two processes never deadlock upgrading read locks to write l
 
 from __future__ import annotations
 
+import difflib
 import logging
 import select
 import sqlite3
@@ -186,6 +187,114 @@ class DatabaseTarget:
         return mask_url(self.url)
 
 
+#: Connection parameters libpq (PostgreSQL 18 and older) accepts in a URL's query string.
+LIBPQ_PARAMETERS = frozenset(
+    [
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "passfile",
+        "require_auth",
+        "channel_binding",
+        "connect_timeout",
+        "client_encoding",
+        "options",
+        "application_name",
+        "fallback_application_name",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "replication",
+        "gssencmode",
+        "sslmode",
+        "sslnegotiation",
+        "requiressl",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslkeylogfile",
+        "sslpassword",
+        "sslcertmode",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "requirepeer",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "min_protocol_version",
+        "max_protocol_version",
+        "krbsrvname",
+        "gsslib",
+        "gssdelegation",
+        "service",
+        "target_session_attrs",
+        "load_balance_hosts",
+        "scram_client_key",
+        "scram_server_key",
+        "oauth_issuer",
+        "oauth_client_id",
+        "oauth_client_secret",
+        "oauth_scope",
+    ]
+)
+
+
+def refuse_misspelt_parameters(url: URL) -> None:
+    """Refuse a query parameter that is neither a pool option nor libpq's, but close to one.
+
+    ``pool_sise=5`` would otherwise reach libpq and fail every connect as an
+    "invalid dsn", far from the typo. Only names with a close known match are
+    refused here (a libpq newer than the list above may know more names; libpq
+    itself still rejects the rest at connect time).
+
+    Raises:
+        ConfigurationError: naming the parameter and the nearest known name.
+    """
+    if url.get_backend_name() != "postgresql" or url.get_driver_name() not in (
+        "psycopg2",
+        "psycopg",
+    ):
+        return
+    known = sorted(LIBPQ_PARAMETERS | set(_POOL_PARAMETERS))
+    for name in url.query:
+        if name in LIBPQ_PARAMETERS or name in _POOL_PARAMETERS:
+            continue
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if nearest:
+            raise ConfigurationError(
+                f"unknown database URL parameter {name!r}: did you mean {nearest[0]!r}? "
+                "(pool options: " + ", ".join(_POOL_PARAMETERS) + "; every other parameter "
+                "goes to libpq)"
+            )
+
+
+def refuse_unencoded_at_sign(raw_url: str) -> None:
+    """Refuse a URL whose user name or password holds a bare ``@``.
+
+    ``postgresql://app:p@ss:w0rd@db/agents`` splits at the first ``@`` (host ``ss``,
+    port ``w0rd@db``): SQLAlchemy either fails to parse it or connects somewhere else.
+
+    Raises:
+        ConfigurationError: saying to percent-encode the user name and password.
+    """
+    scheme, separator, rest = raw_url.partition("://")
+    if not separator or scheme.lower().startswith("sqlite"):
+        return
+    before_query = rest.split("?", 1)[0]
+    if before_query.count("@") > 1:
+        raise ConfigurationError(
+            "the database URL holds more than one '@': a special character in the user "
+            "name or password (@ : / ? # % and spaces) must be percent-encoded, e.g. "
+            "p@ss:w0rd -> p%40ss%3Aw0rd (Python: urllib.parse.quote(password, safe=''))"
+        )
+
+
 def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     """Validate ``raw_url`` and split it into a driver URL and :class:`PoolOptions`.
 
@@ -197,6 +306,7 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     if isinstance(raw_url, str):
         if not raw_url.strip():
             raise ConfigurationError("database URL is empty")
+        refuse_unencoded_at_sign(raw_url)
         try:
             url = make_url(raw_url)
         except (ArgumentError, ValueError):
@@ -204,7 +314,9 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
             # surfaces as a bare ValueError from int()).
             raise ConfigurationError(
                 "database URL could not be parsed; expected e.g. "
-                "postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db"
+                "postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db "
+                "(special characters in the user name or password must be percent-encoded: "
+                "@ -> %40, : -> %3A, / -> %2F)"
             ) from None
     else:
         url = raw_url
@@ -228,6 +340,7 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
             "shared by a pool; give a file path, e.g. sqlite:///sessions.db"
         )
 
+    refuse_misspelt_parameters(url)
     pool = _parse_pool_options(url)
     url = url.difference_update_query(_POOL_PARAMETERS)
     if "password" in url.query and url.password is None:
@@ -501,12 +614,20 @@ _logged_default_locations_lock = threading.Lock()
 
 
 def log_embedded_default_once(path: Path) -> None:
-    """Say once per process (and per file) where the zero-configuration SQLite file is."""
+    """Warn once per process (and per file) that the zero-configuration SQLite file is in use.
+
+    A WARNING, not INFO: an app meant for PostgreSQL whose ``DATABASE_URL`` is unset or
+    misspelt would otherwise write its conversations to a local file unnoticed.
+    """
     with _logged_default_locations_lock:
         if path in _logged_default_locations:
             return
         _logged_default_locations.add(path)
-    logger.info(
-        "agents_sessions: no DATABASE_URL configured; using the embedded SQLite database at %s",
+    logger.warning(
+        "agents_sessions: no database URL configured (DATABASE_URL / "
+        "AGENTS_SESSIONS_DATABASE_URL are unset); using the embedded SQLite database at %s. "
+        "To use PostgreSQL set DATABASE_URL=postgresql://user:password@host:5432/dbname "
+        "(or pass database_url=...); set AGENTS_SESSIONS_REQUIRE_DATABASE_URL=true to "
+        "make a missing URL an error instead",
         path,
     )

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, inspect, text
 
 from ..errors import InvalidArgumentError, SchemaNotAtHeadError, translate_database_errors
 from ..settings import Settings, load_settings
-from .engine import create_pooled_engine, parse_database_url
+from .engine import create_pooled_engine, mask_url, parse_database_url
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -160,10 +160,13 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
         if not auto_migrate:
             where = "empty" if current is None else f"at revision {current}"
             raise SchemaNotAtHeadError(
-                f"the database is {where}, but this version of agents_sessions needs "
-                f"revision {head}; run `agents-sessions migrate upgrade` (or `alembic "
-                "upgrade head`) with DATABASE_URL set, or enable auto-migration "
-                "(AGENTS_SESSIONS_AUTO_MIGRATE=true)"
+                f"the database {mask_url(engine.url)} is {where}, but this version of "
+                f"agents_sessions needs revision {head}: run `agents-sessions migrate "
+                "upgrade` (or `alembic upgrade head`) on this database as the role that "
+                "owns the tables (DATABASE_MIGRATION_URL or --database-url). Nothing "
+                "migrates it here: auto-migration is off for this process "
+                "(AGENTS_SESSIONS_AUTO_MIGRATE=false), and agents-sessions commands other "
+                "than `migrate` never migrate"
             )
         with _alembic_lock:
             if settings.migration_url is None:

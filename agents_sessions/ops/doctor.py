@@ -15,6 +15,8 @@ is ``ok``, advice saying what to do:
 * ``role`` (PostgreSQL) -- the role does not hold more power than an app needs;
 * ``archiving`` (PostgreSQL) -- WAL archiving for point-in-time recovery: on, and
   not failing (``pg_stat_archiver``); see :mod:`agents_sessions.ops.archiving`.
+* ``row_level_security`` (PostgreSQL) -- whether tenant row-level security is enabled,
+  and whether it filters this role (then operator commands need the owner's URL).
 
 A failure never raises: an unreachable server is a failed ``database`` check with
 advice, and the checks that need a connection are then not run. No check
@@ -42,6 +44,7 @@ from ..db.models import Base
 from ..errors import AgentsSessionsError
 from ..settings import Settings, load_settings
 from .archiving import judge_archiving, read_archiver_state
+from .tenancy import row_level_security_status, tables_filtered_for_current_role
 
 #: The outcome of one check.
 Status = Literal["ok", "warn", "fail"]
@@ -415,6 +418,32 @@ def _check_archiving(connection: Connection) -> Check:
     return Check("archiving", status, detail, advice)
 
 
+def _check_row_level_security(connection: Connection) -> Check:
+    states = row_level_security_status(connection)
+    enabled = [table for table, on in states.items() if on]
+    if not enabled:
+        return Check("row_level_security", "ok", "disabled: no tenant isolation by the database")
+    role = str(connection.execute(text("SELECT current_user")).scalar_one())
+    filtered = tables_filtered_for_current_role(connection)
+    if not filtered:
+        return Check(
+            "row_level_security",
+            "ok",
+            f"enabled on {', '.join(enabled)}; role {role} is not filtered by it (it owns "
+            "the tables or bypasses row-level security): operator commands see every tenant",
+        )
+    return Check(
+        "row_level_security",
+        "warn",
+        f"enabled, and it filters role {role} ({', '.join(filtered)}): this role sees only "
+        "the rows of the tenant it acts for, and none without one. Right for the "
+        "application; operator commands (erase, prune, stats, export, conversations) "
+        "refuse to run as it, since they would find nothing",
+        "run operator commands as the tables' owner: set DATABASE_MIGRATION_URL to the "
+        "owner's URL (they use it when this role is filtered) or pass it with --database-url",
+    )
+
+
 # --------------------------------------------------------------------------- runner
 
 
@@ -562,6 +591,7 @@ def diagnose(
                     ("privileges", lambda: _check_privileges(connection)),
                     ("role", lambda: _check_role(connection)),
                     ("archiving", lambda: _check_archiving(connection)),
+                    ("row_level_security", lambda: _check_row_level_security(connection)),
                 ]
             for name, function in checks:
                 report.checks.append(_run(name, function, connection, scrub))

@@ -36,6 +36,7 @@ from ..db.models import conversations_table, messages_table, usage_logs_table
 from ..errors import InvalidArgumentError
 from ..store import SessionStore
 from ..validation import validate_batch_size, validate_identifier
+from .tenancy import require_unfiltered_access
 
 conversations = conversations_table
 messages = messages_table
@@ -128,6 +129,7 @@ def user_data_counts(store: SessionStore, user_id: str) -> DeletionCounts:
     """How many rows :func:`erase_user` would delete for ``user_id`` right now."""
     validate_identifier(user_id, name="user_id")
     with store.read() as repos:
+        require_unfiltered_access(repos.connection, f"erasing user {user_id!r}")
         return _counts_for(repos.connection, _owned_by(user_id))
 
 
@@ -136,11 +138,18 @@ def erase_user(store: SessionStore, user_id: str) -> DeletionCounts:
 
     One transaction: on any failure nothing is deleted. Returns what was deleted.
     Conversations of other users, and those without an owner, are not touched.
+
+    Raises:
+        RowLevelSecurityFilteredError: the store's role is filtered by row-level
+            security, so the user's rows are invisible to it; nothing is deleted.
     """
     validate_identifier(user_id, name="user_id")
     owned = _owned_by(user_id)
     with store.transaction() as repos:
         connection = repos.connection
+        # Under row-level security a filtered role would delete nothing and count it
+        # as success: refuse before touching anything.
+        require_unfiltered_access(connection, f"erasing user {user_id!r}")
         # Lock the user's conversation rows before any message row: the order every
         # writer follows, so an append racing the erasure waits for it instead of
         # deadlocking with it. (SQLite: BEGIN IMMEDIATE already holds the write lock.)
@@ -194,6 +203,7 @@ def prune_plan(
     cutoff = prune_cutoff(older_than, now=now)
     old_ids = select(conversations.c.id).where(_old(cutoff))
     with store.read() as repos:
+        require_unfiltered_access(repos.connection, "prune")
         counts = _counts_for(repos.connection, old_ids)
     return PruneSummary(
         cutoff=cutoff,
@@ -288,10 +298,16 @@ def prune(
     see the module docstring for why this is safe while the application writes.
     ``dry_run`` returns :func:`prune_plan` instead and deletes nothing.
     ``progress(n)`` is called after each transaction with the messages it deleted.
+
+    Raises:
+        RowLevelSecurityFilteredError: the store's role is filtered by row-level
+            security (it would see no old conversations); nothing is deleted.
     """
     if dry_run:
         return prune_plan(store, older_than, batch_size=batch_size, now=now)
     size = validate_batch_size(batch_size)
+    with store.read() as repos:
+        require_unfiltered_access(repos.connection, "prune")
     summary = PruneSummary(cutoff=prune_cutoff(older_than, now=now), dry_run=False, batch_size=size)
     # Conversations partly deleted and not yet finished. Normally at most one (the
     # last of a batch); more only when the app wrote to one of them in between.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RowLevelSecurityFilteredError
 
 #: The tables the policies of migration 0003 protect.
 PROTECTED_TABLES = ("conversations", "messages", "usage_logs")
@@ -61,3 +61,51 @@ def disable_row_level_security(connection: Connection) -> None:
     _require_postgresql(connection)
     for table in PROTECTED_TABLES:
         connection.execute(text(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"))
+
+
+# --------------------------------------------------------------------------------------
+# Operator work under row-level security
+# --------------------------------------------------------------------------------------
+
+
+def tables_filtered_for_current_role(connection: Connection) -> list[str]:
+    """The protected tables whose rows row-level security filters for this connection's role.
+
+    Empty on SQLite, when row-level security is disabled, and for a role the policies
+    do not apply to (the tables' owner, a superuser, a ``BYPASSRLS`` role): PostgreSQL's
+    own ``row_security_active()`` decides, so ``FORCE ROW LEVEL SECURITY`` and role
+    membership count exactly as they do for queries.
+    """
+    if connection.dialect.name != "postgresql":
+        return []
+    rows = connection.execute(
+        text(
+            "SELECT name FROM unnest(CAST(:tables AS text[])) WITH ORDINALITY AS t(name, n) "
+            "WHERE to_regclass(name) IS NOT NULL AND row_security_active(name) ORDER BY n"
+        ),
+        {"tables": list(PROTECTED_TABLES)},
+    )
+    return [str(name) for (name,) in rows]
+
+
+def require_unfiltered_access(connection: Connection, action: str) -> None:
+    """Refuse ``action`` when row-level security would hide other tenants' rows from it.
+
+    Work that must see every tenant (erasure, pruning, statistics, exports) would
+    otherwise find nothing and report an empty success.
+
+    Raises:
+        RowLevelSecurityFilteredError: naming the role and the tables, and saying
+            which URL to use instead.
+    """
+    filtered = tables_filtered_for_current_role(connection)
+    if not filtered:
+        return
+    role = connection.execute(text("SELECT current_user")).scalar_one()
+    raise RowLevelSecurityFilteredError(
+        f"{action} refused: row-level security is enabled and hides other tenants' rows "
+        f"from role {role!s} ({', '.join(filtered)}), so it would find nothing and report "
+        "an empty success. Run it as the tables' owner: put the owner's URL in "
+        "DATABASE_MIGRATION_URL (operator commands use it for this) or pass it with "
+        "--database-url"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,12 @@ def _decode_cursor(cursor: str, *, lister: str) -> tuple[datetime, str]:
         raise InvalidArgumentError(
             f"after is not a cursor returned by {lister} (next_cursor)"
         ) from None
+
+
+def _validate_page_size(page_size: object) -> None:
+    # Checked when the iterator is made, not at its first next(): the caller's line.
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+        raise InvalidArgumentError(f"page_size must be a positive int, got {page_size!r}")
 
 
 def _conversation_parameters(
@@ -123,6 +129,10 @@ class ConversationRepository:
         Keyset pagination on ``(created_at, id)``: pages stay stable while new
         conversations are added, and each page is one index range scan of
         ``ix_conversations_user_id_created_at_id`` however deep it is.
+
+        ``after`` is the previous page's ``next_cursor``; ``None`` means the first
+        page. The last page's ``next_cursor`` is ``None``: stop there (passing it back
+        would start over), or let :meth:`iter_by_user` walk the pages.
         """
         validate_identifier(user_id, name="user_id")
         query = select(conversations).where(conversations.c.user_id == user_id)
@@ -150,6 +160,38 @@ class ConversationRepository:
         ordered by ``id`` after the scan).
         """
         return self._page(select(conversations), limit=limit, after=after, lister="list_all")
+
+    # ---------------------------------------------------------------- walking every page
+
+    def iter_by_user(self, user_id: str, *, page_size: int = 100) -> Iterator[ConversationRecord]:
+        """Every conversation of ``user_id``, newest first, read ``page_size`` at a time.
+
+        Walks the keyset pages of :meth:`list_by_user` and stops after the last one.
+        Prefer it to a hand-written loop over ``next_cursor``: passing ``after=None``
+        (the last page's ``next_cursor``) starts again at the first page, so a loop
+        that does not stop on ``None`` never ends. Each page is one query on this
+        repository's connection; use it inside ``store.read()``.
+        """
+        validate_identifier(user_id, name="user_id")
+        _validate_page_size(page_size)
+        return self._walk(lambda after: self.list_by_user(user_id, limit=page_size, after=after))
+
+    def iter_all(self, *, page_size: int = 100) -> Iterator[ConversationRecord]:
+        """Every conversation, whatever its owner, newest first (see :meth:`iter_by_user`)."""
+        _validate_page_size(page_size)
+        return self._walk(lambda after: self.list_all(limit=page_size, after=after))
+
+    @staticmethod
+    def _walk(
+        fetch: Callable[[str | None], ConversationPage],
+    ) -> Iterator[ConversationRecord]:
+        cursor: str | None = None
+        while True:
+            page = fetch(cursor)
+            yield from page.conversations
+            if page.next_cursor is None:  # the last page: never fetch(None) again
+                return
+            cursor = page.next_cursor
 
     def _page(self, query: Any, *, limit: int, after: str | None, lister: str) -> ConversationPage:
         """One keyset page of ``query``'s conversations, newest first by ``(created_at, id)``.

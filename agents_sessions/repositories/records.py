@@ -32,11 +32,17 @@ class ConversationPage:
 
     Attributes:
         conversations: Newest first.
-        next_cursor: Pass as ``after=`` to get the next page; ``None`` on the last page.
+        next_cursor: Pass as ``after=`` to get the next page; ``None`` on the last page
+            (then stop: ``after=None`` means the first page again).
     """
 
     conversations: list[ConversationRecord]
     next_cursor: str | None
+
+    @property
+    def is_last(self) -> bool:
+        """True when no page follows this one (``next_cursor`` is ``None``)."""
+        return self.next_cursor is None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ def shell_command_lines(body: str) -> list[list[str]]:
         lexer.whitespace_split = True
         tokens = list(lexer)
         for index, token in enumerate(tokens):
-            if token != "agents-sessions":
+            # In command position only: `docker build -t agents-sessions .` names an image.
+            at_command = index == 0 or set(tokens[index - 1]) <= SEPARATORS
+            if token != "agents-sessions" or not at_command:
                 continue
             arguments = []
             for argument in tokens[index + 1 :]:

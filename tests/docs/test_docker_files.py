@@ -93,10 +93,11 @@ def test_migrate_is_a_one_shot_job_after_postgres_is_healthy() -> None:
     # Without a `command`, the image's CMD runs: `migrate upgrade`.
     assert "command" not in migrate
     url = migrate["environment"]["DATABASE_URL"]
-    assert url.startswith("postgresql://")
+    # As the owner role of the least-privilege setup, never the superuser.
+    assert url.startswith("postgresql://agents_owner:${AGENTS_OWNER_PASSWORD:?")
     assert "@postgres:5432/" in url  # the compose service, by name
-    for variable in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
-        assert "${" + variable in url
+    assert "${POSTGRES_DB" in url
+    assert "POSTGRES_USER" not in url and "POSTGRES_PASSWORD" not in url
 
 
 def test_pgadmin_takes_its_credentials_from_the_environment() -> None:
@@ -122,7 +123,9 @@ def test_compose_writes_down_no_password() -> None:
             assert REQUIRED_VARIABLE.match(password), (
                 f"{path}: the URL's password must be a ${{VAR:?...}} reference"
             )
-    assert secrets == 3  # POSTGRES_PASSWORD, PGADMIN_DEFAULT_PASSWORD, DATABASE_URL
+    # POSTGRES_PASSWORD, AGENTS_OWNER_PASSWORD, AGENTS_APP_PASSWORD,
+    # PGADMIN_DEFAULT_PASSWORD, DATABASE_URL
+    assert secrets == 5
 
 
 def test_the_env_example_holds_no_values_for_secrets() -> None:
@@ -134,7 +137,12 @@ def test_the_env_example_holds_no_values_for_secrets() -> None:
         )
     }
     secrets = {name: value for name, value in assignments.items() if SECRET_NAME.search(name)}
-    assert secrets == {"POSTGRES_PASSWORD": "", "PGADMIN_DEFAULT_PASSWORD": ""}
+    assert secrets == {
+        "POSTGRES_PASSWORD": "",
+        "AGENTS_OWNER_PASSWORD": "",
+        "AGENTS_APP_PASSWORD": "",
+        "PGADMIN_DEFAULT_PASSWORD": "",
+    }
     # Every variable the compose file reads is listed.
     used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE.read_text(encoding="utf-8")))
     assert used == set(assignments)

@@ -335,3 +335,25 @@ def test_latest_items_is_an_index_scan_on_a_large_table(
         plan_text = "\n".join(plan)
     assert "ix_messages_conversation_id_id" in plan_text
     assert "Seq Scan" not in plan_text
+
+
+def test_iterating_a_users_conversations_walks_every_page_once_and_stops(
+    database_url: str, conversation_id: str
+) -> None:
+    store = get_store(database_url)
+    owner = f"walker-{conversation_id}"
+    ids = [f"{conversation_id}-w{n}" for n in range(7)]
+    for conversation in ids:
+        with store.transaction() as repos:
+            repos.conversations.upsert(conversation, user_id=owner)
+    with store.read() as repos:
+        walked = [record.id for record in repos.conversations.iter_by_user(owner, page_size=3)]
+        everyone = {record.id for record in repos.conversations.iter_all(page_size=2)}
+        last = repos.conversations.list_by_user(owner, limit=10)
+        with pytest.raises(InvalidArgumentError, match="page_size"):
+            repos.conversations.iter_by_user(owner, page_size=0)
+    # Once, newest first, and finished: a loop feeding the last page's cursor
+    # (None) back would have started over at the first page.
+    assert walked == list(reversed(ids))
+    assert set(ids) <= everyone
+    assert last.is_last and last.next_cursor is None

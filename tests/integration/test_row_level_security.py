@@ -64,7 +64,7 @@ def tenant_database(postgres_server: PostgresServer) -> Iterator[TenantDatabase]
         )
     owner_url, app_url = _as_role(admin_url, owner), _as_role(admin_url, app)
     upgrade(owner_url)
-    result = CliRunner().invoke(cli, ["--database-url", owner_url, "rls", "enable"])
+    result = CliRunner().invoke(cli, ["--database-url", owner_url, "rls", "enable", "--yes"])
     assert result.exit_code == 0, result.output
     try:
         yield TenantDatabase(owner_url=owner_url, app_url=app_url)

@@ -46,7 +46,7 @@ def run(url: str, *args: str) -> Result:
 
 
 def backup(url: str, directory: Path, *args: str) -> dict[str, Any]:
-    result = run(url, "backup", "--dir", str(directory), "--json", *args)
+    result = run(url, "backup", "--dir", str(directory), "--mkdir", "--json", *args)
     assert result.exit_code == 0, result.output
     summary: dict[str, Any] = json.loads(result.stdout)
     return summary
@@ -212,7 +212,7 @@ def test_missing_pg_dump_is_a_tool_error(
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
 
-    result = run(url, "backup", "--dir", str(tmp_path / "backups"))
+    result = run(url, "backup", "--dir", str(tmp_path / "backups"), "--mkdir")
 
     assert result.exit_code == ExitCode.TOOL
     assert "pg_dump was not found on PATH" in result.stderr
@@ -227,7 +227,7 @@ def test_a_failed_pg_dump_leaves_no_file_and_never_shows_the_password(
         hide_password=False
     )
 
-    result = run(url, "backup", "--dir", str(tmp_path / "backups"))
+    result = run(url, "backup", "--dir", str(tmp_path / "backups"), "--mkdir")
 
     assert result.exit_code == ExitCode.TOOL, result.output
     assert "pg_dump failed" in result.stderr

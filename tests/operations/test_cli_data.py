@@ -663,7 +663,7 @@ def test_prune_deletes_exactly_the_old_conversations_in_batches(
     )
     assert counts(url) == (200, 100_000, 200)  # a dry run deletes nothing
 
-    result = run(url, "prune", "--older-than", "90d", "--batch-size", "4000", "--json")
+    result = run(url, "prune", "--older-than", "90d", "--batch-size", "4000", "--yes", "--json")
 
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

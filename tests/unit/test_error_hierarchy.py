@@ -58,6 +58,7 @@ STANDARD_TYPES: dict[str, tuple[type[BaseException], ...]] = {
     "AccessDeniedError": (PermissionError,),
     "ConnectionLostError": (Exception,),
     "ReadOnlyDatabaseError": (Exception,),
+    "RowLevelSecurityFilteredError": (PermissionError,),
 }
 
 # Narrower families the documentation promises.
@@ -69,6 +70,7 @@ PARENTS: dict[str, str] = {
     "StatementTimeoutError": "DatabaseError",
     "AccessDeniedError": "DatabaseError",
     "ConnectionLostError": "DatabaseError",
+    "RowLevelSecurityFilteredError": "AccessDeniedError",
 }
 
 

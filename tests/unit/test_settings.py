@@ -336,7 +336,27 @@ def test_with_nothing_configured_a_session_works_on_the_embedded_sqlite_file(
         if record.name == "agents_sessions" and str(path) in record.getMessage()
     ]
     assert len(mentions) == 1, [record.getMessage() for record in caplog.records]
-    assert mentions[0].levelno == logging.INFO
+    # A WARNING: an app meant for PostgreSQL must notice it is writing to a local file.
+    assert mentions[0].levelno == logging.WARNING
+    assert "DATABASE_URL=postgresql://" in mentions[0].getMessage()
+    assert "AGENTS_SESSIONS_REQUIRE_DATABASE_URL" in mentions[0].getMessage()
+
+
+def test_a_session_with_no_url_is_a_configuration_error_when_the_fallback_is_forbidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTS_SESSIONS_REQUIRE_DATABASE_URL", "true")
+    with pytest.raises(ConfigurationError, match="DATABASE_URL"):
+        PostgreSQLSession("c1")
+    assert not (tmp_path / "xdg").exists()
+    # A configured URL is all it takes.
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'configured.sqlite3'}")
+    assert PostgreSQLSession("c1").store.dialect == "sqlite"
+
+
+def test_a_bad_setting_names_the_environment_variable_that_sets_it() -> None:
+    with pytest.raises(ConfigurationError, match="AGENTS_SESSIONS_MAX_ITEM_BYTES"):
+        load_settings(max_item_bytes=0)
 
 
 def test_configured_database_url_logs_nothing_about_the_embedded_default(
