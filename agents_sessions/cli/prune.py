@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 
 import click
 
-from ..ops.recovery import RestorePoint
 from ..errors import ExitCode
+from ..ops.recovery import RestorePoint
 from ..ops.retention import DEFAULT_PRUNE_BATCH_SIZE, PruneSummary, prune, prune_plan
 from .common import (
     CliContext,

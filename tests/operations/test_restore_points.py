@@ -99,7 +99,7 @@ def test_each_destructive_command_creates_a_named_restore_point_first(
             .where(conversations_table.c.id == "c-old")
             .values(updated_at=datetime.now(timezone.utc) - timedelta(days=100))
         )
-    pruned = run(url, "prune", "--older-than", "90d", "--json")
+    pruned = run(url, "prune", "--older-than", "90d", "--yes", "--json")
     assert_created(pruned, "prune")
     assert json.loads(pruned.stdout)["conversations"] == 1
 
@@ -122,7 +122,7 @@ def test_nothing_destroyed_means_no_restore_point(
     # A dry run, a prune with nothing to delete, a declined erase.
     dry = run(url, "prune", "--older-than", "1d", "--dry-run", "--json")
     assert dry.exit_code == 0 and "restore_point" not in json.loads(dry.stdout)
-    nothing = run(url, "prune", "--older-than", "1d", "--json")
+    nothing = run(url, "prune", "--older-than", "1d", "--yes", "--json")
     assert json.loads(nothing.stdout)["restore_point"] is None
     declined = run(url, "erase", "--user", "ann", input="n\n")
     assert declined.exit_code != 0 and "restore point" not in declined.stderr
