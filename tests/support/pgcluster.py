@@ -831,6 +831,9 @@ class CitusCluster:
             # Citus commits multi-node transactions with two-phase commit.
             "max_prepared_transactions": "100",
             "max_connections": "200",
+            # Node-to-node connections: plaintext on loopback (the servers run with
+            # the caller's HOME, whose ~/.postgresql they may not read).
+            "citus.node_conninfo": "'sslmode=disable'",
         } | dict(settings or {})
         self.name = name
         self.nodes: list[Cluster] = []
