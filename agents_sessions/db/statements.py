@@ -238,7 +238,7 @@ def _postgres_pop() -> Any:
     computed by another part: on a sharded cluster (Citus) the statement is then
     routed whole to the one shard that holds the conversation.
     """
-    conversation_id = bindparam("conversation_id")
+    conversation_id: Any = bindparam("conversation_id")
     locked = (
         select(conversations.c.id)
         .where(conversations.c.id == conversation_id)

@@ -35,8 +35,8 @@ from sqlalchemy import Connection, and_, delete, exists, func, select, update
 from ..db.models import conversations_table, messages_table, usage_logs_table
 from ..errors import InvalidArgumentError
 from ..store import SessionStore
-from .citus import is_distributed
 from ..validation import validate_batch_size, validate_identifier
+from .citus import is_distributed
 
 conversations = conversations_table
 messages = messages_table

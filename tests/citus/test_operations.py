@@ -62,9 +62,7 @@ def citus_database(citus: CitusCluster, *, migrated: bool) -> str:
     return rendered
 
 
-def test_distribute_checks_first_then_distributes_once(
-    citus: CitusCluster, tmp_path: Path
-) -> None:
+def test_distribute_checks_first_then_distributes_once(citus: CitusCluster, tmp_path: Path) -> None:
     url = citus_database(citus, migrated=True)
     fill(url)  # rows written before distribution are copied into the shards
 
@@ -111,9 +109,9 @@ def test_distribute_refuses_clearly_where_it_cannot_work(
 
     # Behind head: the keys do not include the distribution column yet.
     old = citus_database(citus, migrated=False)
-    from agents_sessions.db.migrate import alembic_config
-
     from alembic import command
+
+    from agents_sessions.db.migrate import alembic_config
 
     command.upgrade(alembic_config(database_url=old), "0003")
     behind = run(old, "citus", "distribute")
@@ -163,8 +161,10 @@ def test_listings_stats_export_import_erase_and_prune_work_on_the_cluster(
     try:
         with engine.begin() as connection:
             connection.execute(
-                text("UPDATE conversations SET updated_at = now() - interval '3 days' "
-                     "WHERE id = 'bob-0'")
+                text(
+                    "UPDATE conversations SET updated_at = now() - interval '3 days' "
+                    "WHERE id = 'bob-0'"
+                )
             )
     finally:
         engine.dispose()

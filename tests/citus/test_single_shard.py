@@ -55,12 +55,8 @@ async def test_every_session_call_runs_on_one_shard(strict_url: str) -> None:
         repos.conversations.upsert(conversation_id, metadata={"plan": "team"})
         assert repos.messages.count(conversation_id) == 1
         assert [row.content for row in repos.messages.records(conversation_id)] == ["again"]
-        assert repos.messages.append(
-            conversation_id, [user("keyed")], idempotency_key="k1"
-        ) == 1
-        assert repos.messages.append(
-            conversation_id, [user("keyed")], idempotency_key="k1"
-        ) == 0
+        assert repos.messages.append(conversation_id, [user("keyed")], idempotency_key="k1") == 1
+        assert repos.messages.append(conversation_id, [user("keyed")], idempotency_key="k1") == 0
         repos.usage.record(conversation_id, [UsageEntry(model="m", prompt_tokens=3)])
         assert repos.usage.totals_for_conversation(conversation_id).prompt_tokens == 3
     with store.transaction() as repos:

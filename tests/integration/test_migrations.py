@@ -40,7 +40,9 @@ from agents_sessions.db.models import Base, comparison_filter
 from tests.conftest import PostgresServer
 
 # Migrations start from empty databases; on a cluster the fixtures hand out distributed ones.
-pytestmark = pytest.mark.not_on_citus("migrations run on empty databases; tests/citus migrates its own")
+pytestmark = pytest.mark.not_on_citus(
+    "migrations run on empty databases; tests/citus migrates its own"
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = REPO_ROOT / "tests" / "support" / "migration_workers.py"

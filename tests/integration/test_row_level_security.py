@@ -28,7 +28,9 @@ from tests.conftest import PostgresServer
 
 pytestmark = [
     pytest.mark.postgres_only,
-    pytest.mark.not_on_citus("row-level security is refused on a distributed store (tests/citus checks the refusal)"),
+    pytest.mark.not_on_citus(
+        "row-level security is refused on a distributed store (tests/citus checks the refusal)"
+    ),
 ]
 
 

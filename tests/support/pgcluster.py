@@ -777,10 +777,10 @@ class PgBouncer:
 
 # ---------------------------------------------------------------------- Citus
 
-#: The script that installs the Citus extension into the local PostgreSQL (this
-#: project's machines only; users install Citus from its own packages or images).
-#: CI copies ``shared/`` next to the clone, so it is found relative to the repository.
-CITUS_INSTALLER = Path(__file__).resolve().parents[2].parent / "shared" / "citus" / "install-citus"
+#: The script that installs the Citus extension into the local PostgreSQL, relative to
+#: the repository (this project's machines only: CI copies ``shared/`` next to the
+#: clone; users install Citus from its own packages or images).
+CITUS_INSTALLER = "../shared/citus/install-citus"
 
 
 def check_citus_tools() -> None:
@@ -798,9 +798,10 @@ def check_citus_tools() -> None:
                 [pg_config, "--pkglibdir"], capture_output=True, text=True, check=True, timeout=10
             ).stdout.strip()
     if not libdir or not (Path(libdir) / "citus.so").is_file():
+        where = libdir or "pg_config --pkglibdir"
         raise ToolMissingError(
-            f"the Citus extension is not installed (no citus.so in {libdir or 'pg_config --pkglibdir'}); "
-            f"run {CITUS_INSTALLER} (idempotent)"
+            f"the Citus extension is not installed (no citus.so in {where}); "
+            f"run {CITUS_INSTALLER} from the repository (idempotent)"
         )
 
 
