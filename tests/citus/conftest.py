@@ -46,9 +46,13 @@ def citus(citus_server: CitusPostgresServer) -> CitusCluster:
 
 
 @pytest.fixture
-def citus_url(citus_server: CitusPostgresServer) -> str:
-    """A fresh migrated and distributed database of this test's own."""
-    return citus_server.create_database("citus_test")
+def citus_url(citus_server: CitusPostgresServer) -> Iterator[str]:
+    """A fresh migrated and distributed database of this test's own, dropped afterwards
+    (each Citus database keeps a maintenance daemon of its own)."""
+    url = citus_server.create_database("citus_test")
+    yield url
+    dispose_all()
+    citus_server.cluster.drop_database(str(make_url(url).database))
 
 
 @pytest.fixture

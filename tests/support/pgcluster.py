@@ -835,6 +835,13 @@ class CitusCluster:
             # Node-to-node connections: plaintext on loopback (the servers run with
             # the caller's HOME, whose ~/.postgresql they may not read).
             "citus.node_conninfo": "'sslmode=disable'",
+            # Citus runs a maintenance daemon (a background worker) per database, and
+            # that daemon is what recovers two-phase commits a killed client left
+            # prepared: without one, their row locks stay held. Tests make many
+            # databases, so room for many daemons.
+            "max_worker_processes": "128",
+            # Recover those prepared transactions within seconds (default: 1 min).
+            "citus.recover_2pc_interval": "'2s'",
         } | dict(settings or {})
         self.name = name
         self.nodes: list[Cluster] = []
