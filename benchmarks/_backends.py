@@ -15,6 +15,7 @@ same size:
   holds at most ``pool_size + max_overflow`` connections.
 * ``floor`` -- raw asyncpg with a pool and the least SQL that gives the same
   guarantees, one statement per call (:class:`FloorSession`).
+* ``citus`` (opt-in) -- ``agents_sessions`` on a throwaway Citus cluster.
 
 Imports happen inside the openers: a child process loads only its backend.
 """
@@ -27,6 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 BACKENDS = ("agents_sessions", "sqlalchemy", "sqlite", "redis", "floor")
+#: Run only when named in ``--only``: ``citus`` is agents_sessions on a throwaway Citus
+#: cluster (a coordinator and two workers on this machine, tables distributed), which
+#: needs the Citus extension installed. On one machine its nodes share the client's
+#: cores: a correctness-under-distribution figure, not a speed-up.
+OPTIONAL_BACKENDS = ("citus",)
 
 LABELS = {
     "agents_sessions": "agents_sessions",
@@ -34,6 +40,7 @@ LABELS = {
     "sqlite": "SDK SQLite",
     "redis": "SDK Redis",
     "floor": "asyncpg floor",
+    "citus": "agents_sessions on Citus 1+2",
 }
 
 #: Backends whose data lives in the benchmark's PostgreSQL database.
@@ -266,6 +273,8 @@ _OPENERS: dict[str, Callable[[BackendConfig], Awaitable[Backend]]] = {
     "sqlite": _open_sqlite,
     "redis": _open_redis,
     "floor": _open_floor,
+    # The same sessions; only the server behind the URL differs.
+    "citus": _open_agents_sessions,
 }
 
 
