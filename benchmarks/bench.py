@@ -39,8 +39,8 @@ from typing import IO, Any
 
 from benchmarks._backends import (
     BACKENDS,
-    OPTIONAL_BACKENDS,
     LABELS,
+    OPTIONAL_BACKENDS,
     POSTGRES_BACKENDS,
     Backend,
     BackendConfig,
