@@ -12,9 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -194,8 +193,3 @@ def test_backup_refuses_a_distributed_store_and_a_plain_backup_restores_into_a_c
     assert ok(target, "stats")["total_conversations"] == 5
     session = PostgreSQLSession("alice-2", database_url=target)
     assert asyncio.run(session.get_items()) == [user("alice 2 a"), user("alice 2 b")]
-
-
-@pytest.fixture
-def admin(citus_url: str) -> Engine:
-    return create_engine(citus_url, poolclass=NullPool)
