@@ -4,6 +4,8 @@
 #   make test    the test suite (PostgreSQL tests use $TEST_DATABASE_URL, or Docker)
 #   make test-pgbouncer  the core behaviour tests again, through a transaction-pooling
 #                PgBouncer in front of a throwaway server (needs pgbouncer + PostgreSQL binaries)
+#   make test-citus  the core behaviour tests and tests/citus on a throwaway Citus cluster
+#                (needs the Citus extension installed into the local PostgreSQL)
 #   make lint    ruff + mypy + the import contract (lint-imports)
 #   make migrate alembic upgrade head on $DATABASE_URL
 #   make db-up   PostgreSQL 16 + pgAdmin in Docker (docker/compose.yaml), then migrate;
@@ -21,7 +23,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer lint format migrate db-up db-down bench profile soak clean
+.PHONY: venv demo test test-pgbouncer test-citus lint format migrate db-up db-down bench profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +53,13 @@ test: $(STAMP)
 # direct_connection_only are skipped there, with their reason.
 test-pgbouncer: $(STAMP)
 	AGENTS_SESSIONS_TEST_PGBOUNCER=1 $(BIN)/python -m pytest tests/integration -q
+
+# The store on a throwaway Citus cluster (a coordinator and two workers): the core
+# behaviour suite in tests/conftest.py's Citus mode (tables distributed), then the Citus
+# suite (single-shard proof, faults, operator commands). Needs the Citus extension in
+# the local PostgreSQL: ../shared/citus/install-citus on this project's machines.
+test-citus: $(STAMP)
+	AGENTS_SESSIONS_TEST_CITUS=1 $(BIN)/python -m pytest tests/integration tests/citus -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

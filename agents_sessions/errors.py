@@ -157,6 +157,18 @@ class ConnectionLostError(DatabaseError):
     """
 
 
+class CitusError(AgentsSessionsError, RuntimeError):
+    """A sharded-cluster (Citus) operation cannot run here, and the message says why.
+
+    For example: the server has no Citus extension, the connection is not to the
+    coordinator, the schema's keys do not include the distribution column, a table
+    is distributed by another column, or row-level security is enabled (its
+    policies cannot be distributed).
+    """
+
+    exit_code = ExitCode.PROBLEM
+
+
 class ConversationNotFoundError(AgentsSessionsError, LookupError):
     """A conversation asked for by id does not exist."""
 

@@ -19,6 +19,7 @@ same size:
   (``async_=1``) driven by the event loop (``add_reader``/``add_writer``, no
   threads), a bare pool of them (:class:`Psycopg2AsyncPool`): the limit for our
   own driver.
+* ``citus`` (opt-in) -- ``agents_sessions`` on a throwaway Citus cluster.
 
 Imports happen inside the openers: a child process loads only its backend.
 """
@@ -31,6 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 BACKENDS = ("agents_sessions", "sqlalchemy", "sqlite", "redis", "floor", "floor_psycopg2")
+#: Run only when named in ``--only``: ``citus`` is agents_sessions on a throwaway Citus
+#: cluster (a coordinator and two workers on this machine, tables distributed), which
+#: needs the Citus extension installed. On one machine its nodes share the client's
+#: cores: a correctness-under-distribution figure, not a speed-up.
+OPTIONAL_BACKENDS = ("citus",)
 
 LABELS = {
     "agents_sessions": "agents_sessions",
@@ -39,6 +45,7 @@ LABELS = {
     "redis": "SDK Redis",
     "floor": "asyncpg floor",
     "floor_psycopg2": "psycopg2-async floor",
+    "citus": "agents_sessions on Citus 1+2",
 }
 
 #: Backends whose data lives in the benchmark's PostgreSQL database.
@@ -406,6 +413,8 @@ _OPENERS: dict[str, Callable[[BackendConfig], Awaitable[Backend]]] = {
     "redis": _open_redis,
     "floor": _open_floor,
     "floor_psycopg2": _open_floor_psycopg2,
+    # The same sessions; only the server behind the URL differs.
+    "citus": _open_agents_sessions,
 }
 
 

@@ -6,6 +6,8 @@ Usage (``make bench`` installs the comparison backends and runs this)::
     python -m benchmarks.bench --quick               # a smoke run, ~3 minutes
     python -m benchmarks.bench --only agents_sessions,floor
     python -m benchmarks.bench --profile             # our throughput under py-spy + pyinstrument
+    python -m benchmarks.bench --only agents_sessions,citus --workloads throughput
+                                                     # the same turns on a Citus cluster
 
 Each workload of each backend runs in a child process of its own (so one backend's
 memory, threads and caches never affect another), on a fresh PostgreSQL database
@@ -38,6 +40,7 @@ from typing import IO, Any
 from benchmarks._backends import (
     BACKENDS,
     LABELS,
+    OPTIONAL_BACKENDS,
     POSTGRES_BACKENDS,
     Backend,
     BackendConfig,
@@ -324,6 +327,34 @@ def _admin_connection(admin_url: str) -> Any:
     return connection
 
 
+def _citus_resources(pool_size: int, max_overflow: int) -> Iterator[BackendConfig]:
+    """A throwaway Citus cluster (coordinator + 2 workers), its database migrated and
+    distributed by conversation id; removed afterwards."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from agents_sessions.db.migrate import upgrade
+    from agents_sessions.ops.citus import distribute
+    from tests.support.pgcluster import CitusCluster
+
+    with CitusCluster(workers=2, name="bench_citus") as cluster:
+        url = cluster.create_database("bench")
+        upgrade(url)
+        engine = create_engine(
+            url.replace("postgresql://", "postgresql+psycopg2://", 1),
+            isolation_level="AUTOCOMMIT",
+            poolclass=NullPool,
+        )
+        try:
+            with engine.connect() as connection:
+                distribute(connection, shard_count=32)
+        finally:
+            engine.dispose()
+        yield BackendConfig(
+            "citus", postgres_url=url, pool_size=pool_size, max_overflow=max_overflow
+        )
+
+
 class ConnectionMonitor:
     """Samples the server-side connection count every ``interval`` s in a thread.
 
@@ -516,6 +547,8 @@ class Orchestrator:
                         cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
                 finally:
                     admin.close()
+        elif backend == "citus":
+            yield from _citus_resources(pool_size, max_overflow)
         elif backend == "redis":
             import redis
 
@@ -1004,9 +1037,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.backends = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in args.backends if name not in BACKENDS]
+    choices = (*BACKENDS, *OPTIONAL_BACKENDS)
+    unknown = [name for name in args.backends if name not in choices]
     if unknown:
-        parser.error(f"--only: unknown backend(s) {', '.join(unknown)}; choose from {BACKENDS}")
+        parser.error(f"--only: unknown backend(s) {', '.join(unknown)}; choose from {choices}")
     args.workload_list = [name.strip() for name in args.workloads.split(",") if name.strip()]
     unknown = [name for name in args.workload_list if name not in WORKLOADS]
     if unknown:

@@ -26,7 +26,7 @@ from alembic import context
 from sqlalchemy import Connection, text
 
 from agents_sessions.db.engine import SQLITE_WRITE_OPTION, create_pooled_engine, parse_database_url
-from agents_sessions.db.models import Base
+from agents_sessions.db.models import Base, comparison_filter
 from agents_sessions.settings import Settings, load_settings
 
 config = context.config
@@ -59,6 +59,8 @@ def _configure(connection: Connection) -> None:
         transactional_ddl=True,
         render_as_batch=is_sqlite,
         compare_type=True,
+        # SQLite-only indexes (see models.sqlite_only) are not expected elsewhere.
+        include_object=comparison_filter(connection.dialect.name),
     )
 
 

@@ -14,6 +14,11 @@ PgBouncer mode (``AGENTS_SESSIONS_TEST_PGBOUNCER=1``): instead, a throwaway serv
 are created on the server directly, and every database URL the fixtures hand out
 goes through PgBouncer. Tests marked ``direct_connection_only`` are skipped then,
 with their reason.
+
+Citus mode (``AGENTS_SESSIONS_TEST_CITUS=1``): instead, a throwaway Citus cluster
+(a coordinator and two workers); every database the fixtures hand out is migrated
+and its tables distributed by conversation id. Tests marked ``not_on_citus`` are
+skipped then, with their reason.
 """
 
 from __future__ import annotations
@@ -28,14 +33,17 @@ import pytest
 from agents import set_tracing_disabled
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from agents_sessions import dispose_all
 from agents_sessions.db.engine import parse_database_url
 from tests.support.pgcluster import (
+    CitusCluster,
     Cluster,
     PgBackRest,
     PgBouncer,
     ToolMissingError,
+    check_citus_tools,
     check_server_tools,
     require_program,
 )
@@ -61,8 +69,22 @@ PGBOUNCER_MODE = os.environ.get("AGENTS_SESSIONS_TEST_PGBOUNCER", "").strip().lo
 #: clients (a session store's pool alone may open 15).
 PGBOUNCER_MODE_POOL_SIZE = 5
 
+#: ``AGENTS_SESSIONS_TEST_CITUS=1``: run the PostgreSQL tests on a throwaway Citus
+#: cluster (a coordinator and two workers), every database's tables distributed.
+CITUS_MODE = os.environ.get("AGENTS_SESSIONS_TEST_CITUS", "").strip().lower() in _TRUTHY
+
+#: Citus mode: shards per table. Few: each database the tests create is distributed
+#: (a shard is a table on a worker), and a turn touches one shard whatever the count.
+CITUS_MODE_SHARD_COUNT = 4
+
 
 def pytest_report_header(config: pytest.Config) -> str | None:
+    if CITUS_MODE:
+        return (
+            "agents_sessions: Citus mode (AGENTS_SESSIONS_TEST_CITUS): PostgreSQL tests run "
+            "on a throwaway Citus cluster (coordinator + 2 workers), tables distributed "
+            f"by conversation id in {CITUS_MODE_SHARD_COUNT} shards"
+        )
     if PGBOUNCER_MODE:
         return (
             "agents_sessions: PgBouncer mode (AGENTS_SESSIONS_TEST_PGBOUNCER): PostgreSQL "
@@ -76,6 +98,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # `direct_connection_only` tests look at or kill their own server backend,
     # which a transaction-pooling proxy hides: skipped in PgBouncer mode, saying why
     # (`-ra` lists every reason in the summary).
+    if CITUS_MODE:
+        _skip_marked(items, "not_on_citus", "Citus mode")
     if not PGBOUNCER_MODE:
         return
     for item in items:
@@ -88,6 +112,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     + (f" ({reason})" if reason else "")
                 )
             )
+
+
+def _skip_marked(items: list[pytest.Item], marker_name: str, mode: str) -> None:
+    """Skip the tests carrying ``marker_name``, with the marker's reason."""
+    for item in items:
+        marker = item.get_closest_marker(marker_name)
+        if marker is not None:
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"{mode}: {reason}"))
 
 
 def _docker_answers() -> bool:
@@ -188,9 +221,62 @@ def _bounced_postgres_server() -> Iterator[PostgresServer]:
                 server.drop_all()
 
 
+class CitusPostgresServer(PostgresServer):
+    """Citus mode: databases on a throwaway Citus cluster, handed out migrated and distributed.
+
+    :meth:`create_database` makes the database on every node (Citus keeps its
+    metadata per database), migrates it to head and distributes its tables (what an
+    operator does with ``agents-sessions migrate upgrade`` and ``citus distribute``).
+    """
+
+    def __init__(self, cluster: CitusCluster) -> None:
+        super().__init__(cluster.url())
+        self.cluster = cluster
+
+    def create_database(self, prefix: str = "agents_sessions_test") -> str:
+        """A migrated, distributed database on the cluster; its coordinator URL."""
+        from agents_sessions.db.migrate import upgrade
+        from agents_sessions.ops.citus import distribute
+
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self.cluster.create_database(name)
+        self._created.append(name)
+        url = self.admin_url.set(database=name).render_as_string(hide_password=False)
+        upgrade(url)
+        engine = create_engine(
+            parse_database_url(url).url, isolation_level="AUTOCOMMIT", poolclass=NullPool
+        )
+        try:
+            with engine.connect() as connection:
+                distribute(connection, shard_count=CITUS_MODE_SHARD_COUNT)
+        finally:
+            engine.dispose()
+        return url
+
+    def drop_all(self) -> None:
+        dispose_all()
+        for name in self._created:
+            self.cluster.drop_database(name)
+        self._created.clear()
+        self._engine.dispose()
+
+
+def _citus_postgres_server() -> Iterator[PostgresServer]:
+    _require_throwaway_tools(check_citus_tools, "a throwaway Citus cluster (Citus mode)")
+    with CitusCluster(workers=2, name="citus_suite") as cluster:
+        server = CitusPostgresServer(cluster)
+        try:
+            yield server
+        finally:
+            server.drop_all()
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """The PostgreSQL server of this test run (see the module docstring)."""
+    if CITUS_MODE:
+        yield from _citus_postgres_server()
+        return
     if PGBOUNCER_MODE:
         yield from _bounced_postgres_server()
         return
@@ -242,7 +328,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # PgBouncer mode is about PostgreSQL: the SQLite runs would only repeat the normal pass.
-BACKENDS = ["postgresql"] if PGBOUNCER_MODE else ["sqlite", "postgresql"]
+BACKENDS = ["postgresql"] if PGBOUNCER_MODE or CITUS_MODE else ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -288,6 +374,7 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if configures_us and name not in (
             "AGENTS_SESSIONS_REQUIRE_POSTGRES",
             "AGENTS_SESSIONS_TEST_PGBOUNCER",
+            "AGENTS_SESSIONS_TEST_CITUS",
         ):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))

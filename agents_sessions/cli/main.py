@@ -25,6 +25,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "backup",
     # The explorer: its command loads the [ui] extra only when run.
     "ui",
+    "citus",
 )
 
 

@@ -23,6 +23,7 @@ Design choices, PostgreSQL first:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -36,6 +37,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
     text,
@@ -135,6 +137,35 @@ def stored_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+#: ``Index.info`` key naming the only dialect an index exists on.
+ONLY_ON_DIALECT = "agents_sessions_only_on"
+
+
+def sqlite_only(index: Index) -> Index:
+    """An index that exists only on SQLite (created there alone, compared there alone).
+
+    On SQLite ``messages.id`` and ``usage_logs.id`` are rowid keys (AUTOINCREMENT
+    needs a single ``INTEGER PRIMARY KEY``); on PostgreSQL the key is
+    ``(conversation_id, id)`` and its index does this index's work.
+    """
+    index.info[ONLY_ON_DIALECT] = "sqlite"
+    return index.ddl_if(dialect="sqlite")
+
+
+def comparison_filter(dialect_name: str) -> Callable[..., bool]:
+    """Alembic's ``include_object`` hook: leave out objects of another dialect.
+
+    Used by ``migrations/env.py`` (``alembic check``) and the models-match test, so
+    a :func:`sqlite_only` index is neither expected on PostgreSQL nor dropped there.
+    """
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        only_on = getattr(obj, "info", {}).get(ONLY_ON_DIALECT)
+        return only_on is None or only_on == dialect_name
+
+    return include
+
+
 class Base(DeclarativeBase):
     """Declarative base carrying the constraint naming convention."""
 
@@ -185,7 +216,7 @@ class Message(Base):
 
     __tablename__ = "messages"
 
-    id: Mapped[int] = mapped_column(BigIntegerPK, Identity(), primary_key=True)
+    id: Mapped[int] = mapped_column(BigIntegerPK, Identity())
     conversation_id: Mapped[str] = mapped_column(
         Text, ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
     )
@@ -204,10 +235,15 @@ class Message(Base):
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 
     __table_args__ = (
-        # The history index: "latest N of one conversation" is a backward scan of
-        # (conversation_id, id) whatever the table size; it also serves every
-        # conversation_id lookup, so no separate single-column index is kept.
-        Index(None, "conversation_id", "id"),
+        # The key leads with the distribution column, so the table can be sharded by
+        # conversation (Citus requires every key to include it). Its index is also
+        # the history index: "latest N of one conversation" is a backward scan of
+        # (conversation_id, id) whatever the table size, and it serves every
+        # conversation_id lookup. `id` alone stays unique (one identity sequence).
+        PrimaryKeyConstraint("conversation_id", "id"),
+        # SQLite keeps `id` as its rowid key (AUTOINCREMENT needs a single INTEGER
+        # PRIMARY KEY), so there the history index is a separate one.
+        sqlite_only(Index("ix_messages_conversation_id_id", "conversation_id", "id")),
         Index(None, "created_at"),
         # The backstop of exactly-once appends: two attempts of one call that race
         # (the first still running when the retry starts) cannot both commit.
@@ -230,7 +266,7 @@ class UsageLog(Base):
 
     __tablename__ = "usage_logs"
 
-    id: Mapped[int] = mapped_column(BigIntegerPK, Identity(), primary_key=True)
+    id: Mapped[int] = mapped_column(BigIntegerPK, Identity())
     conversation_id: Mapped[str] = mapped_column(
         Text, ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
     )
@@ -254,7 +290,10 @@ class UsageLog(Base):
             "prompt_tokens >= 0 AND completion_tokens >= 0 AND total_tokens >= 0 AND requests >= 0",
             name="non_negative",
         ),
-        Index(None, "conversation_id"),
+        # Keyed by (conversation_id, id) like messages; the key's index serves
+        # conversation_id lookups (on SQLite a separate index does).
+        PrimaryKeyConstraint("conversation_id", "id"),
+        sqlite_only(Index("ix_usage_logs_conversation_id", "conversation_id")),
         Index(None, "timestamp"),
         {"sqlite_autoincrement": True},
     )

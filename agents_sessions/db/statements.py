@@ -85,7 +85,12 @@ def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
     return statement.on_conflict_do_update(
         index_elements=[conversations.c.id],
         set_={
-            "updated_at": utcnow(),
+            # The time the row would have been inserted with: now() is evaluated once,
+            # in VALUES. A function call here would be refused by Citus (functions in
+            # DO UPDATE SET must be IMMUTABLE on distributed tables); a reference to
+            # EXCLUDED is not, and the timestamp still comes from the database (the
+            # coordinator's clock), never from the client's.
+            "updated_at": excluded.updated_at,
             "user_id": user_id,
             "metadata": func.coalesce(_metadata_param, conversations.c.metadata),
         },
@@ -201,25 +206,29 @@ SELECT_RECORDS = select(
 ).where(messages.c.conversation_id == bindparam("conversation_id"))
 
 
-def _delete_newest(conversation_id: Any) -> Any:
+def _delete_newest(conversation_id: Any, *, after: Any = None) -> Any:
     """DELETE the newest message of ``conversation_id`` RETURNING it.
 
     DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
     newest row, only the one whose DELETE removes it gets the payload back.
+    ``after`` (an EXISTS over a CTE) makes the newest-id lookup wait for that CTE.
     """
     newest = (
         select(messages.c.id)
         .where(messages.c.conversation_id == conversation_id)
         .order_by(messages.c.id.desc())
         .limit(1)
-        .scalar_subquery()
     )
+    if after is not None:
+        newest = newest.where(after)
     return (
         delete(messages)
         # conversation_id as well as id: the row is found through the history index,
-        # and a sharded or partitioned messages table (docs/scaling.md) can route
-        # the statement to one shard.
-        .where(messages.c.conversation_id == conversation_id, messages.c.id == newest)
+        # and a sharded messages table routes the statement to one shard.
+        .where(
+            messages.c.conversation_id == conversation_id,
+            messages.c.id == newest.scalar_subquery(),
+        )
         .returning(messages.c.conversation_id, messages.c.item)
     )
 
@@ -233,19 +242,25 @@ def _postgres_pop() -> Any:
 
     Lock order matters: every writer (append, pop, clear, delete) locks the
     conversation row *before* any message row, so none can deadlock another. The
-    ``locked`` CTE takes that lock; the newest-id subquery depends on it.
+    ``locked`` CTE takes that lock; the newest-id subquery depends on it (an
+    uncorrelated EXISTS over it runs first).
+
+    Every part filters on the conversation id parameter itself, never on a value
+    computed by another part: on a sharded cluster (Citus) the statement is then
+    routed whole to the one shard that holds the conversation.
     """
+    conversation_id: Any = bindparam("conversation_id")
     locked = (
         select(conversations.c.id)
-        .where(conversations.c.id == bindparam("conversation_id"))
+        .where(conversations.c.id == conversation_id)
         .with_for_update()
         .cte("locked")
     )
-    popped = _delete_newest(select(locked.c.id).scalar_subquery()).cte("popped")
+    popped = _delete_newest(conversation_id, after=exists(select(locked.c.id))).cte("popped")
     # A data-modifying CTE runs even though the outer query does not read it.
     touched = (
         update(conversations)
-        .where(conversations.c.id.in_(select(popped.c.conversation_id)))
+        .where(conversations.c.id == conversation_id, exists(select(popped.c.conversation_id)))
         .values(updated_at=utcnow())
         .cte("touched")
     )

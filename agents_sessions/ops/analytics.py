@@ -234,8 +234,8 @@ def collect_statistics(
 def message_counts(connection: Connection, conversation_ids: Sequence[str]) -> dict[str, int]:
     """How many messages each of ``conversation_ids`` holds (one grouped query).
 
-    Ids without messages (or that do not exist) map to 0. Served by
-    ``ix_messages_conversation_id_id``.
+    Ids without messages (or that do not exist) map to 0. Served by the
+    ``(conversation_id, id)`` history index.
     """
     counts = dict.fromkeys(conversation_ids, 0)
     if not counts:

@@ -33,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from ..db.engine import create_pooled_engine, mask_url, parse_database_url
@@ -44,6 +45,7 @@ from ..errors import (
     RestoreTargetNotEmptyError,
     translate_database_errors,
 )
+from .citus import is_distributed
 from .files import atomic_file
 
 #: Every backup file name starts with this.
@@ -303,6 +305,7 @@ def backup_database(
         raise ConfigurationError(f"the backup directory {folder} is not writable")
     database = target.url.database or ""
     if target.dialect == "postgresql":
+        _refuse_distributed_store(database_url)
         label = database
         final = folder / backup_file_name(label, "postgresql", when)
         _pg_dump(database_url, final)
@@ -320,6 +323,29 @@ def backup_database(
     return BackupResult(
         path=final, size_bytes=final.stat().st_size, dialect=target.dialect, removed=removed
     )
+
+
+def _refuse_distributed_store(database_url: str) -> None:
+    """Refuse to back up a Citus-distributed store with ``pg_dump``: it would be empty.
+
+    The rows of distributed tables live in shards on the workers; ``pg_dump`` of the
+    coordinator holds only their empty shells, so the "backup" would restore an
+    empty store -- a failure that shows only on the day it is needed.
+    """
+    engine = create_pooled_engine(parse_database_url(database_url), pooled=False)
+    try:
+        with engine.connect() as connection:
+            distributed = is_distributed(connection)
+    except sa_exc.SQLAlchemyError:
+        return  # unreachable: pg_dump reports it, in its own words
+    finally:
+        engine.dispose()
+    if distributed:
+        raise BackupError(
+            "this store is distributed by Citus: pg_dump of the coordinator holds none of "
+            "its rows (they live in shards on the workers). Use `agents-sessions export` for "
+            "a logical copy through the coordinator, or back up every node (see docs/scaling.md)"
+        )
 
 
 def _pg_dump(database_url: str, final: Path) -> None:
@@ -447,6 +473,12 @@ def _require_empty_postgres(database_url: str) -> None:
                         "WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') "
                         "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
                         "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' "
+                        # Members of an installed extension (e.g. Citus's catalog
+                        # tables, when restoring into a cluster's coordinator) are
+                        # not data of an earlier restore.
+                        "AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d "
+                        "WHERE d.classid = 'pg_catalog.pg_class'::regclass "
+                        "AND d.objid = c.oid AND d.deptype = 'e') "
                         "ORDER BY 1 LIMIT 6"
                     )
                 )

@@ -40,10 +40,11 @@ from sqlalchemy.schema import CreateIndex
 
 from ..db.engine import DatabaseTarget, create_pooled_engine, mask_url, parse_database_url
 from ..db.migrate import schema_status_of
-from ..db.models import Base
+from ..db.models import ONLY_ON_DIALECT, Base
 from ..errors import AgentsSessionsError
 from ..settings import Settings, load_settings
 from .archiving import judge_archiving, read_archiver_state
+from .citus import DISTRIBUTION_COLUMNS, citus_version, distributed_tables
 from .tenancy import row_level_security_status, tables_filtered_for_current_role
 
 #: The outcome of one check.
@@ -283,6 +284,9 @@ def _check_indexes(connection: Connection) -> Check:
             continue
         present = {index["name"]: index for index in inspector.get_indexes(table.name)}
         for index in sorted(table.indexes, key=lambda index: str(index.name)):
+            only_on = index.info.get(ONLY_ON_DIALECT)
+            if only_on is not None and only_on != connection.dialect.name:
+                continue
             expected_count += 1
             name = str(index.name)
             columns = [column.name for column in index.columns]
@@ -447,6 +451,36 @@ def _check_row_level_security(connection: Connection) -> Check:
 # --------------------------------------------------------------------------- runner
 
 
+def _check_citus(connection: Connection) -> Check:
+    """A Citus cluster: which, and whether the store's tables are distributed."""
+    version = citus_version(connection)
+    assert version is not None  # only run where the extension exists
+    workers = connection.execute(
+        text(
+            "SELECT count(*) FROM pg_dist_node "
+            "WHERE isactive AND noderole = 'primary' AND groupid <> 0"
+        )
+    ).scalar_one()
+    done = distributed_tables(connection)
+    cluster = f"Citus {version}, {workers} active worker(s)"
+    if len(done) == len(DISTRIBUTION_COLUMNS):
+        return Check("citus", "ok", f"{cluster}; all tables distributed by conversation id")
+    if not done:
+        return Check(
+            "citus",
+            "warn",
+            f"{cluster}; the tables are not distributed (everything stays on the coordinator)",
+            "run `agents-sessions citus distribute` (see `--dry-run` first)",
+        )
+    missing = [table for table in DISTRIBUTION_COLUMNS if table not in done]
+    return Check(
+        "citus",
+        "fail",
+        f"{cluster}; only {', '.join(sorted(done))} distributed, not {', '.join(missing)}",
+        "run `agents-sessions citus distribute` again to finish",
+    )
+
+
 def _with_connect_timeout(target: DatabaseTarget, seconds: int) -> DatabaseTarget:
     """Bound how long an unreachable server can make the doctor wait (psycopg2 only)."""
     if target.dialect != "postgresql" or "connect_timeout" in target.url.query:
@@ -593,6 +627,8 @@ def diagnose(
                     ("archiving", lambda: _check_archiving(connection)),
                     ("row_level_security", lambda: _check_row_level_security(connection)),
                 ]
+                if citus_version(connection) is not None:
+                    checks.append(("citus", lambda: _check_citus(connection)))
             for name, function in checks:
                 report.checks.append(_run(name, function, connection, scrub))
     except (sa_exc.SQLAlchemyError, AgentsSessionsError) as exc:

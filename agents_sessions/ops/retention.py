@@ -30,12 +30,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, select
+from sqlalchemy import Connection, and_, delete, exists, func, select, update
 
 from ..db.models import conversations_table, messages_table, usage_logs_table
 from ..errors import InvalidArgumentError
 from ..store import SessionStore
 from ..validation import validate_batch_size, validate_identifier
+from .citus import is_distributed
 from .tenancy import require_unfiltered_access
 
 conversations = conversations_table
@@ -153,7 +154,14 @@ def erase_user(store: SessionStore, user_id: str) -> DeletionCounts:
         # Lock the user's conversation rows before any message row: the order every
         # writer follows, so an append racing the erasure waits for it instead of
         # deadlocking with it. (SQLite: BEGIN IMMEDIATE already holds the write lock.)
-        connection.execute(select(func.count()).select_from(owned.with_for_update().subquery()))
+        # The lock is taken by an UPDATE that changes nothing, not SELECT ... FOR
+        # UPDATE: a sharded cluster (Citus) refuses FOR UPDATE across shards but
+        # runs a multi-shard UPDATE; the row versions it leaves are deleted below.
+        connection.execute(
+            update(conversations)
+            .where(conversations.c.user_id == user_id)
+            .values(user_id=conversations.c.user_id)
+        )
         deleted_messages = connection.execute(
             delete(messages).where(messages.c.conversation_id.in_(owned))
         ).rowcount
@@ -238,13 +246,15 @@ def _prune_batch(
         candidates = candidates.where(
             conversations.c.id >= start if inclusive else conversations.c.id > start
         )
-    locked = list(
-        connection.execute(
-            candidates.order_by(conversations.c.id)
-            .limit(min(batch_size, MAX_CONVERSATIONS_PER_BATCH))
-            .with_for_update(skip_locked=True)
-        ).scalars()
+    candidates = candidates.order_by(conversations.c.id).limit(
+        min(batch_size, MAX_CONVERSATIONS_PER_BATCH)
     )
+    if is_distributed(connection):
+        locked = _lock_one_by_one(
+            connection, list(connection.execute(candidates).scalars()), cutoff
+        )
+    else:
+        locked = list(connection.execute(candidates.with_for_update(skip_locked=True)).scalars())
     if not locked:
         return _BatchResult(locked, set(), 0, 0, [])
     # Every statement below repeats the age condition: it is what makes a row
@@ -260,7 +270,10 @@ def _prune_batch(
     )
     touched = list(
         connection.execute(
-            delete(messages).where(messages.c.id.in_(doomed)).returning(messages.c.conversation_id)
+            delete(messages)
+            # conversation_id too: a sharded cluster then visits only their shards.
+            .where(messages.c.conversation_id.in_(locked), messages.c.id.in_(doomed))
+            .returning(messages.c.conversation_id)
         ).scalars()
     )
     # 3. The conversations this left empty: their usage rows, then their rows.
@@ -280,6 +293,25 @@ def _prune_batch(
         ).scalars()
     )
     return _BatchResult(locked, set(touched), len(touched), int(usage_rows or 0), deleted)
+
+
+def _lock_one_by_one(connection: Connection, candidates: list[str], cutoff: datetime) -> list[str]:
+    """Lock ``candidates`` (still old, not held by a writer) one conversation at a time.
+
+    On a sharded cluster (Citus) ``FOR UPDATE`` must stay on one shard, so the
+    batch's rows are locked by one single-shard statement each, in id order, with
+    the same SKIP LOCKED and age re-check as the one-statement form.
+    """
+    locked = []
+    for conversation_id in candidates:
+        row = connection.execute(
+            select(conversations.c.id)
+            .where(conversations.c.id == conversation_id, _old(cutoff))
+            .with_for_update(skip_locked=True)
+        ).scalar_one_or_none()
+        if row is not None:
+            locked.append(row)
+    return locked
 
 
 def prune(

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from ..errors import ConfigurationError, RowLevelSecurityFilteredError
+from ..errors import CitusError, ConfigurationError, RowLevelSecurityFilteredError
+from .citus import is_distributed
 
 #: The tables the policies of migration 0003 protect.
 PROTECTED_TABLES = ("conversations", "messages", "usage_logs")
@@ -52,6 +53,16 @@ def enable_row_level_security(connection: Connection) -> None:
     Runs in the caller's transaction: all three tables switch together or none does.
     """
     _require_postgresql(connection)
+    if is_distributed(connection):
+        # The messages and usage_logs policies look the conversation up in a
+        # subquery, which Citus does not allow on distributed tables (they were
+        # dropped when the tables were distributed): half a policy set would give
+        # a false sense of isolation, so none is enforced.
+        raise CitusError(
+            "row-level security cannot be enforced on a Citus-distributed store (Citus "
+            "allows no subqueries in policies of distributed tables): scope tenants in the "
+            "application, e.g. one user id per conversation checked before each call"
+        )
     for table in PROTECTED_TABLES:
         connection.execute(text(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))
 

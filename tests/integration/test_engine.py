@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
@@ -79,14 +79,27 @@ def pg_admin(postgres_server: Any) -> Iterator[Engine]:
 
 
 def backend_count(admin: Engine, database: str) -> int:
-    """How many server backends are connected to ``database`` right now."""
+    """How many client backends are connected to ``database`` right now."""
     with admin.connect() as connection:
-        return int(
-            connection.execute(
-                text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name"),
-                {"name": database},
-            ).scalar_one()
-        )
+        return backend_count_on(connection, database)
+
+
+def backend_count_on(connection: Connection, database: str) -> int:
+    """:func:`backend_count` on an open connection.
+
+    Client backends only, and not Citus's own (its maintenance daemon, and the
+    connections a coordinator keeps to the nodes, itself included): the package's.
+    """
+    return int(
+        connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = :name "
+                "AND backend_type = 'client backend' "
+                "AND application_name NOT LIKE 'citus%'"
+            ),
+            {"name": database},
+        ).scalar_one()
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -346,11 +359,8 @@ def test_pool_never_exceeds_pool_size_plus_max_overflow_under_50_concurrent_sess
 
     def poll_server() -> None:
         with pg_admin.connect() as connection:
-            query = text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name")
             while not stop.is_set():
-                server_counts.append(
-                    int(connection.execute(query, {"name": database}).scalar_one())
-                )
+                server_counts.append(backend_count_on(connection, database))
                 connection.rollback()
                 time.sleep(0.002)
 

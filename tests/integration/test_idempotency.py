@@ -67,6 +67,7 @@ def test_a_facade_append_in_autocommit_mode_returns_zero_on_replay(
 
 
 @pytest.mark.postgres_only
+@pytest.mark.not_on_citus("watches the lock wait on the coordinator; a worker holds it there")
 def test_a_retry_racing_its_still_running_first_attempt_is_stored_once(
     postgres_url: str, conversation_id: str
 ) -> None:

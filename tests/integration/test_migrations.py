@@ -36,8 +36,13 @@ from agents_sessions import (
 )
 from agents_sessions.db.engine import parse_database_url
 from agents_sessions.db.migrate import alembic_config, current_revision, head_revision
-from agents_sessions.db.models import Base
+from agents_sessions.db.models import Base, comparison_filter
 from tests.conftest import PostgresServer
+
+# Migrations start from empty databases; on a cluster the fixtures hand out distributed ones.
+pytestmark = pytest.mark.not_on_citus(
+    "migrations run on empty databases; tests/citus migrates its own"
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = REPO_ROOT / "tests" / "support" / "migration_workers.py"
@@ -99,6 +104,14 @@ def version_rows(url: str) -> list[str]:
         return list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
 
 
+def expected_primary_key(table: str, dialect_name: str) -> list[str]:
+    """The key at head: led by the distribution column on PostgreSQL (Citus-ready);
+    SQLite keeps its rowid key."""
+    if table == "conversations" or dialect_name == "sqlite":
+        return ["id"]
+    return ["conversation_id", "id"]
+
+
 def assert_schema_at_head(url: str) -> None:
     with connect(url) as connection:
         inspector = inspect(connection)
@@ -108,7 +121,8 @@ def assert_schema_at_head(url: str) -> None:
             assert set(columns) == expected, table
             nullable = {name for name, column in columns.items() if column["nullable"]}
             assert nullable == NULLABLE_COLUMNS.get(table, set()), table
-            assert inspector.get_pk_constraint(table)["constrained_columns"] == ["id"], table
+            key = inspector.get_pk_constraint(table)["constrained_columns"]
+            assert key == expected_primary_key(table, connection.dialect.name), table
         assert current_revision(connection) == head_revision()
 
 
@@ -189,7 +203,13 @@ def test_models_match_the_migrated_schema(fresh_database_url: FreshUrl) -> None:
     command.check(alembic_config(database_url=url))
 
     with connect(url) as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        context = MigrationContext.configure(
+            connection,
+            opts={
+                "compare_type": True,
+                "include_object": comparison_filter(connection.dialect.name),
+            },
+        )
         assert compare_metadata(context, Base.metadata) == []
 
 
@@ -518,3 +538,39 @@ def test_a_migration_url_to_another_database_than_the_stores_is_a_clear_error(
     with pytest.raises(SchemaNotAtHeadError, match="migration_url"):
         store.ensure_schema()
     assert revision_of(other) is None
+
+
+@pytest.mark.postgres_only
+def test_distributable_keys_prepared_by_hand_without_blocking_writes_are_adopted(
+    postgres_server: PostgresServer,
+) -> None:
+    """The 0004 docstring's procedure for very large tables works as written."""
+    url = postgres_server.create_database()
+    config = alembic_config(database_url=url)
+    command.upgrade(config, "0003")
+    engine = create_engine(parse_database_url(url).url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            for table in ("messages", "usage_logs"):
+                connection.execute(
+                    text(
+                        f"CREATE UNIQUE INDEX CONCURRENTLY pk_{table}_next "
+                        f"ON {table} (conversation_id, id)"
+                    )
+                )
+        command.upgrade(config, "head")
+        assert_schema_at_head(url)
+        with engine.connect() as connection:
+            indexes = set(
+                connection.execute(
+                    text("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")
+                ).scalars()
+            )
+        # The prepared index became the key; the history index it duplicates is gone.
+        assert indexes == {
+            "pk_messages",
+            "ix_messages_created_at",
+            "uq_messages_conversation_id_append_key",
+        }
+    finally:
+        engine.dispose()

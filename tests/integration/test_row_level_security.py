@@ -26,7 +26,12 @@ from agents_sessions.cli import cli
 from agents_sessions.ops.tenancy import row_level_security_status
 from tests.conftest import PostgresServer
 
-pytestmark = pytest.mark.postgres_only
+pytestmark = [
+    pytest.mark.postgres_only,
+    pytest.mark.not_on_citus(
+        "row-level security is refused on a distributed store (tests/citus checks the refusal)"
+    ),
+]
 
 
 def user(text_: str) -> dict[str, Any]:

@@ -1047,3 +1047,143 @@ class PgBouncer:
 
     def __repr__(self) -> str:
         return f"PgBouncer(port={self.port}, server={self.server!r}, pool_size={self.pool_size})"
+
+
+# ---------------------------------------------------------------------- Citus
+
+#: The script that installs the Citus extension into the local PostgreSQL, relative to
+#: the repository (this project's machines only: CI copies ``shared/`` next to the
+#: clone; users install Citus from its own packages or images).
+CITUS_INSTALLER = "../shared/citus/install-citus"
+
+
+def check_citus_tools() -> None:
+    """Raise :class:`ToolMissingError` unless a throwaway Citus cluster can be made here.
+
+    The extension's library must be in the server's ``pkglibdir``: run
+    ``../shared/citus/install-citus`` (idempotent) to put it there.
+    """
+    check_server_tools()
+    pg_config = shutil.which("pg_config")
+    libdir = None
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            libdir = subprocess.run(
+                [pg_config, "--pkglibdir"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+    if not libdir or not (Path(libdir) / "citus.so").is_file():
+        where = libdir or "pg_config --pkglibdir"
+        raise ToolMissingError(
+            f"the Citus extension is not installed (no citus.so in {where}); "
+            f"run {CITUS_INSTALLER} from the repository (idempotent)"
+        )
+
+
+class CitusCluster:
+    """A throwaway Citus cluster: one coordinator and ``workers`` worker nodes.
+
+    Each node is a :class:`Cluster` started with ``shared_preload_libraries =
+    'citus'``. Citus metadata lives per database, so :meth:`create_database`
+    creates the database on every node, runs ``CREATE EXTENSION citus`` in each,
+    names the coordinator (``citus_set_coordinator_host``) and adds the workers
+    (``citus_add_node``). Clients connect to the coordinator::
+
+        with CitusCluster(workers=2) as citus:
+            url = citus.create_database()
+            citus.workers[0].restart()
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        settings: Mapping[str, str] | None = None,
+        name: str = "citus",
+    ) -> None:
+        check_citus_tools()
+        base = {
+            "shared_preload_libraries": "'citus'",
+            # Citus commits multi-node transactions with two-phase commit.
+            "max_prepared_transactions": "100",
+            "max_connections": "200",
+            # Node-to-node connections: plaintext on loopback (the servers run with
+            # the caller's HOME, whose ~/.postgresql they may not read).
+            "citus.node_conninfo": "'sslmode=disable'",
+            # Citus runs a maintenance daemon (a background worker) per database, and
+            # that daemon is what recovers two-phase commits a killed client left
+            # prepared: without one, their row locks stay held. Tests make many
+            # databases, so room for many daemons.
+            "max_worker_processes": "128",
+            # Recover those prepared transactions within seconds (default: 1 min).
+            "citus.recover_2pc_interval": "'2s'",
+        } | dict(settings or {})
+        self.name = name
+        self.nodes: list[Cluster] = []
+        try:
+            self.coordinator = Cluster(name=f"{name}_coord", settings=base)
+            self.nodes.append(self.coordinator)
+            self.workers = []
+            for number in range(workers):
+                worker = Cluster(name=f"{name}_w{number + 1}", settings=base)
+                self.nodes.append(worker)
+                self.workers.append(worker)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    @property
+    def port(self) -> int:
+        """The coordinator's port (where clients connect)."""
+        return self.coordinator.port
+
+    def start(self) -> None:
+        """Start every node."""
+        for node in self.nodes:
+            node.start()
+
+    def cleanup(self) -> None:
+        """Stop and remove every node (idempotent)."""
+        for node in self.nodes:
+            node.cleanup()
+
+    def __enter__(self) -> CitusCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.cleanup()
+
+    def url(self, database: str = "postgres", **kwargs: Any) -> str:
+        """A URL to ``database`` on the coordinator (see :meth:`Cluster.url`)."""
+        return self.coordinator.url(database, **kwargs)
+
+    def execute(
+        self, sql: str, parameters: Sequence[Any] | None = None, *, database: str = "postgres"
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement on the coordinator as the superuser."""
+        return self.coordinator.execute(sql, parameters, database=database)
+
+    def create_database(self, name: str | None = None) -> str:
+        """Create a Citus-enabled database on every node; return its coordinator URL."""
+        name = name or f"test_{os.urandom(5).hex()}"
+        for node in self.nodes:
+            node.execute(f'CREATE DATABASE "{name}"')
+            node.execute("CREATE EXTENSION IF NOT EXISTS citus", database=name)
+        self.execute("SELECT citus_set_coordinator_host(%s, %s)", [HOST, self.port], database=name)
+        for worker in self.workers:
+            self.execute("SELECT citus_add_node(%s, %s)", [HOST, worker.port], database=name)
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop ``name`` on every node (its connections are closed first)."""
+        for node in self.nodes:
+            with contextlib.suppress(psycopg2.Error):
+                node.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def __repr__(self) -> str:
+        ports = ", ".join(str(node.port) for node in self.nodes)
+        return f"CitusCluster({self.name!r}, ports=[{ports}])"

@@ -39,6 +39,7 @@ PUBLIC_ERRORS: dict[str, type[BaseException]] = {
 STANDARD_TYPES: dict[str, tuple[type[BaseException], ...]] = {
     "BackupError": (RuntimeError,),
     "BackupFileError": (ValueError,),
+    "CitusError": (RuntimeError,),
     "ConversationNotFoundError": (LookupError,),
     "ExportFormatError": (ValueError,),
     "ExternalToolError": (RuntimeError,),
