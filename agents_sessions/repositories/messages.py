@@ -16,15 +16,13 @@ from ..db.models import stored_utc
 from ..db.statements import (
     CLEAR,
     COUNT_MESSAGES,
-    DELETE_NEWEST,
     ENSURE_CONVERSATION,
-    HAS_MESSAGES,
     INSERT_MESSAGE,
     POSTGRES_APPEND,
-    POSTGRES_POP,
-    SELECT_ALL,
+    POSTGRES_VIEW_ALL,
+    POSTGRES_VIEW_LATEST,
     SELECT_APPEND_KEY_SEEN,
-    SELECT_LATEST,
+    SELECT_CURRENT_BRANCH,
     SELECT_RECORDS,
     TOUCH_CONVERSATION,
     execute,
@@ -32,6 +30,7 @@ from ..db.statements import (
 )
 from ..items import EncodedItem, encode_items
 from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata
+from .branches import BranchRepository
 from .context import acting_tenant, in_driver_transaction
 from .records import StoredMessage
 
@@ -156,6 +155,8 @@ class MessageRepository:
             ).scalar_one()
         ):
             return 0
+        # Read after the upsert above locked the conversation: no switch can slip in.
+        branch_id = self.connection.execute(SELECT_CURRENT_BRANCH, conversation).scalar_one()
         self.connection.execute(
             INSERT_MESSAGE,
             [
@@ -165,6 +166,7 @@ class MessageRepository:
                     "content": item.content,
                     "document": item.document,
                     "append_key": idempotency_key if position == 0 else None,
+                    "branch_id": branch_id,
                 }
                 for position, item in enumerate(encoded)
             ],
@@ -172,20 +174,32 @@ class MessageRepository:
         return len(encoded)
 
     def latest(self, conversation_id: str, limit: int) -> list[dict[str, Any]]:
-        """The newest ``limit`` items, oldest first (one backward index scan)."""
+        """The newest ``limit`` items of the current branch, oldest first.
+
+        One statement on PostgreSQL: one backward index scan per branch the current
+        branch inherits from (one for an unforked conversation).
+        """
         validate_identifier(conversation_id)
         count = validate_limit(limit)
         if not count:
             return []
+        if self.connection.dialect.name != "postgresql":
+            branches = BranchRepository(self.connection)
+            return branches.items(conversation_id, branches.current(conversation_id), count)
         result = execute(
-            self.connection, SELECT_LATEST, {"conversation_id": conversation_id, "limit": count}
+            self.connection,
+            POSTGRES_VIEW_LATEST,
+            {"conversation_id": conversation_id, "limit": count},
         )
         return list(result.scalars())
 
     def all(self, conversation_id: str) -> list[dict[str, Any]]:
-        """Every item of the conversation, oldest first."""
+        """Every item of the current branch, oldest first."""
         validate_identifier(conversation_id)
-        result = execute(self.connection, SELECT_ALL, {"conversation_id": conversation_id})
+        if self.connection.dialect.name != "postgresql":
+            branches = BranchRepository(self.connection)
+            return branches.items(conversation_id, branches.current(conversation_id))
+        result = execute(self.connection, POSTGRES_VIEW_ALL, {"conversation_id": conversation_id})
         return list(result.scalars())
 
     def records(
@@ -214,29 +228,14 @@ class MessageRepository:
         ]
 
     def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
-        """Remove and return the newest item; ``None`` if there is none.
+        """Remove and return the newest item of the current branch; ``None`` if there is none.
 
-        Safe under concurrency: each item is returned by exactly one caller. On
-        PostgreSQL the claim is one statement; if a concurrent pop took the row this
-        one aimed at, it looks again rather than report an empty conversation.
+        Run it in a transaction (``store.transaction()``): it locks the conversation
+        row first, so concurrent pops are serialised and each item is returned by
+        exactly one caller. An item another branch shares stays in that branch.
         """
         validate_identifier(conversation_id)
-        parameters = {"conversation_id": conversation_id}
-        if self.connection.dialect.name == "postgresql":
-            while True:
-                item = execute(self.connection, POSTGRES_POP, parameters).scalar_one_or_none()
-                if item is not None:
-                    return item  # type: ignore[no-any-return]
-                # Nothing deleted: either the conversation is empty, or another
-                # transaction deleted our target first (READ COMMITTED re-checks the
-                # row, not the subquery). Only the first case ends the loop.
-                if not execute(self.connection, HAS_MESSAGES, parameters).scalar():
-                    return None
-        row = self.connection.execute(DELETE_NEWEST, parameters).one_or_none()
-        if row is None:
-            return None
-        self.connection.execute(TOUCH_CONVERSATION, parameters)
-        return row.item  # type: ignore[no-any-return]
+        return BranchRepository(self.connection).pop(conversation_id)
 
     def clear(self, conversation_id: str) -> int:
         """Delete every item of the conversation (it stays, with its metadata and usage).
@@ -249,6 +248,8 @@ class MessageRepository:
         # follows, so clear cannot deadlock with pop or delete.
         self.connection.execute(TOUCH_CONVERSATION, parameters)
         deleted = self.connection.execute(CLEAR, parameters).rowcount
+        # Every branch is empty now: back to main (used names stay reserved).
+        BranchRepository(self.connection).reset(conversation_id)
         return int(deleted or 0)
 
     def count(self, conversation_id: str) -> int:

@@ -43,8 +43,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = REPO_ROOT / "tests" / "support" / "migration_workers.py"
 
 EXPECTED_COLUMNS = {
-    "conversations": {"id", "user_id", "created_at", "updated_at", "metadata"},
-    "messages": {"id", "conversation_id", "role", "content", "item", "created_at", "append_key"},
+    "conversations": {"id", "user_id", "created_at", "updated_at", "metadata", "current_branch"},
+    "messages": {
+        "id",
+        "conversation_id",
+        "role",
+        "content",
+        "item",
+        "created_at",
+        "append_key",
+        "branch_id",
+    },
     "usage_logs": {
         "id",
         "conversation_id",
@@ -56,13 +65,38 @@ EXPECTED_COLUMNS = {
         "completion_tokens",
         "total_tokens",
         "timestamp",
+        "branch_id",
+        "turn_message_id",
+        "request_index",
+        "cached_tokens",
+        "reasoning_tokens",
+        "input_tokens_details",
+        "output_tokens_details",
+    },
+    "conversation_branches": {
+        "conversation_id",
+        "branch_id",
+        "parent_branch_id",
+        "fork_before_id",
+        "state",
+        "created_at",
     },
 }
 NULLABLE_COLUMNS = {
-    "conversations": {"user_id"},
+    "conversations": {"user_id", "current_branch"},
     "messages": {"append_key"},
-    "usage_logs": {"run_id", "response_id"},
+    "usage_logs": {
+        "run_id",
+        "response_id",
+        "branch_id",
+        "turn_message_id",
+        "request_index",
+        "input_tokens_details",
+        "output_tokens_details",
+    },
+    "conversation_branches": {"parent_branch_id", "fork_before_id"},
 }
+PRIMARY_KEYS = {"conversation_branches": ["conversation_id", "branch_id"]}
 SCHEMA_TABLES = set(EXPECTED_COLUMNS)
 CONCURRENT_PROCESSES = 5
 SUBPROCESS_TIMEOUT = 120
@@ -108,7 +142,8 @@ def assert_schema_at_head(url: str) -> None:
             assert set(columns) == expected, table
             nullable = {name for name, column in columns.items() if column["nullable"]}
             assert nullable == NULLABLE_COLUMNS.get(table, set()), table
-            assert inspector.get_pk_constraint(table)["constrained_columns"] == ["id"], table
+            primary_key = PRIMARY_KEYS.get(table, ["id"])
+            assert inspector.get_pk_constraint(table)["constrained_columns"] == primary_key, table
         assert current_revision(connection) == head_revision()
 
 

@@ -58,6 +58,11 @@ STANDARD_TYPES: dict[str, tuple[type[BaseException], ...]] = {
     "AccessDeniedError": (PermissionError,),
     "ConnectionLostError": (Exception,),
     "ReadOnlyDatabaseError": (Exception,),
+    "BranchError": (ValueError,),
+    "UnknownBranchError": (ValueError,),
+    "BranchNameTakenError": (ValueError,),
+    "ProtectedBranchError": (ValueError,),
+    "TurnNotFoundError": (ValueError,),
 }
 
 # Narrower families the documentation promises.
@@ -65,6 +70,10 @@ PARENTS: dict[str, str] = {
     "ItemTypeError": "InvalidItemError",
     "ItemTooLargeError": "InvalidItemError",
     "SchemaNotAtHeadError": "SchemaError",
+    "UnknownBranchError": "BranchError",
+    "BranchNameTakenError": "BranchError",
+    "ProtectedBranchError": "BranchError",
+    "TurnNotFoundError": "BranchError",
     "PoolTimeoutError": "DatabaseError",
     "StatementTimeoutError": "DatabaseError",
     "AccessDeniedError": "DatabaseError",
