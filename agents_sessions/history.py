@@ -146,7 +146,27 @@ def pending_usage(
             )
         )
     silent = (requests - mark.requests) - (len(entries) - mark.entries)
-    if silent > 0:
+    if silent > 0 and not entries:
+        # A usage without per-request entries (built by hand, or by a model that
+        # reports totals only): the run's totals, as one row.
+        input_details = _details(usage.input_tokens_details)
+        output_details = _details(usage.output_tokens_details)
+        pending.append(
+            UsageEntry(
+                model=model,
+                prompt_tokens=int(usage.input_tokens or 0),
+                completion_tokens=int(usage.output_tokens or 0),
+                total_tokens=int(usage.total_tokens or 0),
+                requests=silent,
+                run_id=mark.run_id,
+                request_index=-requests,
+                cached_tokens=int((input_details or {}).get("cached_tokens") or 0),
+                reasoning_tokens=int((output_details or {}).get("reasoning_tokens") or 0),
+                input_tokens_details=input_details,
+                output_tokens_details=output_details,
+            )
+        )
+    elif silent > 0:
         pending.append(
             UsageEntry(
                 model=model,
@@ -154,8 +174,6 @@ def pending_usage(
                 total_tokens=0,
                 run_id=mark.run_id,
                 request_index=-requests,
-                input_tokens_details={k: 0 for k in _details(usage.input_tokens_details) or {}},
-                output_tokens_details={k: 0 for k in _details(usage.output_tokens_details) or {}},
             )
         )
     return pending, len(entries), requests

@@ -12,7 +12,7 @@ package's hierarchy, and write nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from agents import Agent, Runner, function_tool
@@ -87,7 +87,7 @@ async def _answers(session: Any, branches: list[str]) -> dict[str, Any]:
         answers[f"tools@{branch}"] = sorted(
             await session.get_tool_usage(branch), key=lambda t: (t[2], t[0])
         )
-    return _without_timestamps(answers)
+    return cast(dict[str, Any], _without_timestamps(answers))
 
 
 class _Pair:
