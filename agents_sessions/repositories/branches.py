@@ -163,11 +163,12 @@ class BranchRepository:
         *,
         limit: int | None = None,
         rows: dict[str, BranchRow] | None = None,
+        users_only: bool = False,
     ) -> list[ViewRow]:
         """The branch's history, oldest first (the newest ``limit`` rows when given).
 
         One indexed range scan per branch of the chain, nearest first, stopping as
-        soon as ``limit`` rows are found.
+        soon as ``limit`` rows are found. ``users_only``: only the user messages.
         """
         rows = self.rows(conversation_id) if rows is None else rows
         if self.state_of(rows, branch_id) != LIVE:
@@ -183,6 +184,8 @@ class BranchRepository:
             ).where(messages.c.conversation_id == conversation_id, messages.c.branch_id == owner)
             if bound is not None:
                 query = query.where(messages.c.id < bound)
+            if users_only:
+                query = query.where(messages.c.role == "user")
             if limit is not None:
                 remaining = limit - len(found)
                 if remaining <= 0:
@@ -226,7 +229,11 @@ class BranchRepository:
         self.lock(conversation_id)
         rows = self.rows(conversation_id)
         source = self.current(conversation_id)
-        turns = [row for row in self.view(conversation_id, source, rows=rows) if row.is_user]
+        turns = [
+            row
+            for row in self.view(conversation_id, source, rows=rows, users_only=True)
+            if row.is_user
+        ]
         if not 1 <= turn_number <= len(turns):
             raise TurnNotFoundError(
                 f"Turn {turn_number} does not contain a user message in branch '{source}'; "
