@@ -107,12 +107,22 @@ class BranchRepository:
         operation here reads and rewrites it. (On SQLite the transaction's
         ``BEGIN IMMEDIATE`` already holds the database's write lock.)
         """
-        touched = self.connection.execute(
+        # FOR UPDATE (not the weaker lock an UPDATE of a non-key column takes): it
+        # conflicts with the key-share locks of concurrent inserts' foreign-key checks
+        # and with DELETE, as the conversation-first lock order of every writer needs.
+        found = self.connection.execute(
+            select(conversations.c.id)
+            .where(conversations.c.id == conversation_id)
+            .with_for_update()
+        ).first()
+        if found is None:
+            return False
+        self.connection.execute(
             update(conversations)
             .where(conversations.c.id == conversation_id)
             .values(updated_at=utcnow())
         )
-        return bool(touched.rowcount)
+        return True
 
     def current(self, conversation_id: str) -> str:
         """The conversation's current branch (``main`` for a new conversation)."""

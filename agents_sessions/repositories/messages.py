@@ -246,7 +246,10 @@ class MessageRepository:
         parameters = {"conversation_id": conversation_id}
         # Conversation row first, then its messages: the lock order every writer
         # follows, so clear cannot deadlock with pop or delete.
-        self.connection.execute(TOUCH_CONVERSATION, parameters)
+        if not self.connection.execute(TOUCH_CONVERSATION, parameters).rowcount:
+            # No conversation, no messages (foreign key). Going on would lock message
+            # rows of a conversation created meanwhile before its row: lock inversion.
+            return 0
         deleted = self.connection.execute(CLEAR, parameters).rowcount
         # Every branch is empty now: back to main (used names stay reserved).
         BranchRepository(self.connection).reset(conversation_id)

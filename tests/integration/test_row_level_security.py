@@ -138,7 +138,8 @@ async def test_usage_of_another_tenant_is_invisible_and_cannot_be_written(
     agent = Agent(name="a", model=model)
     alice = PostgreSQLSession("a-usage", database_url=url, tenant_id="alice", settings=settings)
     result = await Runner.run(agent, "hello", session=alice)
-    assert await alice.record_usage(result, model="scripted") == 1
+    # Recorded automatically during the run (under alice's tenant); not counted again.
+    assert await alice.record_usage(result, model="scripted") == 0
 
     store = get_store(url, settings=settings)
     with store.read(tenant_id="bob") as repos:
@@ -147,7 +148,11 @@ async def test_usage_of_another_tenant_is_invisible_and_cannot_be_written(
         assert [totals.key for totals in repos.usage.totals_by_model()] == ["scripted"]
     bob = PostgreSQLSession("a-usage", database_url=url, tenant_id="bob", settings=settings)
     with pytest.raises(AccessDeniedError):
-        await bob.record_usage(result, model="scripted")
+        await bob.add_items([{"role": "user", "content": "bob writes into alice's"}])
+    # The run's usage is recorded already: bob's attempt writes nothing.
+    assert await bob.record_usage(result, model="bobs-model") == 0
+    with store.read(tenant_id="alice") as repos:
+        assert [totals.key for totals in repos.usage.totals_by_model()] == ["scripted"]
 
 
 async def test_the_runner_passes_the_run_context_to_resolve_the_tenant(
