@@ -36,10 +36,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import JSONDocument, conversations_table, messages_table, utcnow
+from .models import JSONDocument, branches_table, conversations_table, messages_table, utcnow
 
 conversations = conversations_table
 messages = messages_table
+branches = branches_table
 
 #: The branch every conversation starts on; it cannot be deleted.
 MAIN_BRANCH = "main"
@@ -177,6 +178,45 @@ INSERT_MESSAGE = insert(messages).values(
 )
 SELECT_CURRENT_BRANCH = select(func.coalesce(conversations.c.current_branch, MAIN_BRANCH)).where(
     conversations.c.id == bindparam("conversation_id")
+)
+# Statement by statement (SQLite, row-level security): each row lands on the current
+# branch, read in the INSERT itself, after the caller locked the conversation.
+INSERT_MESSAGE_ON_CURRENT_BRANCH = insert(messages).values(
+    conversation_id=bindparam("conversation_id"),
+    role=bindparam("role"),
+    content=bindparam("content"),
+    item=bindparam("document", type_=JSONDocument),
+    append_key=bindparam("append_key", type_=Text),
+    branch_id=SELECT_CURRENT_BRANCH.scalar_subquery(),
+)
+# The current branch, and whether it inherits from a parent (then its history is
+# read branch by branch; without one, by SELECT_BRANCH_LATEST/ALL alone).
+SELECT_CURRENT_BRANCH_FORKED = select(
+    func.coalesce(conversations.c.current_branch, MAIN_BRANCH),
+    exists().where(
+        branches.c.conversation_id == conversations.c.id,
+        branches.c.branch_id == func.coalesce(conversations.c.current_branch, MAIN_BRANCH),
+        branches.c.parent_branch_id.isnot(None),
+    ),
+).where(conversations.c.id == bindparam("conversation_id"))
+_BRANCH_LATEST = (
+    select(messages.c.id, messages.c.item)
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        messages.c.branch_id == bindparam("branch_id"),
+    )
+    .order_by(messages.c.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+    .subquery("latest")
+)
+SELECT_BRANCH_LATEST = select(_BRANCH_LATEST.c.item).order_by(_BRANCH_LATEST.c.id)
+SELECT_BRANCH_ALL = (
+    select(messages.c.item)
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        messages.c.branch_id == bindparam("branch_id"),
+    )
+    .order_by(messages.c.id)
 )
 SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
 

@@ -17,12 +17,14 @@ from ..db.statements import (
     CLEAR,
     COUNT_MESSAGES,
     ENSURE_CONVERSATION,
-    INSERT_MESSAGE,
+    INSERT_MESSAGE_ON_CURRENT_BRANCH,
     POSTGRES_APPEND,
     POSTGRES_VIEW_ALL,
     POSTGRES_VIEW_LATEST,
     SELECT_APPEND_KEY_SEEN,
-    SELECT_CURRENT_BRANCH,
+    SELECT_BRANCH_ALL,
+    SELECT_BRANCH_LATEST,
+    SELECT_CURRENT_BRANCH_FORKED,
     SELECT_RECORDS,
     TOUCH_CONVERSATION,
     execute,
@@ -155,10 +157,10 @@ class MessageRepository:
             ).scalar_one()
         ):
             return 0
-        # Read after the upsert above locked the conversation: no switch can slip in.
-        branch_id = self.connection.execute(SELECT_CURRENT_BRANCH, conversation).scalar_one()
+        # The current branch is read in the INSERT, after the upsert above locked the
+        # conversation: no switch can slip in between.
         self.connection.execute(
-            INSERT_MESSAGE,
+            INSERT_MESSAGE_ON_CURRENT_BRANCH,
             [
                 {
                     "conversation_id": conversation_id,
@@ -166,7 +168,6 @@ class MessageRepository:
                     "content": item.content,
                     "document": item.document,
                     "append_key": idempotency_key if position == 0 else None,
-                    "branch_id": branch_id,
                 }
                 for position, item in enumerate(encoded)
             ],
@@ -184,8 +185,7 @@ class MessageRepository:
         if not count:
             return []
         if self.connection.dialect.name != "postgresql":
-            branches = BranchRepository(self.connection)
-            return branches.items(conversation_id, branches.current(conversation_id), count)
+            return self._current_branch_items(conversation_id, count)
         result = execute(
             self.connection,
             POSTGRES_VIEW_LATEST,
@@ -197,9 +197,31 @@ class MessageRepository:
         """Every item of the current branch, oldest first."""
         validate_identifier(conversation_id)
         if self.connection.dialect.name != "postgresql":
-            branches = BranchRepository(self.connection)
-            return branches.items(conversation_id, branches.current(conversation_id))
+            return self._current_branch_items(conversation_id, None)
         result = execute(self.connection, POSTGRES_VIEW_ALL, {"conversation_id": conversation_id})
+        return list(result.scalars())
+
+    def _current_branch_items(self, conversation_id: str, limit: int | None) -> list[Any]:
+        """The current branch's items, statement by statement (SQLite).
+
+        An unforked branch (every conversation until it branches) costs two prebuilt
+        statements; a branch with a parent is read branch by branch up its chain.
+        """
+        parameters = {"conversation_id": conversation_id}
+        found = self.connection.execute(SELECT_CURRENT_BRANCH_FORKED, parameters).first()
+        if found is None:
+            return []
+        branch_id, forked = found
+        if forked:
+            return BranchRepository(self.connection).items(conversation_id, branch_id, limit)
+        if limit is None:
+            result = self.connection.execute(
+                SELECT_BRANCH_ALL, {**parameters, "branch_id": branch_id}
+            )
+        else:
+            result = self.connection.execute(
+                SELECT_BRANCH_LATEST, {**parameters, "branch_id": branch_id, "limit": limit}
+            )
         return list(result.scalars())
 
     def records(
