@@ -42,7 +42,9 @@ def enable(context: CliContext) -> None:
     """Enforce the tenant policies on conversations, messages and usage_logs."""
     with reported_errors(), context.store().transaction() as repos:
         enable_row_level_security(repos.connection)
-    click.echo("row-level security enabled on conversations, messages, usage_logs")
+    click.echo(
+        "row-level security enabled on conversations, messages, usage_logs, conversation_branches"
+    )
 
 
 @rls.command()
@@ -51,4 +53,6 @@ def disable(context: CliContext) -> None:
     """Stop enforcing the tenant policies (they stay defined)."""
     with reported_errors(), context.store().transaction() as repos:
         disable_row_level_security(repos.connection)
-    click.echo("row-level security disabled on conversations, messages, usage_logs")
+    click.echo(
+        "row-level security disabled on conversations, messages, usage_logs, conversation_branches"
+    )

@@ -33,6 +33,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 SQLITE_TABLE = {"sqlite_autoincrement": True}
+
+# Row-level security (migration 0003's scheme): a branch is visible and writable only
+# through a conversation the acting tenant can see. Enforced once the operator enables
+# row-level security (agents_sessions.ops.tenancy lists the table).
+POLICIES = {
+    "conversation_branches": (
+        "EXISTS (SELECT 1 FROM conversations c WHERE c.id = conversation_branches.conversation_id)"
+    ),
+}
 DETAILS = sa.JSON().with_variant(JSONB(), "postgresql")
 NOW = {
     "postgresql": sa.text("now()"),
@@ -108,6 +117,12 @@ def upgrade() -> None:
             sa.Column("output_tokens_details", DETAILS, nullable=True),
         ],
     )
+    if dialect == "postgresql":
+        for table, condition in POLICIES.items():
+            op.execute(
+                f"CREATE POLICY {table}_tenant_isolation ON {table} "
+                f"USING ({condition}) WITH CHECK ({condition})"
+            )
     op.create_index(
         "uq_usage_logs_conversation_id_run_id_request_index",
         "usage_logs",
