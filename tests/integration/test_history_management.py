@@ -14,7 +14,7 @@ from agents.memory import OpenAIResponsesCompactionSession
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from agents_sessions import (
     BranchNameTakenError,
@@ -349,3 +349,30 @@ async def test_recording_a_request_again_counts_it_once(
         "total_tokens": 7,
         "total_turns": 1,
     }
+
+
+async def test_reading_a_forked_branch_is_one_statement_on_postgresql(
+    database_url: str, conversation_id: str
+) -> None:
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    for turn in range(1, 6):
+        await session.add_items([user(f"q{turn}"), reply(f"a{turn}")])
+    await session.create_branch_from_turn(5, "first")
+    await session.add_items([user("q5 on first")])
+    await session.create_branch_from_turn(4, "second")  # from "first": two parents deep
+    await session.add_items([user("q4 on second")])
+    store = session.store
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        with store.single_statement(write=False) as repos:
+            latest = repos.messages.latest(conversation_id, 3)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    assert latest == [user("q3"), reply("a3"), user("q4 on second")]
+    if store.dialect == "postgresql":
+        assert len([s for s in statements if "messages" in s]) == 1, statements
