@@ -1,12 +1,12 @@
-"""The same scripted conversation on the SDK's AdvancedSQLiteSession and on ours, answer for answer.
+"""The same scripted conversation on the SDK's AdvancedSQLiteSession and on ours.
 
-Each step runs the real ``Runner`` (tool calls included) with ``ScriptedModel`` on
-both sessions, or calls the same history-management method on both, and then every
-read method of the API is asked on both and the answers compared: items (whole and
-limited), turns, search, turns' contents, tool usage, session and turn usage per
-branch, and the branch listing. Timestamps are left out (the SDK reports when it
-copied a row); error cases must raise ``ValueError`` on both, ours from the
-package's hierarchy, and write nothing.
+Each step runs the real ``Runner`` (tool calls included; two runs streamed) with
+``ScriptedModel`` on both sessions, or calls the same history-management method on
+both, and then every read method of the API is asked on both and the answers
+compared: items (whole and limited), turns, search, turns' contents, tool usage,
+session and turn usage per branch, and the branch listing. Timestamps are left out
+(the SDK reports when it copied a row); error cases must raise ``ValueError`` on
+both, ours from the package's hierarchy, and write nothing.
 """
 
 from __future__ import annotations
@@ -98,11 +98,17 @@ class _Pair:
         self.branches = ["main"]
         self.step = 0
 
-    async def run(self, text: str, tokens: int) -> None:
+    async def run(self, text: str, tokens: int, *, streamed: bool = False) -> None:
         for session in (self.sdk, self.ours):
             agent = Agent(
                 name="assistant", model=ScriptedModel(_steps(text, tokens)), tools=[lookup]
             )
+            if streamed:
+                streaming = Runner.run_streamed(agent, text, session=session)
+                async for _ in streaming.stream_events():
+                    pass
+                await session.store_run_usage(cast(Any, streaming))
+                continue
             result = await Runner.run(agent, text, session=session)
             await session.store_run_usage(result)
         await self.compare(f"run {text!r}")
@@ -160,7 +166,7 @@ async def test_a_scripted_conversation_gives_the_sdks_answers_after_every_step(
         await pair.both_fail("create_branch_from_turn", 1, "retry")  # names stay reserved
         await pair.both_fail("delete_branch", "retry")  # current, without force
         await pair.both("create_branch_from_content", "AGAIN", "cats")
-        await pair.run("turn on cats", 400)
+        await pair.run("turn on cats", 400, streamed=True)
         await pair.both("switch_to_branch", "main")
         await pair.run("turn four", 500)
         # Branching at turn 1 copies nothing: the SDK then lists no such branch.
@@ -185,6 +191,6 @@ async def test_a_scripted_conversation_gives_the_sdks_answers_after_every_step(
         await pair.both("delete_branch", "retry", force=True)  # back to main
         await pair.both("switch_to_branch", "early")
         await pair.both("clear_session")
-        await pair.run("after the clear", 800)
+        await pair.run("after the clear", 800, streamed=True)
     finally:
         sdk.close()
