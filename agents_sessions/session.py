@@ -19,19 +19,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import InvalidArgumentError
-from .history import (
-    HistoryManagementMixin,
-    RunUsage,
-    observe_run,
-    pending_usage,
-    record_turn_usage,
-    validate_branch_name,
-)
+from .history import HistoryManagementMixin, validate_branch_name
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
 from .repositories.usage import UNKNOWN_MODEL
 from .settings import Settings
 from .store import SessionStore, get_store
+from .usage_capture import (
+    RUN_USAGE_ATTRIBUTE,
+    RunUsage,
+    combined_entry,
+    observe_run,
+    pending_usage,
+    record_turn_usage,
+)
 from .validation import validate_identifier, validate_limit, validate_metadata
 
 if TYPE_CHECKING:
@@ -430,7 +431,7 @@ class PostgreSQLSession(HistoryManagementMixin):
         name = model or _model_name(result)
         context = getattr(result, "context_wrapper", None)
         fresh = context is not None and not isinstance(
-            getattr(context, "_agents_sessions_run_usage", None), RunUsage
+            getattr(context, RUN_USAGE_ATTRIBUTE, None), RunUsage
         )
         mark = observe_run(context, from_start=True) if context is not None else None
         if mark is None:
@@ -456,7 +457,7 @@ class PostgreSQLSession(HistoryManagementMixin):
             )
             seen = (seen_entries, seen_requests)
             if entries and not per_request:
-                entries = [_combined(entries)]
+                entries = [combined_entry(entries)]
         if wrapper is None and self._tenant_resolver is not None:
             wrapper = context
         tenant = self._acting_tenant(wrapper)
@@ -487,35 +488,3 @@ class PostgreSQLSession(HistoryManagementMixin):
         if entries:
             self._owner_pending = False
         return written
-
-
-def _combined(entries: list[UsageEntry]) -> UsageEntry:
-    """One row for several requests of a run (``record_usage(per_request=False)``)."""
-    first = entries[0]
-
-    def total(field: str) -> int:
-        return sum(int(getattr(entry, field) or 0) for entry in entries)
-
-    def details(field: str) -> dict[str, Any] | None:
-        merged: dict[str, Any] | None = None
-        for entry in entries:
-            value = getattr(entry, field)
-            if isinstance(value, dict):
-                merged = dict(merged or {})
-                for key, number in value.items():
-                    merged[key] = merged.get(key, 0) + (number or 0)
-        return merged
-
-    return UsageEntry(
-        model=first.model,
-        prompt_tokens=total("prompt_tokens"),
-        completion_tokens=total("completion_tokens"),
-        total_tokens=total("total_tokens"),
-        requests=total("requests"),
-        run_id=first.run_id,
-        request_index=first.request_index,
-        cached_tokens=total("cached_tokens"),
-        reasoning_tokens=total("reasoning_tokens"),
-        input_tokens_details=details("input_tokens_details"),
-        output_tokens_details=details("output_tokens_details"),
-    )

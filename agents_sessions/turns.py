@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .repositories.branches import ViewRow, sdk_timestamp
+from .repositories.branch_views import ViewRow, sdk_timestamp
 
 # The SDK counts these message types as tool calls (get_tool_usage).
 _TOOL_CALL_TYPES = frozenset(

@@ -26,7 +26,7 @@ from agents_sessions import (
     UsageEntry,
 )
 from agents_sessions.db.models import messages_table
-from agents_sessions.history import record_turn_usage
+from agents_sessions.usage_capture import record_turn_usage
 from tests.support import workers
 
 
