@@ -418,8 +418,8 @@ class SessionStore:
             lag_tolerant: For reads: use the replica when one is configured and
                 reachable (falling back to this store).
             retry_attempts: Overrides ``settings.retry_attempts``.
-            hot_path: ``work`` only calls ``MessageRepository.latest``, ``all``,
-                ``append_encoded`` or ``pop_latest`` (the session facade's calls), so
+            hot_path: ``work`` only calls ``MessageRepository.latest``, ``all`` or
+                ``append_encoded`` (the session facade's calls), so
                 on PostgreSQL with psycopg2 it may run on the pooled driver
                 connection directly (:mod:`agents_sessions.db.hot_path`).
 

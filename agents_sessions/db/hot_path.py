@@ -7,7 +7,7 @@ cursor result, reset on close) doubled the client CPU of the call: 0.20 ms again
 0.10 ms for the same statement on the same pooled connection. So the facade runs
 those statements on the DBAPI connection the pool hands out (``pool.connect()``,
 the documented raw-connection API), through :class:`DriverConnection`: just enough
-of a ``Connection`` for ``MessageRepository.latest/all/append_encoded/pop_latest``.
+of a ``Connection`` for ``MessageRepository.latest/all/append_encoded``.
 
 What SQLAlchemy's ``Connection`` would have done is kept: the pool (size, timeout,
 the checkout liveness check, the connect hooks), driver errors wrapped in

@@ -1,8 +1,8 @@
 """The prebuilt SQL of the hot paths, and the cache that compiles each once per driver.
 
 Statements are built once, at import time, as SQLAlchemy Core constructs, so each
-call only binds parameters. The session's hot paths -- append, latest N, pop -- are
-one statement each on PostgreSQL, so in autocommit mode a call is one round trip.
+call only binds parameters. The session's hot paths -- append, latest N on the current
+branch -- are one statement each on PostgreSQL, so in autocommit mode a call is one round trip.
 The repositories (:mod:`agents_sessions.repositories`) execute them through
 :func:`execute`.
 """
@@ -243,58 +243,6 @@ SELECT_RECORDS = select(
 ).where(messages.c.conversation_id == bindparam("conversation_id"))
 
 
-def _delete_newest(conversation_id: Any) -> Any:
-    """DELETE the newest message of ``conversation_id`` RETURNING it.
-
-    DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
-    newest row, only the one whose DELETE removes it gets the payload back.
-    """
-    newest = (
-        select(messages.c.id)
-        .where(messages.c.conversation_id == conversation_id)
-        .order_by(messages.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    return (
-        delete(messages)
-        # conversation_id as well as id: the row is found through the history index,
-        # and a sharded or partitioned messages table (docs/scaling.md) can route
-        # the statement to one shard.
-        .where(messages.c.conversation_id == conversation_id, messages.c.id == newest)
-        .returning(messages.c.conversation_id, messages.c.item)
-    )
-
-
-# SQLite form: under BEGIN IMMEDIATE nothing can race it.
-DELETE_NEWEST = _delete_newest(bindparam("conversation_id"))
-
-
-def _postgres_pop() -> Any:
-    """One statement: lock the conversation, delete its newest item, touch ``updated_at``.
-
-    Lock order matters: every writer (append, pop, clear, delete) locks the
-    conversation row *before* any message row, so none can deadlock another. The
-    ``locked`` CTE takes that lock; the newest-id subquery depends on it.
-    """
-    locked = (
-        select(conversations.c.id)
-        .where(conversations.c.id == bindparam("conversation_id"))
-        .with_for_update()
-        .cte("locked")
-    )
-    popped = _delete_newest(select(locked.c.id).scalar_subquery()).cte("popped")
-    # A data-modifying CTE runs even though the outer query does not read it.
-    touched = (
-        update(conversations)
-        .where(conversations.c.id.in_(select(popped.c.conversation_id)))
-        .values(updated_at=utcnow())
-        .cte("touched")
-    )
-    return select(popped.c.item).add_cte(touched)
-
-
-POSTGRES_POP = _postgres_pop()
 # The current branch's history in one statement (PostgreSQL). The recursive CTE
 # walks from the conversation's current branch up through its parents; each step
 # narrows the id bound (LEAST ignores NULL, "no bound"). The LATERAL arm takes the
@@ -336,7 +284,6 @@ SELECT m.item FROM chain JOIN messages m
 ORDER BY m.id
 """
 ).columns(item=JSONDocument)
-HAS_MESSAGES = select(exists().where(messages.c.conversation_id == bindparam("conversation_id")))
 TOUCH_CONVERSATION = (
     update(conversations)
     .where(conversations.c.id == bindparam("conversation_id"))
