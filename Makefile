@@ -23,7 +23,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer test-citus lint format migrate db-up db-down bench profile soak clean
+.PHONY: venv demo test test-pgbouncer test-citus lint format migrate db-up db-down bench bench-branching profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,10 @@ db-down:
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.ui_pages $(UI_BENCH_ARGS)
+
+# Branching a 10,000-item conversation, ours against the SDK's AdvancedSQLiteSession.
+bench-branching: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.branching --database-url $${BENCH_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
 
 profile: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench --profile $(BENCH_ARGS)

@@ -175,6 +175,29 @@ class ConversationNotFoundError(AgentsSessionsError, LookupError):
     exit_code = ExitCode.PROBLEM
 
 
+class BranchError(AgentsSessionsError, ValueError):
+    """A history-management call named a branch or turn it cannot use; nothing was written.
+
+    A ``ValueError``, as the SDK's ``AdvancedSQLiteSession`` raises for the same cases.
+    """
+
+
+class UnknownBranchError(BranchError):
+    """The branch does not exist (never created, deleted, or holding no items)."""
+
+
+class BranchNameTakenError(BranchError):
+    """The branch name is blank, or was already used in this conversation (names stay reserved)."""
+
+
+class ProtectedBranchError(BranchError):
+    """``main`` cannot be deleted; the current branch only with ``force=True``."""
+
+
+class TurnNotFoundError(BranchError):
+    """No user turn with that number (or matching that text) on the current branch."""
+
+
 class ExportFormatError(AgentsSessionsError, ValueError):
     """An import file is not a valid export; nothing was written.
 

@@ -20,10 +20,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .db.hot_path import HotMessages
 from .errors import InvalidArgumentError
+from .history import HistoryManagementMixin, validate_branch_name
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
+from .repositories.usage import UNKNOWN_MODEL
 from .settings import Settings
 from .store import SessionStore, get_store
+from .usage_capture import (
+    RUN_USAGE_ATTRIBUTE,
+    RunUsage,
+    combined_entry,
+    observe_run,
+    pending_usage,
+    record_turn_usage,
+)
 from .validation import validate_identifier, validate_limit, validate_metadata
 
 if TYPE_CHECKING:
@@ -104,8 +114,12 @@ def _usage_entry(
     )
 
 
-class PostgreSQLSession:
+class PostgreSQLSession(HistoryManagementMixin):
     """An Agents SDK session stored in PostgreSQL (or the embedded SQLite default).
+
+    Beyond the ``Session`` protocol it offers the history management API of the SDK's
+    ``AdvancedSQLiteSession`` (turns, branches, usage per turn; see
+    :mod:`agents_sessions.history`), and records token usage automatically.
 
     Args:
         conversation_id: The conversation (SDK session) id: any string of 1 to 255
@@ -221,22 +235,34 @@ class PostgreSQLSession:
     # ------------------------------------------------------------------ protocol
 
     async def get_items(
-        self, limit: int | None = None, *, wrapper: RunContextWrapper[Any] | None = None
+        self,
+        limit: int | None = None,
+        branch_id: str | None = None,
+        *,
+        wrapper: RunContextWrapper[Any] | None = None,
     ) -> list[Any]:
-        """The latest ``limit`` items, oldest first.
+        """The latest ``limit`` items of the current branch (or ``branch_id``), oldest first.
 
         ``limit=None`` falls back to ``session_settings.limit``; if that is ``None``
         too, every item. ``limit=0`` returns ``[]``. A negative limit raises
         :class:`~agents_sessions.errors.InvalidArgumentError` (a ``ValueError``).
-        ``wrapper`` is the run's context, passed by the Runner (used to resolve a
-        callable ``tenant_id``).
+        An unknown or deleted ``branch_id`` has no items. ``wrapper`` is the run's
+        context, passed by the Runner (used to resolve a callable ``tenant_id``, and
+        to record the run's token usage).
         """
         if limit is None and self.session_settings is not None:
             limit = self.session_settings.limit
         count = validate_limit(limit)
         tenant = self._acting_tenant(wrapper)
+        if wrapper is not None:
+            observe_run(wrapper, from_start=False)
         if count == 0:
             return []
+        if branch_id is not None:
+            name = validate_branch_name(branch_id, name="branch_id")
+            return await self._read(
+                lambda repos: repos.branches.items(self.session_id, name, count)
+            )
         return await self._in_thread(self._get_items, count, tenant)
 
     def _get_items(self, limit: int | None, tenant: str | None) -> list[Any]:
@@ -273,15 +299,42 @@ class PostgreSQLSession:
         tenant = self._acting_tenant(wrapper)
         if isinstance(items, list) and not items:
             return
+        mark = observe_run(wrapper, from_start=False) if wrapper is not None else None
+        if mark is not None:
+            entries, seen_entries, seen_requests = pending_usage(wrapper, mark, model=UNKNOWN_MODEL)
+            if entries:
+                # The run's new requests are recorded in the transaction of this
+                # append, keyed by their position in the run: exactly once.
+                await self._mutate(self._add_items, items, tenant, entries)
+                mark.entries, mark.requests = seen_entries, seen_requests
+                return
         await self._mutate(self._add_items, items, tenant)
 
-    def _add_items(self, items: list[Any], tenant: str | None) -> None:
+    def _add_items(
+        self, items: list[Any], tenant: str | None, usage: list[UsageEntry] | None = None
+    ) -> None:
         # In the worker thread: large items stay off the loop.
         encoded = encode_items(items, max_item_bytes=self._store.settings.max_item_bytes)
         user_id, metadata = self._owner(tenant)
         # One key for every attempt of this call: a retry after an unknown commit
         # outcome finds the key if the first attempt committed, and writes nothing.
         key = uuid.uuid4().hex
+        if usage:
+
+            def append_with_usage(repos: Repositories) -> None:
+                repos.messages.append_encoded(
+                    self.session_id,
+                    encoded,
+                    user_id=user_id,
+                    metadata=metadata,
+                    idempotency_key=key,
+                )
+                record_turn_usage(repos, self.session_id, usage)
+
+            # Repeatable: the key makes the append, and the usage keys the usage, once.
+            self._store.run_transaction(append_with_usage, repeatable=True, tenant_id=tenant)
+            self._owner_pending = False
+            return
         self._store.run_hot(
             lambda messages: messages.append_encoded(
                 self.session_id,
@@ -308,18 +361,21 @@ class PostgreSQLSession:
         return await self._mutate(self._pop_item, tenant)
 
     def _pop_item(self, tenant: str | None) -> Any | None:
-        return self._store.run_hot(
-            lambda messages: messages.pop_latest(self.session_id),
-            write=True,
+        # A transaction: the pop locks the conversation, finds the newest item of the
+        # current branch, and keeps it for any other branch that shares it.
+        return self._store.run_transaction(
+            lambda repos: repos.messages.pop_latest(self.session_id),
             repeatable=False,
             tenant_id=tenant,
         )
 
     async def clear_session(self, *, wrapper: RunContextWrapper[Any] | None = None) -> None:
-        """Delete every item of this conversation. Idempotent; the session stays usable.
+        """Delete every item of this conversation, on every branch. Idempotent.
 
-        The conversation row, its metadata and its usage records are kept; delete
-        the conversation through the repository API to remove those too.
+        The conversation continues on ``main``; names of branches used before stay
+        reserved. The conversation row, its metadata and its usage records are kept
+        (no turn shows that usage any more); delete the conversation through the
+        repository API to remove those too.
         """
         tenant = self._acting_tenant(wrapper)
         await self._mutate(self._clear, tenant)
@@ -343,46 +399,81 @@ class PostgreSQLSession:
         run_id: str | None = None,
         wrapper: RunContextWrapper[Any] | None = None,
     ) -> int:
-        """Store the token usage of a finished run in ``usage_logs``.
+        """Store the token usage of a finished run in ``usage_logs``, once.
+
+        When the Runner ran with this session, each request was already recorded as
+        it happened (``add_items`` receives the run's context): this call then only
+        names the model of those rows and records what is missing, so nothing is
+        counted twice, however often it is called for the same result.
 
         Args:
             result: What ``Runner.run`` returned (or a finished streamed result).
             model: Model name to record; defaults to the last agent's model.
             per_request: One row per model request (``True``, the default) or one
-                row for the whole run.
-            run_id: Groups the rows of this run; a new UUID by default.
+                row for the requests not recorded yet.
+            run_id: Groups the rows of this run when none were recorded yet; a new
+                UUID by default.
             wrapper: The run context, for a callable ``tenant_id`` (defaults to
                 ``result.context_wrapper``).
 
         Returns:
-            The number of rows written.
+            The number of rows this call wrote.
         """
         name = model or _model_name(result)
-        run = run_id or uuid.uuid4().hex
-        if per_request:
-            responses = getattr(result, "raw_responses", None) or []
+        context = getattr(result, "context_wrapper", None)
+        fresh = context is not None and not isinstance(
+            getattr(context, RUN_USAGE_ATTRIBUTE, None), RunUsage
+        )
+        mark = observe_run(context, from_start=True) if context is not None else None
+        if mark is None:
             entries = [
                 _usage_entry(
-                    response.usage, model=name, run_id=run, response_id=response.response_id
+                    response.usage,
+                    model=name,
+                    run_id=run_id or uuid.uuid4().hex,
+                    response_id=response.response_id,
                 )
-                for response in responses
+                for response in getattr(result, "raw_responses", None) or []
             ]
+            seen: tuple[int, int] | None = None
         else:
-            entries = [_usage_entry(result.context_wrapper.usage, model=name, run_id=run)]
-        if not entries:
-            return 0
+            if fresh and run_id is not None:
+                mark.run_id = run_id
+            response_ids = [
+                getattr(response, "response_id", None)
+                for response in getattr(result, "raw_responses", None) or []
+            ]
+            entries, seen_entries, seen_requests = pending_usage(
+                context, mark, model=name, response_ids=response_ids
+            )
+            seen = (seen_entries, seen_requests)
+            if entries and not per_request:
+                entries = [combined_entry(entries)]
         if wrapper is None and self._tenant_resolver is not None:
-            wrapper = getattr(result, "context_wrapper", None)
+            wrapper = context
         tenant = self._acting_tenant(wrapper)
-        return await self._mutate(self._record_usage, entries, tenant)
+        written = await self._mutate(
+            self._record_usage, entries, tenant, None if mark is None else mark.run_id, name
+        )
+        if mark is not None and seen is not None:
+            mark.entries, mark.requests = seen
+        return written
 
-    def _record_usage(self, entries: list[UsageEntry], tenant: str | None) -> int:
+    def _record_usage(
+        self, entries: list[UsageEntry], tenant: str | None, run_id: str | None, model: str
+    ) -> int:
         user_id, metadata = self._owner(tenant)
 
         def record(repos: Repositories) -> int:
+            if run_id is not None:
+                repos.usage.name_model(self.session_id, run_id, model)
+            if not entries:
+                return 0
             repos.conversations.ensure(self.session_id, user_id=user_id, metadata=metadata)
-            return repos.usage.record(self.session_id, entries)
+            return record_turn_usage(repos, self.session_id, entries)
 
-        written = self._store.run_transaction(record, repeatable=False, tenant_id=tenant)
-        self._owner_pending = False
+        # Repeatable: every row is keyed by (run, request), so a retry writes no row twice.
+        written = self._store.run_transaction(record, repeatable=True, tenant_id=tenant)
+        if entries:
+            self._owner_pending = False
         return written

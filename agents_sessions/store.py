@@ -421,7 +421,7 @@ class SessionStore:
         """Run one of the session facade's message calls on the cheapest path that is safe.
 
         ``work`` gets only :class:`~agents_sessions.db.hot_path.HotMessages` -- the
-        four calls that are one statement on PostgreSQL -- so on PostgreSQL with
+        calls that are one statement on PostgreSQL -- so on PostgreSQL with
         psycopg2 (no tenant, no statement listeners) it runs on the pooled driver
         connection directly; elsewhere as :meth:`single_statement`. Retries as
         :meth:`run_write` (``write=True``) or :meth:`run_read` say.

@@ -66,7 +66,9 @@ def enable(context: CliContext, yes: bool) -> None:
             raise SystemExit(int(ExitCode.PROBLEM))
     with reported_errors(), as_owner("rls enable"), context.store().transaction() as repos:
         enable_row_level_security(repos.connection)
-    click.echo("row-level security enabled on conversations, messages, usage_logs")
+    click.echo(
+        "row-level security enabled on conversations, messages, usage_logs, conversation_branches"
+    )
 
 
 @rls.command()
@@ -75,4 +77,6 @@ def disable(context: CliContext) -> None:
     """Stop enforcing the tenant policies (they stay defined)."""
     with reported_errors(), as_owner("rls disable"), context.store().transaction() as repos:
         disable_row_level_security(repos.connection)
-    click.echo("row-level security disabled on conversations, messages, usage_logs")
+    click.echo(
+        "row-level security disabled on conversations, messages, usage_logs, conversation_branches"
+    )

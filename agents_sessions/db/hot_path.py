@@ -31,7 +31,7 @@ from ..items import EncodedItem
 
 
 class HotMessages(Protocol):
-    """What work on the hot path may do: the session facade's four message calls.
+    """What work on the hot path may do: the session facade's one-statement message calls.
 
     :meth:`agents_sessions.store.SessionStore.run_hot` hands its work an object of
     this type -- a ``MessageRepository`` over a :class:`DriverConnection` where the
@@ -58,10 +58,6 @@ class HotMessages(Protocol):
         idempotency_key: str | None = None,
     ) -> int:
         """Append encoded items (one statement on PostgreSQL); how many were written."""
-        ...
-
-    def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
-        """Remove and return the newest item, or ``None``."""
         ...
 
 

@@ -1,4 +1,4 @@
-"""Declarative ORM models of the three tables: ``conversations``, ``messages``, ``usage_logs``.
+"""Declarative ORM models: conversations, messages, usage_logs, conversation_branches.
 
 These models are the source of truth that Alembic's autogenerate compares the
 database against (``alembic check``); the schema itself is created and evolved only
@@ -189,6 +189,9 @@ class Conversation(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column(
         "metadata", MetadataJSON, nullable=False, server_default=text("'{}'")
     )
+    # The branch the conversation continues on (NULL: main). Stored, not kept per
+    # session object, so every server appends to and reads the same branch.
+    current_branch: Mapped[str | None] = mapped_column(Text)
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -231,6 +234,9 @@ class Message(Base):
     # finds its key and writes nothing: appends are exactly-once across lost
     # connections (see MessageRepository.append).
     append_key: Mapped[str | None] = mapped_column(Text)
+    # The branch that owns this row. Other branches may share it without a copy:
+    # see ConversationBranch and agents_sessions.repositories.branches.
+    branch_id: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'main'"))
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 
@@ -244,6 +250,8 @@ class Message(Base):
         # SQLite keeps `id` as its rowid key (AUTOINCREMENT needs a single INTEGER
         # PRIMARY KEY), so there the history index is a separate one.
         sqlite_only(Index("ix_messages_conversation_id_id", "conversation_id", "id")),
+        # A branch's own rows, newest first (one backward scan per branch of a view).
+        Index(None, "conversation_id", "branch_id", "id"),
         Index(None, "created_at"),
         # The backstop of exactly-once appends: two attempts of one call that race
         # (the first still running when the retry starts) cannot both commit.
@@ -282,6 +290,18 @@ class UsageLog(Base):
     timestamp: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=utcnow(), nullable=False
     )
+    # Where the request belongs: the branch, and the user message that opened its
+    # turn (turn numbers are positions in a branch's history, computed when read).
+    branch_id: Mapped[str | None] = mapped_column(Text)
+    turn_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The request's position in its run: with run_id, records a request once.
+    request_index: Mapped[int | None] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    reasoning_tokens: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default=text("0")
+    )
+    input_tokens_details: Mapped[dict[str, Any] | None] = mapped_column(MetadataJSON)
+    output_tokens_details: Mapped[dict[str, Any] | None] = mapped_column(MetadataJSON)
 
     conversation: Mapped[Conversation] = relationship(back_populates="usage_logs")
 
@@ -295,7 +315,49 @@ class UsageLog(Base):
         PrimaryKeyConstraint("conversation_id", "id"),
         sqlite_only(Index("ix_usage_logs_conversation_id", "conversation_id")),
         Index(None, "timestamp"),
+        # Exactly-once usage: a request of a run is recorded once, however many
+        # times its append is retried or the run's usage is stored explicitly.
+        Index(
+            "uq_usage_logs_conversation_id_run_id_request_index",
+            "conversation_id",
+            "run_id",
+            "request_index",
+            unique=True,
+            postgresql_where=text("request_index IS NOT NULL"),
+            sqlite_where=text("request_index IS NOT NULL"),
+        ),
         {"sqlite_autoincrement": True},
+    )
+
+
+class ConversationBranch(Base):
+    """A branch of a conversation other than an unforked ``main``.
+
+    A branch's history is its parent's history before ``fork_before_id`` (message
+    ids below it, recursively through the parent's own parent) followed by the rows
+    it owns (``messages.branch_id``). Items are shared, never copied. ``state``:
+    ``live``; ``deleted`` (the name stays reserved; rows a child still shares are
+    kept); ``frozen`` (internal: rows a live branch gave up but a child shares).
+    """
+
+    __tablename__ = "conversation_branches"
+
+    conversation_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    branch_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    parent_branch_id: Mapped[str | None] = mapped_column(Text)
+    fork_before_id: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'live'"))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=utcnow(), nullable=False
+    )
+
+    __table_args__ = (
+        CheckConstraint("state IN ('live', 'deleted', 'frozen')", name="state"),
+        CheckConstraint(
+            f"length(branch_id) BETWEEN 1 AND {MAX_ID_LENGTH}", name="branch_id_length"
+        ),
     )
 
 
@@ -303,3 +365,4 @@ class UsageLog(Base):
 conversations_table = cast(Table, Conversation.__table__)
 messages_table = cast(Table, Message.__table__)
 usage_logs_table = cast(Table, UsageLog.__table__)
+branches_table = cast(Table, ConversationBranch.__table__)

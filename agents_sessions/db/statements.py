@@ -1,8 +1,8 @@
 """The prebuilt SQL of the hot paths, and the cache that compiles each once per driver.
 
 Statements are built once, at import time, as SQLAlchemy Core constructs, so each
-call only binds parameters. The session's hot paths -- append, latest N, pop -- are
-one statement each on PostgreSQL, so in autocommit mode a call is one round trip.
+call only binds parameters. The session's hot paths -- append, latest N on the current
+branch -- are one statement each on PostgreSQL, so in autocommit mode a call is one round trip.
 The repositories (:mod:`agents_sessions.repositories`) execute them through
 :func:`execute`.
 """
@@ -28,6 +28,7 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    text,
     true,
     update,
 )
@@ -35,10 +36,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import JSONDocument, conversations_table, messages_table, utcnow
+from .models import JSONDocument, branches_table, conversations_table, messages_table, utcnow
 
 conversations = conversations_table
 messages = messages_table
+branches = branches_table
+
+#: The branch every conversation starts on; it cannot be deleted.
+MAIN_BRANCH = "main"
 
 # None must bind as SQL NULL (not JSON 'null') so COALESCE can keep existing metadata.
 _metadata_param = bindparam(
@@ -134,7 +139,9 @@ def _postgres_append() -> Any:
     inserted in that order.
     """
     conversation = (
-        ENSURE_CONVERSATION["postgresql"].returning(conversations.c.id).cte("conversation")
+        ENSURE_CONVERSATION["postgresql"]
+        .returning(conversations.c.id, conversations.c.current_branch)
+        .cte("conversation")
     )
     rows = unnested_rows(
         "new_items", role=("roles", Text), content=("contents", Text), document=("documents", Text)
@@ -148,13 +155,16 @@ def _postgres_append() -> Any:
             cast(rows.c.document, JSONDocument),
             # The call's key goes on its first row only (see _APPEND_KEY_SEEN).
             case((rows.c.position == 1, append_key), else_=null()),
+            # The conversation's current branch, read under its row lock: a
+            # concurrent switch_to_branch lands wholly before or after this call.
+            func.coalesce(conversation.c.current_branch, MAIN_BRANCH),
         )
         .select_from(conversation.join(rows, true()))
         .where(~_append_key_seen(append_key))
         .order_by(rows.c.position)
     )
     return insert(messages).from_select(
-        ["conversation_id", "role", "content", "item", "append_key"], source
+        ["conversation_id", "role", "content", "item", "append_key", "branch_id"], source
     )
 
 
@@ -180,6 +190,49 @@ INSERT_MESSAGE = insert(messages).values(
     content=bindparam("content"),
     item=bindparam("document", type_=JSONDocument),
     append_key=bindparam("append_key", type_=Text),
+    branch_id=bindparam("branch_id", type_=Text),
+)
+SELECT_CURRENT_BRANCH = select(func.coalesce(conversations.c.current_branch, MAIN_BRANCH)).where(
+    conversations.c.id == bindparam("conversation_id")
+)
+# Statement by statement (SQLite, row-level security): each row lands on the current
+# branch, read in the INSERT itself, after the caller locked the conversation.
+INSERT_MESSAGE_ON_CURRENT_BRANCH = insert(messages).values(
+    conversation_id=bindparam("conversation_id"),
+    role=bindparam("role"),
+    content=bindparam("content"),
+    item=bindparam("document", type_=JSONDocument),
+    append_key=bindparam("append_key", type_=Text),
+    branch_id=SELECT_CURRENT_BRANCH.scalar_subquery(),
+)
+# The current branch, and whether it inherits from a parent (then its history is
+# read branch by branch; without one, by SELECT_BRANCH_LATEST/ALL alone).
+SELECT_CURRENT_BRANCH_FORKED = select(
+    func.coalesce(conversations.c.current_branch, MAIN_BRANCH),
+    exists().where(
+        branches.c.conversation_id == conversations.c.id,
+        branches.c.branch_id == func.coalesce(conversations.c.current_branch, MAIN_BRANCH),
+        branches.c.parent_branch_id.isnot(None),
+    ),
+).where(conversations.c.id == bindparam("conversation_id"))
+_BRANCH_LATEST = (
+    select(messages.c.id, messages.c.item)
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        messages.c.branch_id == bindparam("branch_id"),
+    )
+    .order_by(messages.c.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+    .subquery("latest")
+)
+SELECT_BRANCH_LATEST = select(_BRANCH_LATEST.c.item).order_by(_BRANCH_LATEST.c.id)
+SELECT_BRANCH_ALL = (
+    select(messages.c.item)
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        messages.c.branch_id == bindparam("branch_id"),
+    )
+    .order_by(messages.c.id)
 )
 SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
 
@@ -269,6 +322,49 @@ def _postgres_pop() -> Any:
 
 POSTGRES_POP = _postgres_pop()
 HAS_MESSAGES = select(exists().where(messages.c.conversation_id == bindparam("conversation_id")))
+
+
+# The current branch's history in one statement (PostgreSQL). The recursive CTE
+# walks from the conversation's current branch up through its parents; each step
+# narrows the id bound (LEAST ignores NULL, "no bound"). The LATERAL arm takes the
+# newest :limit rows of one branch below its bound with one backward scan of
+# (conversation_id, branch_id, id), so a read costs the same at any history depth;
+# an unforked conversation has one arm.
+_VIEW_CHAIN = """
+WITH RECURSIVE chain(branch_id, bound) AS (
+    SELECT COALESCE(c.current_branch, 'main'), CAST(NULL AS BIGINT)
+    FROM conversations c WHERE c.id = :conversation_id
+  UNION ALL
+    SELECT b.parent_branch_id, LEAST(chain.bound, b.fork_before_id)
+    FROM chain JOIN conversation_branches b
+      ON b.conversation_id = :conversation_id AND b.branch_id = chain.branch_id
+    WHERE b.parent_branch_id IS NOT NULL
+)
+"""
+_NO_BOUND = "9223372036854775807"
+POSTGRES_VIEW_LATEST = text(
+    _VIEW_CHAIN
+    + f"""
+SELECT latest.item FROM (
+    SELECT own.id, own.item FROM chain CROSS JOIN LATERAL (
+        SELECT m.id, m.item FROM messages m
+        WHERE m.conversation_id = :conversation_id AND m.branch_id = chain.branch_id
+          AND m.id < COALESCE(chain.bound, {_NO_BOUND})
+        ORDER BY m.id DESC LIMIT :limit
+    ) own
+    ORDER BY own.id DESC LIMIT :limit
+) latest ORDER BY latest.id
+"""
+).columns(item=JSONDocument)
+POSTGRES_VIEW_ALL = text(
+    _VIEW_CHAIN
+    + f"""
+SELECT m.item FROM chain JOIN messages m
+    ON m.conversation_id = :conversation_id AND m.branch_id = chain.branch_id
+   AND m.id < COALESCE(chain.bound, {_NO_BOUND})
+ORDER BY m.id
+"""
+).columns(item=JSONDocument)
 TOUCH_CONVERSATION = (
     update(conversations)
     .where(conversations.c.id == bindparam("conversation_id"))

@@ -38,11 +38,13 @@ DISTRIBUTION_COLUMNS = {
     "conversations": "id",
     "messages": "conversation_id",
     "usage_logs": "conversation_id",
+    "conversation_branches": "conversation_id",
 }
-#: Tenant policies (migration 0003) Citus cannot distribute: they use a subquery.
+#: Tenant policies (migrations 0003, 0005) Citus cannot distribute: they use a subquery.
 SUBQUERY_POLICIES = {
     "messages": "messages_tenant_isolation",
     "usage_logs": "usage_logs_tenant_isolation",
+    "conversation_branches": "conversation_branches_tenant_isolation",
 }
 
 

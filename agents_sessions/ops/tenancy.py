@@ -25,8 +25,8 @@ from sqlalchemy import Connection, text
 from ..errors import CitusError, ConfigurationError, RowLevelSecurityFilteredError
 from .citus import is_distributed
 
-#: The tables the policies of migration 0003 protect.
-PROTECTED_TABLES = ("conversations", "messages", "usage_logs")
+#: The tables the policies of migrations 0003 and 0005 protect.
+PROTECTED_TABLES = ("conversations", "messages", "usage_logs", "conversation_branches")
 
 
 def _require_postgresql(connection: Connection) -> None:
@@ -50,7 +50,7 @@ def row_level_security_status(connection: Connection) -> dict[str, bool]:
 def enable_row_level_security(connection: Connection) -> None:
     """Enforce the tenant policies on every protected table (run as the tables' owner).
 
-    Runs in the caller's transaction: all three tables switch together or none does.
+    Runs in the caller's transaction: all the tables switch together or none does.
     """
     _require_postgresql(connection)
     if is_distributed(connection):

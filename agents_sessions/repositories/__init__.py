@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
+from .branches import BranchRepository
 from .conversations import ConversationRepository
 from .messages import MessageRepository
 from .records import (
@@ -24,16 +25,18 @@ from .usage import UsageRepository
 
 
 class Repositories:
-    """The three repositories over one connection (and so one transaction)."""
+    """The repositories over one connection (and so one transaction)."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.conversations = ConversationRepository(connection)
         self.messages = MessageRepository(connection)
         self.usage = UsageRepository(connection)
+        self.branches = BranchRepository(connection)
 
 
 __all__ = [
+    "BranchRepository",
     "ConversationPage",
     "ConversationRecord",
     "ConversationRepository",

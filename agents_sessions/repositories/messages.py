@@ -16,15 +16,15 @@ from ..db.models import stored_utc
 from ..db.statements import (
     CLEAR,
     COUNT_MESSAGES,
-    DELETE_NEWEST,
     ENSURE_CONVERSATION,
-    HAS_MESSAGES,
-    INSERT_MESSAGE,
+    INSERT_MESSAGE_ON_CURRENT_BRANCH,
     POSTGRES_APPEND,
-    POSTGRES_POP,
-    SELECT_ALL,
+    POSTGRES_VIEW_ALL,
+    POSTGRES_VIEW_LATEST,
     SELECT_APPEND_KEY_SEEN,
-    SELECT_LATEST,
+    SELECT_BRANCH_ALL,
+    SELECT_BRANCH_LATEST,
+    SELECT_CURRENT_BRANCH_FORKED,
     SELECT_RECORDS,
     TOUCH_CONVERSATION,
     execute,
@@ -32,6 +32,7 @@ from ..db.statements import (
 )
 from ..items import EncodedItem, encode_items
 from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata
+from .branches import BranchRepository
 from .context import acting_tenant, in_driver_transaction
 from .records import StoredMessage
 
@@ -156,8 +157,10 @@ class MessageRepository:
             ).scalar_one()
         ):
             return 0
+        # The current branch is read in the INSERT, after the upsert above locked the
+        # conversation: no switch can slip in between.
         self.connection.execute(
-            INSERT_MESSAGE,
+            INSERT_MESSAGE_ON_CURRENT_BRANCH,
             [
                 {
                     "conversation_id": conversation_id,
@@ -172,20 +175,53 @@ class MessageRepository:
         return len(encoded)
 
     def latest(self, conversation_id: str, limit: int) -> list[dict[str, Any]]:
-        """The newest ``limit`` items, oldest first (one backward index scan)."""
+        """The newest ``limit`` items of the current branch, oldest first.
+
+        One statement on PostgreSQL: one backward index scan per branch the current
+        branch inherits from (one for an unforked conversation).
+        """
         validate_identifier(conversation_id)
         count = validate_limit(limit)
         if not count:
             return []
+        if self.connection.dialect.name != "postgresql":
+            return self._current_branch_items(conversation_id, count)
         result = execute(
-            self.connection, SELECT_LATEST, {"conversation_id": conversation_id, "limit": count}
+            self.connection,
+            POSTGRES_VIEW_LATEST,
+            {"conversation_id": conversation_id, "limit": count},
         )
         return list(result.scalars())
 
     def all(self, conversation_id: str) -> list[dict[str, Any]]:
-        """Every item of the conversation, oldest first."""
+        """Every item of the current branch, oldest first."""
         validate_identifier(conversation_id)
-        result = execute(self.connection, SELECT_ALL, {"conversation_id": conversation_id})
+        if self.connection.dialect.name != "postgresql":
+            return self._current_branch_items(conversation_id, None)
+        result = execute(self.connection, POSTGRES_VIEW_ALL, {"conversation_id": conversation_id})
+        return list(result.scalars())
+
+    def _current_branch_items(self, conversation_id: str, limit: int | None) -> list[Any]:
+        """The current branch's items, statement by statement (SQLite).
+
+        An unforked branch (every conversation until it branches) costs two prebuilt
+        statements; a branch with a parent is read branch by branch up its chain.
+        """
+        parameters = {"conversation_id": conversation_id}
+        found = self.connection.execute(SELECT_CURRENT_BRANCH_FORKED, parameters).first()
+        if found is None:
+            return []
+        branch_id, forked = found
+        if forked:
+            return BranchRepository(self.connection).items(conversation_id, branch_id, limit)
+        if limit is None:
+            result = self.connection.execute(
+                SELECT_BRANCH_ALL, {**parameters, "branch_id": branch_id}
+            )
+        else:
+            result = self.connection.execute(
+                SELECT_BRANCH_LATEST, {**parameters, "branch_id": branch_id, "limit": limit}
+            )
         return list(result.scalars())
 
     def records(
@@ -214,29 +250,14 @@ class MessageRepository:
         ]
 
     def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
-        """Remove and return the newest item; ``None`` if there is none.
+        """Remove and return the newest item of the current branch; ``None`` if there is none.
 
-        Safe under concurrency: each item is returned by exactly one caller. On
-        PostgreSQL the claim is one statement; if a concurrent pop took the row this
-        one aimed at, it looks again rather than report an empty conversation.
+        Run it in a transaction (``store.transaction()``): it locks the conversation
+        row first, so concurrent pops are serialised and each item is returned by
+        exactly one caller. An item another branch shares stays in that branch.
         """
         validate_identifier(conversation_id)
-        parameters = {"conversation_id": conversation_id}
-        if self.connection.dialect.name == "postgresql":
-            while True:
-                item = execute(self.connection, POSTGRES_POP, parameters).scalar_one_or_none()
-                if item is not None:
-                    return item  # type: ignore[no-any-return]
-                # Nothing deleted: either the conversation is empty, or another
-                # transaction deleted our target first (READ COMMITTED re-checks the
-                # row, not the subquery). Only the first case ends the loop.
-                if not execute(self.connection, HAS_MESSAGES, parameters).scalar():
-                    return None
-        row = self.connection.execute(DELETE_NEWEST, parameters).one_or_none()
-        if row is None:
-            return None
-        self.connection.execute(TOUCH_CONVERSATION, parameters)
-        return row.item  # type: ignore[no-any-return]
+        return BranchRepository(self.connection).pop(conversation_id)
 
     def clear(self, conversation_id: str) -> int:
         """Delete every item of the conversation (it stays, with its metadata and usage).
@@ -247,8 +268,13 @@ class MessageRepository:
         parameters = {"conversation_id": conversation_id}
         # Conversation row first, then its messages: the lock order every writer
         # follows, so clear cannot deadlock with pop or delete.
-        self.connection.execute(TOUCH_CONVERSATION, parameters)
+        if not self.connection.execute(TOUCH_CONVERSATION, parameters).rowcount:
+            # No conversation, no messages (foreign key). Going on would lock message
+            # rows of a conversation created meanwhile before its row: lock inversion.
+            return 0
         deleted = self.connection.execute(CLEAR, parameters).rowcount
+        # Every branch is empty now: back to main (used names stay reserved).
+        BranchRepository(self.connection).reset(conversation_id)
         return int(deleted or 0)
 
     def count(self, conversation_id: str) -> int:

@@ -84,3 +84,10 @@ class UsageEntry:
     requests: int = 1
     run_id: str | None = None
     response_id: str | None = None
+    #: The request's position in its run: with ``run_id``, a request is recorded once.
+    request_index: int | None = None
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    #: The SDK's ``input_tokens_details`` / ``output_tokens_details`` objects, as dicts.
+    input_tokens_details: dict[str, Any] | None = None
+    output_tokens_details: dict[str, Any] | None = None

@@ -6,13 +6,19 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db.models import conversations_table as conversations
 from ..db.models import usage_logs_table as usage_logs
 from ..errors import InvalidArgumentError
 from ..validation import validate_count, validate_datetime, validate_identifier, validate_text
 from .records import UsageEntry, UsageTotals
+
+#: The model of usage rows recorded before the run's result named it.
+UNKNOWN_MODEL = "unknown"
+
+_DIALECT_INSERT: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
 class UsageRepository:
@@ -21,8 +27,20 @@ class UsageRepository:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
-    def record(self, conversation_id: str, entries: Sequence[UsageEntry]) -> int:
+    def record(
+        self,
+        conversation_id: str,
+        entries: Sequence[UsageEntry],
+        *,
+        branch_id: str | None = None,
+        turn_message_id: int | None = None,
+    ) -> int:
         """Insert one ``usage_logs`` row per entry. The conversation must exist.
+
+        ``branch_id`` and ``turn_message_id`` attribute the rows to a turn (see
+        :meth:`agents_sessions.PostgreSQLSession.get_turn_usage`). An entry whose
+        ``(run_id, request_index)`` is already recorded for the conversation is
+        skipped: recording a run's requests again counts nothing twice.
 
         Returns the number of rows written.
         """
@@ -51,11 +69,68 @@ class UsageRepository:
                     "response_id": validate_text(
                         entry.response_id, name=f"{where}.response_id", optional=True
                     ),
+                    "request_index": entry.request_index,
+                    "cached_tokens": validate_count(
+                        entry.cached_tokens, name=f"{where}.cached_tokens"
+                    ),
+                    "reasoning_tokens": validate_count(
+                        entry.reasoning_tokens, name=f"{where}.reasoning_tokens"
+                    ),
+                    "input_tokens_details": entry.input_tokens_details,
+                    "output_tokens_details": entry.output_tokens_details,
+                    "branch_id": branch_id,
+                    "turn_message_id": turn_message_id,
                 }
             )
-        if rows:
+        if not rows:
+            return 0
+        dialect = self.connection.dialect.name
+        if dialect not in _DIALECT_INSERT:
             self.connection.execute(insert(usage_logs), rows)
-        return len(rows)
+            return len(rows)
+        # Keyed rows already recorded (an automatic capture, a retried call) are skipped.
+        statement = _DIALECT_INSERT[dialect](usage_logs).on_conflict_do_nothing(
+            index_elements=["conversation_id", "run_id", "request_index"],
+            index_where=usage_logs.c.request_index.isnot(None),
+        )
+        written = 0
+        for row in rows:
+            written += int(self.connection.execute(statement, row).rowcount or 0)
+        return written
+
+    def name_model(self, conversation_id: str, run_id: str, model: str) -> None:
+        """Name the model of a run's rows recorded before the model was known."""
+        self.connection.execute(
+            update(usage_logs)
+            .where(
+                usage_logs.c.conversation_id == conversation_id,
+                usage_logs.c.run_id == run_id,
+                usage_logs.c.model == UNKNOWN_MODEL,
+            )
+            .values(model=model)
+        )
+
+    def turn_rows(self, conversation_id: str) -> list[Any]:
+        """The rows attributed to a turn: branch, turn message, tokens and details."""
+        return list(
+            self.connection.execute(
+                select(
+                    usage_logs.c.branch_id,
+                    usage_logs.c.turn_message_id,
+                    usage_logs.c.requests,
+                    usage_logs.c.prompt_tokens,
+                    usage_logs.c.completion_tokens,
+                    usage_logs.c.total_tokens,
+                    usage_logs.c.input_tokens_details,
+                    usage_logs.c.output_tokens_details,
+                )
+                .where(
+                    usage_logs.c.conversation_id == conversation_id,
+                    usage_logs.c.turn_message_id.isnot(None),
+                )
+                .order_by(usage_logs.c.id)
+            )
+        )
 
     def _totals(self, key: Any, *, since: datetime | None, join_conversations: bool) -> Any:
         query = select(

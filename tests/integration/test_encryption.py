@@ -170,10 +170,11 @@ async def test_runner_turns_work_through_the_wrapper_and_store_ciphertext(
 
     # Our extra methods stay reachable through the wrapper (it forwards attributes),
     # and what they store is not encrypted: usage numbers and the conversation owner.
-    written = await wrapper.record_usage(first, model="scripted")
-    assert written == len(first.raw_responses)
+    # The Runner's context reached our session through the wrapper, so the run's
+    # request was recorded as it happened; recording explicitly adds nothing.
+    assert await wrapper.record_usage(first, model="scripted") == 0
     with session.store.read() as repos:
         record = repos.conversations.get(conversation_id)
         usage = repos.usage.totals_for_conversation(conversation_id)
     assert record is not None and record.user_id == "u-enc"
-    assert usage.requests == written
+    assert usage.requests >= len(first.raw_responses)

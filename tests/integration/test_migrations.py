@@ -48,8 +48,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = REPO_ROOT / "tests" / "support" / "migration_workers.py"
 
 EXPECTED_COLUMNS = {
-    "conversations": {"id", "user_id", "created_at", "updated_at", "metadata"},
-    "messages": {"id", "conversation_id", "role", "content", "item", "created_at", "append_key"},
+    "conversations": {"id", "user_id", "created_at", "updated_at", "metadata", "current_branch"},
+    "messages": {
+        "id",
+        "conversation_id",
+        "role",
+        "content",
+        "item",
+        "created_at",
+        "append_key",
+        "branch_id",
+    },
     "usage_logs": {
         "id",
         "conversation_id",
@@ -61,13 +70,38 @@ EXPECTED_COLUMNS = {
         "completion_tokens",
         "total_tokens",
         "timestamp",
+        "branch_id",
+        "turn_message_id",
+        "request_index",
+        "cached_tokens",
+        "reasoning_tokens",
+        "input_tokens_details",
+        "output_tokens_details",
+    },
+    "conversation_branches": {
+        "conversation_id",
+        "branch_id",
+        "parent_branch_id",
+        "fork_before_id",
+        "state",
+        "created_at",
     },
 }
 NULLABLE_COLUMNS = {
-    "conversations": {"user_id"},
+    "conversations": {"user_id", "current_branch"},
     "messages": {"append_key"},
-    "usage_logs": {"run_id", "response_id"},
+    "usage_logs": {
+        "run_id",
+        "response_id",
+        "branch_id",
+        "turn_message_id",
+        "request_index",
+        "input_tokens_details",
+        "output_tokens_details",
+    },
+    "conversation_branches": {"parent_branch_id", "fork_before_id"},
 }
+PRIMARY_KEYS = {"conversation_branches": ["conversation_id", "branch_id"]}
 SCHEMA_TABLES = set(EXPECTED_COLUMNS)
 CONCURRENT_PROCESSES = 5
 SUBPROCESS_TIMEOUT = 120
@@ -107,6 +141,8 @@ def version_rows(url: str) -> list[str]:
 def expected_primary_key(table: str, dialect_name: str) -> list[str]:
     """The key at head: led by the distribution column on PostgreSQL (Citus-ready);
     SQLite keeps its rowid key."""
+    if table in PRIMARY_KEYS:
+        return PRIMARY_KEYS[table]
     if table == "conversations" or dialect_name == "sqlite":
         return ["id"]
     return ["conversation_id", "id"]

@@ -18,6 +18,7 @@ from agents_sessions import (
     AccessDeniedError,
     InvalidArgumentError,
     PostgreSQLSession,
+    UnknownBranchError,
     get_store,
     load_settings,
     upgrade,
@@ -143,7 +144,8 @@ async def test_usage_of_another_tenant_is_invisible_and_cannot_be_written(
     agent = Agent(name="a", model=model)
     alice = PostgreSQLSession("a-usage", database_url=url, tenant_id="alice", settings=settings)
     result = await Runner.run(agent, "hello", session=alice)
-    assert await alice.record_usage(result, model="scripted") == 1
+    # Recorded automatically during the run (under alice's tenant); not counted again.
+    assert await alice.record_usage(result, model="scripted") == 0
 
     store = get_store(url, settings=settings)
     with store.read(tenant_id="bob") as repos:
@@ -152,7 +154,11 @@ async def test_usage_of_another_tenant_is_invisible_and_cannot_be_written(
         assert [totals.key for totals in repos.usage.totals_by_model()] == ["scripted"]
     bob = PostgreSQLSession("a-usage", database_url=url, tenant_id="bob", settings=settings)
     with pytest.raises(AccessDeniedError):
-        await bob.record_usage(result, model="scripted")
+        await bob.add_items([{"role": "user", "content": "bob writes into alice's"}])
+    # The run's usage is recorded already: bob's attempt writes nothing.
+    assert await bob.record_usage(result, model="bobs-model") == 0
+    with store.read(tenant_id="alice") as repos:
+        assert [totals.key for totals in repos.usage.totals_by_model()] == ["scripted"]
 
 
 async def test_the_runner_passes_the_run_context_to_resolve_the_tenant(
@@ -229,3 +235,24 @@ def test_a_streamed_read_acting_for_a_tenant_returns_the_real_rows(
             text("SELECT content FROM messages ORDER BY id")
         )
         assert [row.content for row in rows] == ["m1", "m2"]
+
+
+async def test_branches_of_another_tenant_are_invisible_and_cannot_be_switched_to(
+    tenant_database: TenantDatabase,
+) -> None:
+    url, settings = tenant_database.app_url, _app_settings()
+    alice = PostgreSQLSession("a-branches", database_url=url, tenant_id="alice", settings=settings)
+    for turn in range(1, 3):
+        await alice.add_items([user(f"q{turn}"), {"role": "assistant", "content": f"a{turn}"}])
+    assert await alice.create_branch_from_turn(2, "alices") == "alices"
+    assert await alice.get_items() == [user("q1"), {"role": "assistant", "content": "a1"}]
+
+    bob = PostgreSQLSession("a-branches", database_url=url, tenant_id="bob", settings=settings)
+    assert await bob.list_branches() == []
+    assert await bob.get_items(branch_id="alices") == []
+    with pytest.raises(UnknownBranchError):
+        await bob.switch_to_branch("alices")
+    store = get_store(url, settings=settings)
+    with store.read(tenant_id="bob") as repos:
+        assert repos.branches.rows("a-branches") == {}
+    assert [b["branch_id"] for b in await alice.list_branches()] == ["main", "alices"]

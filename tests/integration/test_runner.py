@@ -138,7 +138,9 @@ def test_run_sync_works(database_url: str, conversation_id: str) -> None:
     assert texts_of(model.last_call.input) == ["first", "one", "second"]
 
 
-async def test_usage_is_recorded_per_request(database_url: str, conversation_id: str) -> None:
+async def test_usage_is_recorded_per_request_automatically_and_only_once(
+    database_url: str, conversation_id: str
+) -> None:
     @function_tool
     def lookup(key: str) -> str:
         """Look something up."""
@@ -162,19 +164,28 @@ async def test_usage_is_recorded_per_request(database_url: str, conversation_id:
     session = PostgreSQLSession(conversation_id, database_url=database_url, user_id="usage-user")
     result = await Runner.run(agent, "look up x", session=session)
 
-    written = await session.record_usage(result, model="gpt-test")
-    assert written == 2
-    with session.store.read() as repos:
-        totals = repos.usage.totals_for_conversation(conversation_id)
-        conversation = repos.conversations.get(conversation_id)
-    assert (totals.requests, totals.prompt_tokens, totals.completion_tokens) == (2, 250, 25)
-    assert totals.total_tokens == 275
-    assert conversation is not None and conversation.user_id == "usage-user"
+    def totals() -> tuple[int, int, int, int]:
+        with session.store.read() as repos:
+            found = repos.usage.totals_for_conversation(conversation_id)
+        return (found.requests, found.prompt_tokens, found.completion_tokens, found.total_tokens)
 
-    assert await session.record_usage(result, model="gpt-test", per_request=False) == 1
+    # Recorded while the run appended its items, without a call from the application.
+    assert totals() == (2, 250, 25, 275)
+    # Explicit recording afterwards names the model and counts nothing twice.
+    assert await session.record_usage(result, model="gpt-test") == 0
+    assert await session.record_usage(result, model="gpt-test", per_request=False) == 0
+    await session.store_run_usage(result)
+    assert totals() == (2, 250, 25, 275)
     with session.store.read() as repos:
-        totals = repos.usage.totals_for_conversation(conversation_id)
-    assert (totals.requests, totals.total_tokens) == (4, 550)
+        conversation = repos.conversations.get(conversation_id)
+        from sqlalchemy import text
+
+        models = repos.connection.execute(
+            text("SELECT DISTINCT model FROM usage_logs WHERE conversation_id = :c"),
+            {"c": conversation_id},
+        ).scalars()
+        assert list(models) == ["gpt-test"]
+    assert conversation is not None and conversation.user_id == "usage-user"
 
 
 async def test_usage_model_defaults_to_the_agents_model(

@@ -704,7 +704,10 @@ def test_doctor_checks_the_roles_privileges_and_gives_the_grants(
     url, role = app_role
     with connect(url) as connection:
         connection.execute(
-            text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON conversations, messages TO "{role}"')
+            text(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON conversations, messages, "
+                f'conversation_branches TO "{role}"'
+            )
         )
         connection.execute(text(f'GRANT SELECT, INSERT, UPDATE ON usage_logs TO "{role}"'))
         connection.execute(text(f'GRANT SELECT ON alembic_version TO "{role}"'))

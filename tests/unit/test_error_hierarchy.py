@@ -60,6 +60,11 @@ STANDARD_TYPES: dict[str, tuple[type[BaseException], ...]] = {
     "ConnectionLostError": (Exception,),
     "ReadOnlyDatabaseError": (Exception,),
     "RowLevelSecurityFilteredError": (PermissionError,),
+    "BranchError": (ValueError,),
+    "UnknownBranchError": (ValueError,),
+    "BranchNameTakenError": (ValueError,),
+    "ProtectedBranchError": (ValueError,),
+    "TurnNotFoundError": (ValueError,),
 }
 
 # Narrower families the documentation promises.
@@ -67,6 +72,10 @@ PARENTS: dict[str, str] = {
     "ItemTypeError": "InvalidItemError",
     "ItemTooLargeError": "InvalidItemError",
     "SchemaNotAtHeadError": "SchemaError",
+    "UnknownBranchError": "BranchError",
+    "BranchNameTakenError": "BranchError",
+    "ProtectedBranchError": "BranchError",
+    "TurnNotFoundError": "BranchError",
     "PoolTimeoutError": "DatabaseError",
     "StatementTimeoutError": "DatabaseError",
     "AccessDeniedError": "DatabaseError",
