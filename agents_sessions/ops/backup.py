@@ -45,6 +45,14 @@ from ..errors import (
     translate_database_errors,
 )
 from .files import atomic_file
+from .restore_guard import (
+    PSQL_RESTRICTED_MESSAGE,
+    foreign_sqlite_objects,
+    psql_supports_restrict,
+    restricted_prologue,
+    verified_dump_lines,
+    verify_dump,
+)
 
 #: Every backup file name starts with this.
 BACKUP_PREFIX = "agents-sessions-"
@@ -463,9 +471,32 @@ def _require_empty_postgres(database_url: str) -> None:
         )
 
 
+def _require_restricting_psql(program: str) -> None:
+    version = subprocess.run(
+        [program, "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if not psql_supports_restrict(version):
+        raise ExternalToolError(
+            f"{version or program} cannot run a restore safely: it lacks \\restrict, which "
+            "stops a backup file from running psql meta-commands; install a PostgreSQL client "
+            "from August 2025 or later (13.22, 14.19, 15.14, 16.10, 17.6, 18)"
+        )
+
+
+def _verify_pg_dump_file(path: Path) -> None:
+    try:
+        with gzip.open(path, "rb") as archive:
+            verify_dump(archive, path)
+    except (OSError, EOFError) as exc:
+        raise BackupFileError(f"{path} is damaged: {exc}; nothing was restored") from None
+
+
 def _psql_restore(database_url: str, path: Path, progress: Progress | None) -> None:
     arguments = libpq_arguments(database_url)
     program = _tool("psql")
+    _require_restricting_psql(program)
+    # First pass: refuse an altered file before anything reaches the database.
+    _verify_pg_dump_file(path)
     command = [
         program,
         "--no-psqlrc",
@@ -487,16 +518,24 @@ def _psql_restore(database_url: str, path: Path, progress: Progress | None) -> N
         )
         assert process.stdin is not None
         try:
+            # Our own random-key guard first: psql then refuses every backslash command
+            # in the file, even one the line check above cannot see (mid-line).
+            process.stdin.write(restricted_prologue())
             with gzip.GzipFile(fileobj=compressed, mode="rb") as archive:
                 position = 0
-                while chunk := archive.read(_CHUNK):
-                    process.stdin.write(chunk)
-                    if progress is not None:
-                        now_at = compressed.tell()
+                # Verified again while streaming: the file may change between the passes.
+                for line in verified_dump_lines(archive, path):
+                    process.stdin.write(line)
+                    now_at = compressed.tell()
+                    if progress is not None and now_at != position:
                         progress(now_at - position)
                         position = now_at
         except BrokenPipeError:
             pass  # psql stopped at an error; its exit status and stderr say which
+        except BackupFileError:
+            process.kill()  # mid-transaction: nothing is committed
+            process.wait()
+            raise
         except (OSError, EOFError) as exc:
             process.kill()
             process.wait()
@@ -506,9 +545,14 @@ def _psql_restore(database_url: str, path: Path, progress: Progress | None) -> N
                 process.stdin.close()
         returncode = process.wait()
         if returncode != 0:
+            failure = _tool_failure("psql", returncode, stderr, arguments.password)
+            if PSQL_RESTRICTED_MESSAGE in failure:
+                raise BackupFileError(
+                    f"{path} holds a psql meta-command, which pg_dump never writes there: "
+                    f"the file was altered; nothing was restored\n{failure}"
+                )
             raise ExternalToolError(
-                _tool_failure("psql", returncode, stderr, arguments.password)
-                + "\n(the restore ran in one transaction: nothing was restored)"
+                failure + "\n(the restore ran in one transaction: nothing was restored)"
             )
 
 
@@ -576,6 +620,17 @@ def _check_sqlite_copy(copy: Path, path: Path) -> None:
         connection.close()
     if verdict != "ok":
         raise BackupFileError(f"{path} holds a damaged SQLite database ({verdict})")
+    connection = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        foreign = foreign_sqlite_objects(connection)
+    finally:
+        connection.close()
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise BackupFileError(
+            f"{path} holds schema objects agents-sessions never creates ({shown}): "
+            "the file was altered or is not our backup; nothing was restored"
+        )
 
 
 __all__ = [
