@@ -78,6 +78,8 @@ class _EngineState:
     # For a read replica: until when (time.monotonic()) reads skip it after it
     # failed to connect, rather than pay a failed connect on every call.
     unavailable_until: float = 0.0
+    # Whether a tenant-scoped call has checked that isolation is really enforced.
+    tenancy_checked: bool = False
 
 
 @dataclass(frozen=True)
@@ -306,9 +308,11 @@ class SessionStore:
             raise ConfigurationError(
                 "tenant_id needs the psycopg2 driver (postgresql:// or postgresql+psycopg2://)"
             )
-        connection.execution_options(
-            **{TENANT_OPTION: validate_identifier(tenant_id, name="tenant_id")}
-        )
+        tenant = validate_identifier(tenant_id, name="tenant_id")
+        if not self._state.tenancy_checked:
+            self._state.tenancy_checked = True
+            _warn_if_tenancy_not_enforced(connection, self.target.safe_url)
+        connection.execution_options(**{TENANT_OPTION: tenant})
 
     @contextmanager
     def _connection(
@@ -552,6 +556,45 @@ _TRANSIENT_CONNECT_MARKERS = (
     "too many connections",
     "remaining connection slots",
 )
+
+
+# Is row-level security enforced on every protected table for this role? Not when a
+# table has it off, nor for the tables' owner (no FORCE), a superuser or BYPASSRLS.
+_TENANCY_ENFORCED_SQL = (
+    "SELECT c.relname, c.relrowsecurity, "
+    "pg_has_role(current_user, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity, "
+    "r.rolsuper OR r.rolbypassrls "
+    "FROM pg_class c JOIN pg_roles r ON r.rolname = current_user "
+    "WHERE c.relname IN ('conversations', 'messages', 'usage_logs') "
+    "AND c.relnamespace = current_schema()::regnamespace ORDER BY 1"
+)
+
+
+def _warn_if_tenancy_not_enforced(connection: Connection, where: str) -> None:
+    """Log once per engine when ``tenant_id`` would isolate nothing.
+
+    ``tenant_id`` is the application's request; row-level security is the
+    operator's switch (``agents-sessions rls enable``). A deploy may set the first
+    before the second, so this warns instead of refusing -- but never silently.
+    """
+    rows = connection.exec_driver_sql(_TENANCY_ENFORCED_SQL).all()
+    # The probe autobegan a transaction; end it so the caller's own can start.
+    connection.rollback()
+    off = [name for name, enabled, _, _ in rows if not enabled]
+    exempt = [name for name, enabled, owner, bypass in rows if enabled and (owner or bypass)]
+    if off or not rows:
+        reason = (
+            f"row-level security is not enabled on {', '.join(off) or 'the tables'}: "
+            "every tenant sees every conversation (enable it: `agents-sessions rls enable`)"
+        )
+    elif exempt:
+        reason = (
+            f"this role owns {', '.join(exempt)} or is a superuser/BYPASSRLS, so the "
+            "policies do not apply to it: connect as the application role"
+        )
+    else:
+        return
+    logger.warning("agents_sessions: tenant_id is set on %s but not enforced: %s", where, reason)
 
 
 def _transient_connect_failure(cause: BaseException | None) -> bool:

@@ -39,6 +39,7 @@ from ..db.migrate import schema_status_of
 from ..db.models import Base
 from ..errors import AgentsSessionsError
 from ..settings import Settings, load_settings
+from .tenancy import isolation_problem
 
 #: The outcome of one check.
 Status = Literal["ok", "warn", "fail"]
@@ -407,6 +408,13 @@ def _check_role(connection: Connection) -> Check:
     return Check("role", "ok", f"role {row.name} is not a superuser and owns none of the tables")
 
 
+def _check_tenant_isolation(connection: Connection) -> Check:
+    detail, problem = isolation_problem(connection)
+    if problem is None:
+        return Check("tenant_isolation", "ok", detail)
+    return Check("tenant_isolation", "fail", f"{detail}; {problem}", problem)
+
+
 # --------------------------------------------------------------------------- runner
 
 
@@ -553,6 +561,7 @@ def diagnose(
                 checks += [
                     ("privileges", lambda: _check_privileges(connection)),
                     ("role", lambda: _check_role(connection)),
+                    ("tenant_isolation", lambda: _check_tenant_isolation(connection)),
                 ]
             for name, function in checks:
                 report.checks.append(_run(name, function, connection, scrub))

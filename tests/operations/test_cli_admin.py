@@ -601,7 +601,8 @@ def test_doctor_passes_on_a_healthy_database(migrated_url: str, backend: str) ->
     names = [check["name"] for check in report["checks"]]
     common = ["database", "server_version", "schema", "pool", "indexes"]
     if backend == "postgresql":
-        assert names == [*common[:2], "tls", *common[2:], "privileges", "role"]
+        tail = ["privileges", "role", "tenant_isolation"]
+        assert names == [*common[:2], "tls", *common[2:], *tail]
         assert _check(report, "privileges")["status"] == "ok"
         # The test's role created (owns) the tables: more than an app needs.
         assert _check(report, "role")["status"] == "warn"
