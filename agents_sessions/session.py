@@ -113,7 +113,8 @@ class PostgreSQLSession:
             ``postgresql://user:pass@host:5432/db?pool_size=20&max_overflow=10``.
             Defaults to ``DATABASE_URL`` from the environment or ``.env``, then to
             the embedded SQLite file. Sessions with the same URL share one pool.
-        user_id: Owner of the conversation, stored on it at the first write (an
+        user_id: Owner of the conversation, sent with every write, so a conversation
+            this session creates -- again, after an erasure -- is always owned (an
             existing owner is never replaced by a session).
         metadata: JSON object stored on the conversation at the first write
             (replacing the stored metadata).
@@ -206,14 +207,18 @@ class PostgreSQLSession:
         return validate_identifier(self._tenant_resolver(wrapper), name="tenant_id")
 
     def _owner(self, tenant: str | None) -> tuple[str | None, dict[str, Any] | None]:
-        """The user_id/metadata to store with this write (until they are stored)."""
+        """The user_id to store with this write, and the metadata until it is stored.
+
+        The owner rides with *every* write, not only the first: any write may create
+        the conversation again after an erasure, a delete or a prune removed it, and a
+        conversation re-created without its owner would escape the next erasure of
+        that user. It costs nothing: an existing owner is never replaced.
+        """
+        metadata = self._metadata if self._owner_pending else None
         if tenant is not None:
-            # Always: a conversation created under row-level security must name its
-            # owner, even one re-created after somebody deleted it.
-            return tenant, self._metadata if self._owner_pending else None
-        if self._owner_pending:
-            return self.user_id, self._metadata
-        return None, None
+            # A conversation created under row-level security must name its tenant.
+            return tenant, metadata
+        return self.user_id, metadata
 
     # ------------------------------------------------------------------ protocol
 
