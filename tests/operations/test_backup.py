@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +26,12 @@ from sqlalchemy.engine import make_url
 from agents_sessions import ConfigurationError, dispose_all, get_store
 from agents_sessions.cli import cli
 from agents_sessions.errors import ExitCode
-from agents_sessions.ops.backup import backup_database, backup_file_name, libpq_arguments
+from agents_sessions.ops.backup import (
+    backup_database,
+    backup_file_name,
+    backup_label,
+    libpq_arguments,
+)
 from agents_sessions.ops.restore_guard import psql_supports_restrict
 from tests.conftest import PostgresServer
 from tests.operations.test_cli_data import ITEMS, FreshUrl, fill_store, items_of, table_rows
@@ -177,9 +183,10 @@ def test_keep_days_deletes_only_old_backups_of_this_database(tmp_path: Path) -> 
     directory = tmp_path / "backups"
     directory.mkdir()
     now = datetime.now(timezone.utc)
+    label = backup_label(url)
 
-    def ours(days: int, database: str = "sessions") -> Path:
-        path = directory / backup_file_name(database, "sqlite", now - timedelta(days=days))
+    def ours(days: int, label: str = label) -> Path:
+        path = directory / backup_file_name(label, "sqlite", now - timedelta(days=days))
         path.write_bytes(b"old")
         return path
 
@@ -187,11 +194,14 @@ def test_keep_days_deletes_only_old_backups_of_this_database(tmp_path: Path) -> 
     kept = [
         ours(6),
         ours(1),
-        ours(30, database="other_database"),  # another database's backup
-        directory / backup_file_name("sessions", "postgresql", now - timedelta(days=30)),
+        # Another database's backup, even one whose name reads the same.
+        ours(30, label=backup_label(f"sqlite:///{tmp_path / 'elsewhere' / 'sessions.sqlite3'}")),
+        directory / backup_file_name(label, "postgresql", now - timedelta(days=30)),
         directory / "agents-sessions-sessions-notes.txt",
         directory / "precious.sql.gz",
         directory / ("x" + expired[0].name),
+        # Named before labels carried a fingerprint: never deleted automatically.
+        directory / "agents-sessions-sessions-20000101T000000000000Z.sqlite3.gz",
     ]
     for path in kept[3:]:
         path.write_bytes(b"not ours")
@@ -201,6 +211,28 @@ def test_keep_days_deletes_only_old_backups_of_this_database(tmp_path: Path) -> 
     assert sorted(summary["removed"]) == sorted(map(str, expired))
     remaining = set(directory.iterdir())
     assert remaining == {*kept, Path(summary["file"])}
+
+
+def test_backup_labels_tell_apart_look_alike_names_and_servers() -> None:
+    labels = {
+        backup_label("postgresql://u@db1:5432/adv_bk"),
+        backup_label("postgresql://u@db1:5432/adv_bk_é"),
+        backup_label("postgresql://u@db1:5432/adv_bk%20"),
+        backup_label("postgresql://u@db2:5432/adv_bk"),
+        backup_label("postgresql://u@db1:5433/adv_bk"),
+        backup_label("postgresql://u@db1/adv_bk?host=db3"),
+        backup_label("sqlite:////srv/a/adv_bk.sqlite3"),
+        backup_label("sqlite:////srv/b/adv_bk.sqlite3"),
+    }
+    assert len(labels) == 8
+    # The same database reached as another user, or with other options, is the same.
+    assert backup_label("postgresql://u@DB1/adv_bk") == backup_label(
+        "postgresql://other:pw@db1:5432/adv_bk?sslmode=require&pool_size=3"
+    )
+    for label in labels:
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", label) and not label.startswith((".", "-"))
+    hostile = backup_label("postgresql://u@h/" + "../" * 50 + "x\x00y")
+    assert "/" not in hostile and len(hostile) <= 60
 
 
 # --------------------------------------------------------------------------- tools
