@@ -58,6 +58,10 @@ class PoolOptions:
             (``-1`` disables); keeps connections younger than server/LB idle limits.
         pool_pre_ping: Test each connection with a round trip on checkout. Off by
             default: it doubles the round trips of every call.
+        response_timeout: Seconds a session call (its statements and commit) may
+            wait for the server on PostgreSQL before its connection is closed as
+            lost (:mod:`agents_sessions.db.deadline`); ``0`` never. Keep it above
+            the statement and lock timeouts.
     """
 
     pool_size: int = 5
@@ -65,6 +69,7 @@ class PoolOptions:
     pool_timeout: float = 30.0
     pool_recycle: int = 1800
     pool_pre_ping: bool = False
+    response_timeout: float = 30.0
 
     @property
     def max_connections(self) -> int:
@@ -79,7 +84,27 @@ class PoolOptions:
         )
 
 
-_POOL_PARAMETERS = ("pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_pre_ping")
+_POOL_PARAMETERS = (
+    "pool_size",
+    "max_overflow",
+    "pool_timeout",
+    "pool_recycle",
+    "pool_pre_ping",
+    "response_timeout",
+)
+
+#: libpq keywords set unless the URL gives them: no blocking network wait is unbounded.
+#: A connect gives up after 10 s; an idle or waiting connection whose peer vanished is
+#: declared dead by TCP keepalives (first probe after 30 s idle, then every 10 s, 3
+#: misses); data the peer never acknowledges ends the connection after 30 s.
+NETWORK_DEFAULTS: dict[str, str] = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -130,6 +155,18 @@ def _parse_pool_options(url: URL) -> PoolOptions:
                 f"database URL parameter 'pool_timeout' must be a positive number, got {raw!r}"
             )
         values["pool_timeout"] = timeout
+    if "response_timeout" in url.query:
+        raw = _single_value(url, "response_timeout")
+        try:
+            response_timeout = float(raw)
+        except ValueError:
+            response_timeout = -1.0
+        if not 0 <= response_timeout < float("inf"):
+            raise ConfigurationError(
+                "database URL parameter 'response_timeout' must be a number of seconds "
+                f"(0: never), got {raw!r}"
+            )
+        values["response_timeout"] = response_timeout
     if "pool_pre_ping" in url.query:
         raw = _single_value(url, "pool_pre_ping").strip().lower()
         if raw not in _TRUE | _FALSE:
@@ -470,6 +507,9 @@ def create_pooled_engine(
         )
         if options is not None:
             connect_args["options"] = options
+        for keyword, value in NETWORK_DEFAULTS.items():
+            if keyword not in target.url.query:
+                connect_args[keyword] = value
     pool_arguments: dict[str, Any] = (
         {
             "poolclass": QueuePool,
