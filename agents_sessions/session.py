@@ -189,8 +189,7 @@ class PostgreSQLSession:
         )
 
     async def _in_thread(self, function: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._store.executor, function, *args)
+        return await self._store.call_in_thread(function, *args)
 
     async def _mutate(self, function: Callable[..., _T], *args: Any) -> _T:
         return await _settle_then_propagate_cancellation(self._in_thread(function, *args))

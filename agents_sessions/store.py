@@ -18,6 +18,7 @@ Transactions are owned here, never by the repositories:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -274,6 +275,43 @@ class SessionStore:
     def executor(self) -> ThreadPoolExecutor:
         """Threads that run this store's blocking calls for the async session facade."""
         return self._state.executor
+
+    async def call_in_thread(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking ``function(*args)`` on this store's worker threads, for async callers.
+
+        There is one thread per connection the pool can hold, so when every
+        connection is busy (say, all waiting for one locked conversation) a call
+        waits for a *thread*, where the pool's own ``pool_timeout`` cannot see it.
+        The same bound applies here instead: a call that no thread has picked up
+        within ``pool_timeout`` is withdrawn (it never ran) and raises
+        :class:`~agents_sessions.errors.PoolTimeoutError` -- it never hangs behind
+        an unrelated conversation's lock.
+        """
+        loop = asyncio.get_running_loop()
+        pending = self.executor.submit(function, *args)
+        result = asyncio.wrap_future(pending, loop=loop)
+        withdrawn = False
+
+        def withdraw_if_not_started() -> None:
+            nonlocal withdrawn
+            # cancel() succeeds only for a call no thread has started.
+            withdrawn = pending.cancel()
+
+        pool = self.target.pool
+        timer = loop.call_later(pool.pool_timeout, withdraw_if_not_started)
+        try:
+            return await result
+        except asyncio.CancelledError:
+            if withdrawn:
+                raise PoolTimeoutError(
+                    f"no worker thread became free within pool_timeout={pool.pool_timeout:g}s "
+                    f"({pool.describe()}): every connection is busy, e.g. waiting for a "
+                    "locked conversation; the call did not run. Raise pool_size/"
+                    "max_overflow in the database URL, or pool_timeout"
+                ) from None
+            raise
+        finally:
+            timer.cancel()
 
     def ensure_schema(self) -> None:
         """Check (once per engine) that the schema is at head, migrating if allowed.
