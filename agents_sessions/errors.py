@@ -138,12 +138,20 @@ class ReadOnlyDatabaseError(DatabaseError):
 
 
 class ConnectionLostError(DatabaseError):
-    """The connection died while an operation that cannot be safely retried was running.
+    """The connection died during a write, and whether the write took effect is unknown.
 
-    Whether that operation took effect is unknown (e.g. a ``pop_item`` may have
-    removed the newest item). Every other operation of the package is retried
-    automatically in that situation; the next call gets a fresh connection.
+    Raised for an operation that cannot be safely retried (e.g. a ``pop_item`` may
+    have removed the newest item), and for a retried one when the retries ran out
+    (e.g. the server stayed unreachable). The next call gets a fresh connection.
+
+    Attributes:
+        idempotency_key: For ``add_items``: the key of the call. Repeating the call
+            with ``add_items(items, idempotency_key=error.idempotency_key)`` stores
+            the items exactly once, whether or not the first call took effect.
+            ``None`` for other operations.
     """
+
+    idempotency_key: str | None = None
 
 
 class ConversationNotFoundError(AgentsSessionsError, LookupError):

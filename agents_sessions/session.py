@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import InvalidArgumentError
+from .errors import ConnectionLostError, InvalidArgumentError
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
 from .settings import Settings
@@ -257,7 +257,11 @@ class PostgreSQLSession:
         )
 
     async def add_items(
-        self, items: list[Any], *, wrapper: RunContextWrapper[Any] | None = None
+        self,
+        items: list[Any],
+        *,
+        wrapper: RunContextWrapper[Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         """Append ``items`` atomically, after everything already stored.
 
@@ -268,35 +272,53 @@ class PostgreSQLSession:
         ``max_item_bytes``) and nothing of the call is stored. ``add_items([])``
         does nothing.
 
-        Exactly once: each call carries a fresh idempotency key, so when the
-        connection dies around the commit the call is retried on a new connection
-        and its items are stored once -- never lost, never twice.
+        Exactly once: each call carries an idempotency key (a fresh one unless
+        ``idempotency_key`` is given), so when the connection dies around the commit
+        the call is retried on a new connection and its items are stored once --
+        never lost, never twice. If the retries run out with the outcome unknown,
+        :class:`~agents_sessions.errors.ConnectionLostError` carries the key:
+        calling ``add_items(items, idempotency_key=error.idempotency_key)`` again
+        stores the items exactly once whether or not the first call had (keys are
+        kept for :data:`~agents_sessions.repositories.messages.APPEND_KEY_RETENTION`).
         """
         tenant = self._acting_tenant(wrapper)
+        if idempotency_key is not None:
+            validate_identifier(idempotency_key, name="idempotency_key")
         if isinstance(items, list) and not items:
             return
-        await self._mutate(self._add_items, items, tenant)
+        await self._mutate(self._add_items, items, tenant, idempotency_key)
 
-    def _add_items(self, items: list[Any], tenant: str | None) -> None:
+    def _add_items(
+        self, items: list[Any], tenant: str | None, idempotency_key: str | None = None
+    ) -> None:
         # In the worker thread: large items stay off the loop.
         encoded = encode_items(items, max_item_bytes=self._store.settings.max_item_bytes)
         user_id, metadata = self._owner(tenant)
         # One key for every attempt of this call: a retry after an unknown commit
         # outcome finds the key if the first attempt committed, and writes nothing.
-        key = uuid.uuid4().hex
-        self._store.run(
-            lambda repos: repos.messages.append_encoded(
-                self.session_id,
-                encoded,
-                user_id=user_id,
-                metadata=metadata,
-                idempotency_key=key,
-            ),
-            write=True,
-            repeatable=True,
-            tenant_id=tenant,
-            hot_path=True,
-        )
+        key = idempotency_key or uuid.uuid4().hex
+        try:
+            self._store.run(
+                lambda repos: repos.messages.append_encoded(
+                    self.session_id,
+                    encoded,
+                    user_id=user_id,
+                    metadata=metadata,
+                    idempotency_key=key,
+                ),
+                write=True,
+                repeatable=True,
+                tenant_id=tenant,
+                hot_path=True,
+            )
+        except ConnectionLostError as exc:
+            # The caller may repeat the call safely with this key.
+            exc.idempotency_key = key
+            exc.args = (
+                f"{exc.args[0]}; repeat it with add_items(items, idempotency_key={key!r}) "
+                "to store the items exactly once",
+            )
+            raise
         self._owner_pending = False
 
     async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> Any | None:

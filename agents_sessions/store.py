@@ -649,7 +649,7 @@ _TENANCY_ENFORCED_SQL = (
     "pg_has_role(current_user, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity, "
     "r.rolsuper OR r.rolbypassrls "
     "FROM pg_class c JOIN pg_roles r ON r.rolname = current_user "
-    "WHERE c.relname IN ('conversations', 'messages', 'usage_logs') "
+    "WHERE c.relname IN ('conversations', 'messages', 'usage_logs', 'append_keys') "
     "AND c.relnamespace = current_schema()::regnamespace ORDER BY 1"
 )
 

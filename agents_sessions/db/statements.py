@@ -27,6 +27,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     null,
+    or_,
     select,
     true,
     update,
@@ -35,10 +36,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import JSONDocument, conversations_table, messages_table, utcnow
+from .models import (
+    JSONDocument,
+    append_keys_table,
+    conversations_table,
+    messages_table,
+    utcnow,
+)
 
 conversations = conversations_table
 messages = messages_table
+append_keys = append_keys_table
 
 # None must bind as SQL NULL (not JSON 'null') so COALESCE can keep existing metadata.
 _metadata_param = bindparam(
@@ -124,18 +132,41 @@ def _postgres_append() -> Any:
         .render_derived(name="new_items")
     )
     append_key = bindparam("append_key", type_=Text)
+    # The key is claimed in append_keys; only a call that claims it (or has none)
+    # inserts items. A concurrent attempt holding the same key makes ON CONFLICT
+    # wait for it, then do nothing: one of them stores the items, never both.
+    claimed = (
+        postgresql.insert(append_keys)
+        .from_select(
+            ["conversation_id", "key", "created_at"],
+            select(conversation.c.id, append_key, utcnow()).where(append_key.is_not(None)),
+        )
+        .on_conflict_do_nothing(index_elements=[append_keys.c.conversation_id, append_keys.c.key])
+        .returning(append_keys.c.conversation_id)
+        .cte("claimed")
+    )
+    # Keys past their retention go as the conversation is written (after its lock).
+    expired = (
+        delete(append_keys)
+        .where(
+            append_keys.c.conversation_id.in_(select(conversation.c.id)),
+            append_keys.c.created_at < bindparam("keys_expire_before"),
+        )
+        .cte("expired")
+    )
     source = (
         select(
             conversation.c.id,
             rows.c.role,
             rows.c.content,
             cast(rows.c.document, JSONDocument),
-            # The call's key goes on its first row only (see _APPEND_KEY_SEEN).
+            # Also on the call's first message row (exports carry it).
             case((rows.c.position == 1, append_key), else_=null()),
         )
         .select_from(conversation.join(rows, true()))
-        .where(~_append_key_seen(append_key))
+        .where(or_(append_key.is_(None), exists(select(claimed.c.conversation_id))))
         .order_by(rows.c.position)
+        .add_cte(expired)
     )
     return insert(messages).from_select(
         ["conversation_id", "role", "content", "item", "append_key"], source
@@ -166,6 +197,22 @@ INSERT_MESSAGE = insert(messages).values(
     append_key=bindparam("append_key", type_=Text),
 )
 SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
+# Statement by statement (SQLite; PostgreSQL under row-level security), after the
+# conversation's lock: claim the key (rowcount 0: an earlier attempt stored the call).
+CLAIM_APPEND_KEY = {
+    name: _DIALECT_INSERT[name](append_keys)
+    .values(
+        conversation_id=bindparam("conversation_id"),
+        key=bindparam("append_key", type_=Text),
+        created_at=utcnow(),
+    )
+    .on_conflict_do_nothing(index_elements=[append_keys.c.conversation_id, append_keys.c.key])
+    for name in _DIALECT_INSERT
+}
+DELETE_EXPIRED_APPEND_KEYS = delete(append_keys).where(
+    append_keys.c.conversation_id == bindparam("conversation_id"),
+    append_keys.c.created_at < bindparam("keys_expire_before"),
+)
 
 _LATEST = (
     select(messages.c.id, messages.c.item)

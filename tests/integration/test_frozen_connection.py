@@ -78,3 +78,34 @@ def test_every_network_wait_is_bounded_by_default_and_overridable_in_the_url(
         engine.dispose()
     for keyword, value in NETWORK_DEFAULTS.items():
         assert parameters[keyword] == ("7" if keyword == "keepalives_idle" else value), keyword
+
+
+async def test_an_append_whose_outcome_is_unknown_can_be_repeated_with_its_key(
+    postgres_server: PostgresServer,
+) -> None:
+    url = postgres_server.create_database()
+    get_store(url).ensure_schema()
+    direct = make_url(url)
+    settings = load_settings(retry_attempts=1, auto_migrate=False)
+    with FrozenProxy(direct.host or "127.0.0.1", direct.port or 5432) as proxy:
+        proxied = (
+            direct.set(host="127.0.0.1", port=proxy.port)
+            .update_query_dict({"response_timeout": "1", "connect_timeout": "1"})
+            .render_as_string(hide_password=False)
+        )
+        session = PostgreSQLSession("unknown", database_url=proxied, settings=settings)
+        await session.add_items([user("before")])
+        # The server gets the append and commits it; its answer never arrives.
+        proxy.freeze_replies()
+        task = asyncio.ensure_future(session.add_items([user("committed, unheard")]))
+        await asyncio.wait({task}, timeout=HANG_GUARD_S)
+        assert task.done()
+        with pytest.raises(ConnectionLostError) as lost:
+            await task
+    key = lost.value.idempotency_key
+    assert key is not None and key in str(lost.value)
+
+    # The caller's own retry, on a working path, with the key: stored once, not twice.
+    retry = PostgreSQLSession("unknown", database_url=url)
+    await retry.add_items([user("committed, unheard")], idempotency_key=key)
+    assert await retry.get_items() == [user("before"), user("committed, unheard")]

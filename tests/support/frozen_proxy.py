@@ -28,6 +28,7 @@ class FrozenProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._frozen = threading.Event()
+        self._replies_frozen = threading.Event()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -37,6 +38,14 @@ class FrozenProxy:
     def freeze(self) -> None:
         """Stop forwarding in both directions; every socket stays open."""
         self._frozen.set()
+
+    def freeze_replies(self) -> None:
+        """Keep forwarding what clients send, but nothing the server answers.
+
+        A statement then runs (and commits) on the server while its client never
+        hears so: the outcome the client sees is unknown.
+        """
+        self._replies_frozen.set()
 
     def close(self) -> None:
         """Close every socket (the clients then see the connection end)."""
@@ -75,17 +84,22 @@ class FrozenProxy:
                 continue
             with self._lock:
                 self._sockets.append(server)
-            for source, target in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+            for source, target, reply in ((client, server, False), (server, client, True)):
+                threading.Thread(
+                    target=self._pump, args=(source, target, reply), daemon=True
+                ).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _stopped(self, reply: bool) -> bool:
+        return self._frozen.is_set() or (reply and self._replies_frozen.is_set())
+
+    def _pump(self, source: socket.socket, target: socket.socket, reply: bool) -> None:
         while not self._closed.is_set():
-            if self._frozen.is_set():
+            if self._stopped(reply):
                 self._closed.wait(0.05)  # leave the bytes in the kernel's buffers
                 continue
             try:
                 readable, _, _ = select.select([source], [], [], 0.05)
-                if not readable or self._frozen.is_set():
+                if not readable or self._stopped(reply):
                     continue
                 data = source.recv(65536)
             except (OSError, ValueError):
