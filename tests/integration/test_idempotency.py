@@ -167,7 +167,7 @@ def test_a_repeated_append_finds_its_key_after_a_pop_or_clear_took_its_items(
             else:
                 repos.messages.clear(conversation_id)
         stored = store.run(
-            lambda repos: repos.messages.append(
+            lambda repos, key=key: repos.messages.append(  # type: ignore[misc]
                 conversation_id, [user("once")], idempotency_key=key
             ),
             write=True,
