@@ -328,6 +328,11 @@ class PostgreSQLSession:
         automatically: if the connection dies while it runs,
         :class:`~agents_sessions.errors.ConnectionLostError` says so (the item may
         or may not be gone).
+
+        Cancellation, as in the SDK's own backends: a pop that has started is
+        finished, then the cancellation is re-raised, so the item is removed and
+        the cancelled caller never receives it. To keep it, shield the call
+        (``await asyncio.shield(pop)``) and read its result.
         """
         tenant = self._acting_tenant(wrapper)
         return await self._mutate(self._pop_item, tenant)
