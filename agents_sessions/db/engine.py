@@ -17,6 +17,7 @@ for writes, so that two processes never deadlock upgrading read locks to write l
 from __future__ import annotations
 
 import logging
+import re
 import select
 import sqlite3
 import threading
@@ -223,6 +224,26 @@ class DatabaseTarget:
         return mask_url(self.url)
 
 
+_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<authority>[^/?#]*)")
+
+
+def _refuse_unencoded_at_sign(raw_url: str) -> None:
+    """Refuse ``user:p@ss@host``: the password's tail would be read as the host name.
+
+    SQLAlchemy ends the password at its first ``@`` and takes the rest as the host
+    name, which then appears in every error about that host. A second ``@`` in the
+    authority can only be an unencoded one (user names and passwords must
+    percent-encode it as ``%40``).
+    """
+    match = _AUTHORITY.match(raw_url.strip())
+    if match is not None and match["authority"].count("@") > 1:
+        raise ConfigurationError(
+            "the database URL's user name or password contains an unencoded '@'; "
+            "percent-encode the password (and user name): '@' as %40, ':' as %3A, "
+            "'/' as %2F (urllib.parse.quote(password, safe=''))"
+        )
+
+
 def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     """Validate ``raw_url`` and split it into a driver URL and :class:`PoolOptions`.
 
@@ -234,6 +255,7 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     if isinstance(raw_url, str):
         if not raw_url.strip():
             raise ConfigurationError("database URL is empty")
+        _refuse_unencoded_at_sign(raw_url)
         try:
             url = make_url(raw_url)
         except (ArgumentError, ValueError):
@@ -267,15 +289,22 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
 
     pool = _parse_pool_options(url)
     url = url.difference_update_query(_POOL_PARAMETERS)
-    if "password" in url.query and url.password is None:
-        # libpq's ?password= moved where SQLAlchemy masks it (reprs, logs); the
-        # driver receives it the same way.
-        url = url.set(password=_single_value(url, "password")).difference_update_query(["password"])
+    # libpq's ?password= moved where SQLAlchemy masks it (reprs, logs); the driver
+    # receives it the same way. Any spelling (?PASSWORD=): never left in the query.
+    for name in [name for name in url.query if name.lower() == "password"]:
+        value = _single_value(url, name)
+        url = url.difference_update_query([name])
+        if url.password is None:
+            url = url.set(password=value)
     secrets = tuple(
-        (name, _single_value(url, name)) for name in url.query if name.lower() == "sslpassword"
+        ("sslpassword", _single_value(url, name))
+        for name in url.query
+        if name.lower() == "sslpassword"
     )
     if secrets:
-        url = url.difference_update_query([name for name, _ in secrets])
+        url = url.difference_update_query(
+            [name for name in url.query if name.lower() == "sslpassword"]
+        )
     return DatabaseTarget(url=url, pool=pool, secret_connect_args=secrets)
 
 
