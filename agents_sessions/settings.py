@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL
 
 from .errors import ConfigurationError
 
@@ -174,7 +175,9 @@ class Settings(BaseSettings):
         """The URL to connect to: the configured one, or the embedded SQLite file."""
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        return f"sqlite:///{self.sqlite_path}"
+        # Built, not formatted: a '?' or '%' in the path would otherwise be read as
+        # the URL's query or an escape, and the database written somewhere else.
+        return URL.create("sqlite", database=str(self.sqlite_path)).render_as_string()
 
     def resolved_migration_url(self) -> str:
         """The URL migrations run on: :attr:`migration_url`, else the database URL."""

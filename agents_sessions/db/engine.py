@@ -16,7 +16,9 @@ for writes, so that two processes never deadlock upgrading read locks to write l
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import select
 import sqlite3
@@ -329,6 +331,19 @@ def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
         delay = min(delay * 2, 0.1)
 
 
+def _create_private_directories(directory: Path) -> None:
+    """``mkdir -p`` where every directory created is the owner's only (0700)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            new.mkdir(mode=0o700)
+
+
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     database = engine.url.database
     assert database is not None
@@ -337,14 +352,18 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     def _create_directory(*_args: Any) -> None:
         # At first connect, not when the engine is made: constructing a session
         # object must do no I/O.
-        directory = Path(database).expanduser().parent
+        path = Path(database).expanduser()
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            _create_private_directories(path.parent)
         except OSError as exc:
             raise ConfigurationError(
-                f"cannot create the directory {str(directory)!r} for the SQLite database: "
+                f"cannot create the directory {str(path.parent)!r} for the SQLite database: "
                 f"{exc.strerror or exc}"
             ) from exc
+        # A new database file is the owner's only (SQLite gives its -wal and -shm
+        # files the same mode): it holds every conversation.
+        with contextlib.suppress(FileExistsError, OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
