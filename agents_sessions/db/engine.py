@@ -333,6 +333,7 @@ def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
 
 def _create_private_directories(directory: Path) -> None:
     """``mkdir -p`` where every directory created is the owner's only (0700)."""
+    target = directory
     missing = []
     while not directory.exists():
         missing.append(directory)
@@ -342,6 +343,8 @@ def _create_private_directories(directory: Path) -> None:
     for new in reversed(missing):
         with contextlib.suppress(FileExistsError):
             new.mkdir(mode=0o700)
+    # Raises (FileExistsError) when the path is there but not a directory.
+    target.mkdir(parents=True, exist_ok=True)
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
