@@ -293,3 +293,28 @@ async def test_tenant_id_where_isolation_is_enforced_does_not_warn(
     with caplog.at_level("WARNING", logger="agents_sessions"):
         await session.add_items([user("one")])
     assert not [r for r in caplog.records if "tenant_id is set" in r.getMessage()]
+
+
+async def test_conversation_ids_are_one_namespace_across_tenants(
+    tenant_database: TenantDatabase,
+) -> None:
+    # Decision (README, Security): ids are global, not per tenant. A tenant who
+    # takes an id first owns it; another tenant writing to that id gets a clear
+    # AccessDeniedError and learns nothing of its contents. Give conversations
+    # unguessable ids (uuid4) or ids prefixed with their tenant, and no tenant can
+    # take another's next id.
+    url, settings = tenant_database.app_url, _app_settings()
+    squatter = PostgreSQLSession("conv-1", database_url=url, tenant_id="mallory", settings=settings)
+    await squatter.add_items([user("planted")])
+
+    victim = PostgreSQLSession("conv-1", database_url=url, tenant_id="alice", settings=settings)
+    with pytest.raises(AccessDeniedError):
+        await victim.add_items([user("alice's first message")])
+    assert await victim.get_items() == []
+    assert await squatter.get_items() == [user("planted")]  # alice's text went nowhere
+
+    prefixed = PostgreSQLSession(
+        f"alice:{uuid.uuid4()}", database_url=url, tenant_id="alice", settings=settings
+    )
+    await prefixed.add_items([user("safe")])
+    assert await prefixed.get_items() == [user("safe")]
