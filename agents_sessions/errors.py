@@ -257,4 +257,12 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
                 f"database statement cancelled: {first_line} (statement_timeout_ms / "
                 "lock_timeout_ms settings, or the server's own timeouts)"
             ) from exc
+        if first_line.startswith("(sqlite3.OperationalError) integer overflow"):
+            # SQLite's SUM() stops at 2**63-1 (PostgreSQL's sums are exact numerics).
+            raise DatabaseError(
+                "a total exceeds SQLite's 64-bit integer range (over 2**63-1, e.g. token "
+                "usage summed across rows), which SQLite cannot add exactly: look for "
+                "usage rows with absurd token counts, or use PostgreSQL, whose sums are "
+                "exact"
+            ) from exc
         raise DatabaseError(f"database operation failed: {first_line}") from exc

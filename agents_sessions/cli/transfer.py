@@ -146,7 +146,8 @@ def import_command(context: CliContext, source: str, batch_size: int, as_json: b
     Importing the same file again changes nothing. A conversation whose stored
     messages differ from the file's is refused (exit status 1), never merged.
     """
-    with reported_errors(), ExportFile(source) as export:
+    max_item_bytes = context.settings().max_item_bytes
+    with reported_errors(), ExportFile(source, max_item_bytes=max_item_bytes) as export:
         store = context.store()
         with progress("importing conversations", export.counts.conversations) as bar:
             summary = import_export(store, export, batch_size=batch_size, progress=bar.update)
