@@ -132,6 +132,14 @@ def test_the_citus_block_drops_exactly_the_policies_with_subqueries() -> None:
         if "SELECT" in condition.upper()
     }
     assert with_subqueries  # migration 0003 has them: the guide's point
+    # Migration 0007's append_keys policy has a subquery too.
+    (policy,) = (
+        text
+        for path in (ROOT / "migrations" / "versions").glob("*.py")
+        if "append_keys_tenant_isolation" in (text := path.read_text(encoding="utf-8"))
+    )
+    assert "EXISTS (SELECT" in policy
+    with_subqueries.add(("append_keys_tenant_isolation", "append_keys"))
     assert set(DROP_POLICY.findall(CITUS_BLOCK)) == with_subqueries
 
 

@@ -695,6 +695,7 @@ def test_doctor_checks_the_roles_privileges_and_gives_the_grants(
         connection.execute(
             text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON conversations, messages TO "{role}"')
         )
+        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON append_keys TO "{role}"'))
         connection.execute(text(f'GRANT SELECT, INSERT, UPDATE ON usage_logs TO "{role}"'))
         connection.execute(text(f'GRANT SELECT ON alembic_version TO "{role}"'))
     role_url = make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
