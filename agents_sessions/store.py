@@ -49,6 +49,7 @@ from .db.engine import (
 )
 from .db.hot_path import driver_connection
 from .db.migrate import ensure_schema_at_head
+from .db.tenancy_probe import warn_if_tenancy_not_enforced
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -350,7 +351,7 @@ class SessionStore:
         tenant = validate_identifier(tenant_id, name="tenant_id")
         if not self._state.tenancy_checked:
             self._state.tenancy_checked = True
-            _warn_if_tenancy_not_enforced(connection, self.target.safe_url)
+            warn_if_tenancy_not_enforced(connection, self.target.safe_url)
         connection.execution_options(**{TENANT_OPTION: tenant})
 
     def _response_deadline(self, driver_connection: Any, bounded: bool) -> Any:
@@ -640,45 +641,6 @@ _TRANSIENT_CONNECT_MARKERS = (
     "too many connections",
     "remaining connection slots",
 )
-
-
-# Is row-level security enforced on every protected table for this role? Not when a
-# table has it off, nor for the tables' owner (no FORCE), a superuser or BYPASSRLS.
-_TENANCY_ENFORCED_SQL = (
-    "SELECT c.relname, c.relrowsecurity, "
-    "pg_has_role(current_user, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity, "
-    "r.rolsuper OR r.rolbypassrls "
-    "FROM pg_class c JOIN pg_roles r ON r.rolname = current_user "
-    "WHERE c.relname IN ('conversations', 'messages', 'usage_logs', 'append_keys') "
-    "AND c.relnamespace = current_schema()::regnamespace ORDER BY 1"
-)
-
-
-def _warn_if_tenancy_not_enforced(connection: Connection, where: str) -> None:
-    """Log once per engine when ``tenant_id`` would isolate nothing.
-
-    ``tenant_id`` is the application's request; row-level security is the
-    operator's switch (``agents-sessions rls enable``). A deploy may set the first
-    before the second, so this warns instead of refusing -- but never silently.
-    """
-    rows = connection.exec_driver_sql(_TENANCY_ENFORCED_SQL).all()
-    # The probe autobegan a transaction; end it so the caller's own can start.
-    connection.rollback()
-    off = [name for name, enabled, _, _ in rows if not enabled]
-    exempt = [name for name, enabled, owner, bypass in rows if enabled and (owner or bypass)]
-    if off or not rows:
-        reason = (
-            f"row-level security is not enabled on {', '.join(off) or 'the tables'}: "
-            "every tenant sees every conversation (enable it: `agents-sessions rls enable`)"
-        )
-    elif exempt:
-        reason = (
-            f"this role owns {', '.join(exempt)} or is a superuser/BYPASSRLS, so the "
-            "policies do not apply to it: connect as the application role"
-        )
-    else:
-        return
-    logger.warning("agents_sessions: tenant_id is set on %s but not enforced: %s", where, reason)
 
 
 def _transient_connect_failure(cause: BaseException | None) -> bool:
