@@ -149,12 +149,20 @@ class ReadOnlyDatabaseError(DatabaseError):
 
 
 class ConnectionLostError(DatabaseError):
-    """The connection died while an operation that cannot be safely retried was running.
+    """The connection died during a write, and whether the write took effect is unknown.
 
-    Whether that operation took effect is unknown (e.g. a ``pop_item`` may have
-    removed the newest item). Every other operation of the package is retried
-    automatically in that situation; the next call gets a fresh connection.
+    Raised for an operation that cannot be safely retried (e.g. a ``pop_item`` may
+    have removed the newest item), and for a retried one when the retries ran out
+    (e.g. the server stayed unreachable). The next call gets a fresh connection.
+
+    Attributes:
+        idempotency_key: For ``add_items``: the key of the call. Repeating the call
+            with ``add_items(items, idempotency_key=error.idempotency_key)`` stores
+            the items exactly once, whether or not the first call took effect.
+            ``None`` for other operations.
     """
+
+    idempotency_key: str | None = None
 
 
 class CitusError(AgentsSessionsError, RuntimeError):
@@ -307,5 +315,13 @@ def translate_database_errors(pool_description: str = "") -> Iterator[None]:
             raise StatementTimeoutError(
                 f"database statement cancelled: {first_line} (statement_timeout_ms / "
                 "lock_timeout_ms settings, or the server's own timeouts)"
+            ) from exc
+        if first_line.startswith("(sqlite3.OperationalError) integer overflow"):
+            # SQLite's SUM() stops at 2**63-1 (PostgreSQL's sums are exact numerics).
+            raise DatabaseError(
+                "a total exceeds SQLite's 64-bit integer range (over 2**63-1, e.g. token "
+                "usage summed across rows), which SQLite cannot add exactly: look for "
+                "usage rows with absurd token counts, or use PostgreSQL, whose sums are "
+                "exact"
             ) from exc
         raise DatabaseError(f"database operation failed: {first_line}") from exc

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,9 @@ def _is_circular(item: Any) -> bool:
     return False
 
 
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
 def encode_document(item: Any, *, where: str) -> str:
     """Serialize ``item`` to JSON text that parses back to an equal value.
 
@@ -126,6 +130,23 @@ def encode_document(item: Any, *, where: str) -> str:
     except (TypeError, ValueError) as exc:
         error = ItemTypeError if isinstance(exc, TypeError) else InvalidItemError
         raise error(f"{where} cannot be stored as JSON: {exc}; nothing was written") from exc
+    if not document.isascii():
+        try:
+            document.encode("utf-8")
+        except UnicodeEncodeError:
+            # A surrogate pair written as two code points ("\\ud83d\\ude00") would be
+            # escaped exactly like the one character it encodes, and come back as
+            # that character: not equal. Refused rather than changed.
+            pair = _SURROGATE_PAIR.search(document)
+            if pair is not None:
+                codes = " ".join(f"U+{ord(c):04X}" for c in pair.group())
+                raise InvalidItemError(
+                    f"{where} holds a surrogate pair written as two code points ({codes}); "
+                    "JSON would read it back as one character, so it cannot come back "
+                    "equal. Join it first (text.encode('utf-16', 'surrogatepass')"
+                    ".decode('utf-16')); nothing was written"
+                ) from None
+    # A lone surrogate: valid in a Python str, impossible in UTF-8; see utf8_safe_json.
     return utf8_safe_json(document, item, separators=(",", ":"), allow_nan=False)
 
 

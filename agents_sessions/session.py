@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .db.hot_path import HotMessages
-from .errors import InvalidArgumentError
+from .errors import ConnectionLostError, InvalidArgumentError
 from .history import HistoryManagementMixin, validate_branch_name
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
@@ -130,7 +130,8 @@ class PostgreSQLSession(HistoryManagementMixin):
             the embedded SQLite file (announced once as a WARNING; with
             ``AGENTS_SESSIONS_REQUIRE_DATABASE_URL=true`` a missing URL is a
             :class:`ConfigurationError` instead). Sessions with the same URL share one pool.
-        user_id: Owner of the conversation, stored on it at the first write (an
+        user_id: Owner of the conversation, sent with every write, so a conversation
+            this session creates -- again, after an erasure -- is always owned (an
             existing owner is never replaced by a session).
         metadata: JSON object stored on the conversation at the first write
             (replacing the stored metadata).
@@ -205,8 +206,7 @@ class PostgreSQLSession(HistoryManagementMixin):
         )
 
     async def _in_thread(self, function: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._store.executor, function, *args)
+        return await self._store.call_in_thread(function, *args)
 
     async def _mutate(self, function: Callable[..., _T], *args: Any) -> _T:
         return await _settle_then_propagate_cancellation(self._in_thread(function, *args))
@@ -223,14 +223,18 @@ class PostgreSQLSession(HistoryManagementMixin):
         return validate_identifier(self._tenant_resolver(wrapper), name="tenant_id")
 
     def _owner(self, tenant: str | None) -> tuple[str | None, dict[str, Any] | None]:
-        """The user_id/metadata to store with this write (until they are stored)."""
+        """The user_id to store with this write, and the metadata until it is stored.
+
+        The owner rides with *every* write, not only the first: any write may create
+        the conversation again after an erasure, a delete or a prune removed it, and a
+        conversation re-created without its owner would escape the next erasure of
+        that user. It costs nothing: an existing owner is never replaced.
+        """
+        metadata = self._metadata if self._owner_pending else None
         if tenant is not None:
-            # Always: a conversation created under row-level security must name its
-            # owner, even one re-created after somebody deleted it.
-            return tenant, self._metadata if self._owner_pending else None
-        if self._owner_pending:
-            return self.user_id, self._metadata
-        return None, None
+            # A conversation created under row-level security must name its tenant.
+            return tenant, metadata
+        return self.user_id, metadata
 
     # ------------------------------------------------------------------ protocol
 
@@ -281,7 +285,11 @@ class PostgreSQLSession(HistoryManagementMixin):
         )
 
     async def add_items(
-        self, items: list[Any], *, wrapper: RunContextWrapper[Any] | None = None
+        self,
+        items: list[Any],
+        *,
+        wrapper: RunContextWrapper[Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         """Append ``items`` atomically, after everything already stored.
 
@@ -292,11 +300,18 @@ class PostgreSQLSession(HistoryManagementMixin):
         ``max_item_bytes``) and nothing of the call is stored. ``add_items([])``
         does nothing.
 
-        Exactly once: each call carries a fresh idempotency key, so when the
-        connection dies around the commit the call is retried on a new connection
-        and its items are stored once -- never lost, never twice.
+        Exactly once: each call carries an idempotency key (a fresh one unless
+        ``idempotency_key`` is given), so when the connection dies around the commit
+        the call is retried on a new connection and its items are stored once --
+        never lost, never twice. If the retries run out with the outcome unknown,
+        :class:`~agents_sessions.errors.ConnectionLostError` carries the key:
+        calling ``add_items(items, idempotency_key=error.idempotency_key)`` again
+        stores the items exactly once whether or not the first call had (keys are
+        kept for :data:`~agents_sessions.repositories.messages.APPEND_KEY_RETENTION`).
         """
         tenant = self._acting_tenant(wrapper)
+        if idempotency_key is not None:
+            validate_identifier(idempotency_key, name="idempotency_key")
         if isinstance(items, list) and not items:
             return
         mark = observe_run(wrapper, from_start=False) if wrapper is not None else None
@@ -305,48 +320,60 @@ class PostgreSQLSession(HistoryManagementMixin):
             if entries:
                 # The run's new requests are recorded in the transaction of this
                 # append, keyed by their position in the run: exactly once.
-                await self._mutate(self._add_items, items, tenant, entries)
+                await self._mutate(self._add_items, items, tenant, idempotency_key, entries)
                 mark.entries, mark.requests = seen_entries, seen_requests
                 return
-        await self._mutate(self._add_items, items, tenant)
+        await self._mutate(self._add_items, items, tenant, idempotency_key)
 
     def _add_items(
-        self, items: list[Any], tenant: str | None, usage: list[UsageEntry] | None = None
+        self,
+        items: list[Any],
+        tenant: str | None,
+        idempotency_key: str | None = None,
+        usage: list[UsageEntry] | None = None,
     ) -> None:
         # In the worker thread: large items stay off the loop.
         encoded = encode_items(items, max_item_bytes=self._store.settings.max_item_bytes)
         user_id, metadata = self._owner(tenant)
         # One key for every attempt of this call: a retry after an unknown commit
         # outcome finds the key if the first attempt committed, and writes nothing.
-        key = uuid.uuid4().hex
-        if usage:
+        key = idempotency_key or uuid.uuid4().hex
+        try:
+            if usage:
 
-            def append_with_usage(repos: Repositories) -> None:
-                repos.messages.append_encoded(
-                    self.session_id,
-                    encoded,
-                    user_id=user_id,
-                    metadata=metadata,
-                    idempotency_key=key,
+                def append_with_usage(repos: Repositories) -> None:
+                    repos.messages.append_encoded(
+                        self.session_id,
+                        encoded,
+                        user_id=user_id,
+                        metadata=metadata,
+                        idempotency_key=key,
+                    )
+                    record_turn_usage(repos, self.session_id, usage)
+
+                # Repeatable: the key makes the append, and the usage keys the usage, once.
+                self._store.run_transaction(append_with_usage, repeatable=True, tenant_id=tenant)
+            else:
+                self._store.run_hot(
+                    lambda messages: messages.append_encoded(
+                        self.session_id,
+                        encoded,
+                        user_id=user_id,
+                        metadata=metadata,
+                        idempotency_key=key,
+                    ),
+                    write=True,
+                    repeatable=True,
+                    tenant_id=tenant,
                 )
-                record_turn_usage(repos, self.session_id, usage)
-
-            # Repeatable: the key makes the append, and the usage keys the usage, once.
-            self._store.run_transaction(append_with_usage, repeatable=True, tenant_id=tenant)
-            self._owner_pending = False
-            return
-        self._store.run_hot(
-            lambda messages: messages.append_encoded(
-                self.session_id,
-                encoded,
-                user_id=user_id,
-                metadata=metadata,
-                idempotency_key=key,
-            ),
-            write=True,
-            repeatable=True,
-            tenant_id=tenant,
-        )
+        except ConnectionLostError as exc:
+            # The caller may repeat the call safely with this key.
+            exc.idempotency_key = key
+            exc.args = (
+                f"{exc.args[0]}; repeat it with add_items(items, idempotency_key={key!r}) "
+                "to store the items exactly once",
+            )
+            raise
         self._owner_pending = False
 
     async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> Any | None:
@@ -356,6 +383,11 @@ class PostgreSQLSession(HistoryManagementMixin):
         automatically: if the connection dies while it runs,
         :class:`~agents_sessions.errors.ConnectionLostError` says so (the item may
         or may not be gone).
+
+        Cancellation, as in the SDK's own backends: a pop that has started is
+        finished, then the cancellation is re-raised, so the item is removed and
+        the cancelled caller never receives it. To keep it, shield the call
+        (``await asyncio.shield(pop)``) and read its result.
         """
         tenant = self._acting_tenant(wrapper)
         return await self._mutate(self._pop_item, tenant)

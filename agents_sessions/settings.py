@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL
 
 from .errors import ConfigurationError
 
@@ -200,7 +201,9 @@ class Settings(BaseSettings):
                 "AGENTS_SESSIONS_DATABASE_URL, or --database-url) to "
                 "postgresql://user:password@host:5432/dbname"
             )
-        return f"sqlite:///{self.sqlite_path}"
+        # Built, not formatted: a '?' or '%' in the path would otherwise be read as
+        # the URL's query or an escape, and the database written somewhere else.
+        return URL.create("sqlite", database=str(self.sqlite_path)).render_as_string()
 
     def resolved_migration_url(self) -> str:
         """The URL migrations run on: :attr:`migration_url`, else the database URL."""

@@ -18,6 +18,7 @@ Transactions are owned here, never by the repositories:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -25,9 +26,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.pool import QueuePool
@@ -35,6 +36,7 @@ from sqlalchemy.pool import QueuePool
 from . import settings as settings_module
 from .db import engine as engine_module
 from .db import migrate as migrate_module
+from .db.deadline import watchdog
 from .db.engine import (
     SQLITE_WRITE_OPTION,
     TENANT_OPTION,
@@ -47,10 +49,12 @@ from .db.engine import (
 from .db.failures import connection_lost, replica_unreachable, transient_connect_failure
 from .db.hot_path import HotMessages, driver_autocommit, driver_connection
 from .db.migrate import ensure_schema_at_head
+from .db.tenancy_probe import warn_if_tenancy_not_enforced
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
     DatabaseError,
+    PoolTimeoutError,
     translate_database_errors,
 )
 from .repositories import Repositories
@@ -76,6 +80,8 @@ class _EngineState:
     # For a read replica: until when (time.monotonic()) reads skip it after it
     # failed to connect, rather than pay a failed connect on every call.
     unavailable_until: float = 0.0
+    # Whether a tenant-scoped call has checked that isolation is really enforced.
+    tenancy_checked: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,43 @@ class SessionStore:
         """Threads that run this store's blocking calls for the async session facade."""
         return self._state.executor
 
+    async def call_in_thread(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking ``function(*args)`` on this store's worker threads, for async callers.
+
+        There is one thread per connection the pool can hold, so when every
+        connection is busy (say, all waiting for one locked conversation) a call
+        waits for a *thread*, where the pool's own ``pool_timeout`` cannot see it.
+        The same bound applies here instead: a call that no thread has picked up
+        within ``pool_timeout`` is withdrawn (it never ran) and raises
+        :class:`~agents_sessions.errors.PoolTimeoutError` -- it never hangs behind
+        an unrelated conversation's lock.
+        """
+        loop = asyncio.get_running_loop()
+        pending = self.executor.submit(function, *args)
+        result = asyncio.wrap_future(pending, loop=loop)
+        withdrawn = False
+
+        def withdraw_if_not_started() -> None:
+            nonlocal withdrawn
+            # cancel() succeeds only for a call no thread has started.
+            withdrawn = pending.cancel()
+
+        pool = self.target.pool
+        timer = loop.call_later(pool.pool_timeout, withdraw_if_not_started)
+        try:
+            return await result
+        except asyncio.CancelledError:
+            if withdrawn:
+                raise PoolTimeoutError(
+                    f"no worker thread became free within pool_timeout={pool.pool_timeout:g}s "
+                    f"({pool.describe()}): every connection is busy, e.g. waiting for a "
+                    "locked conversation; the call did not run. Raise pool_size/"
+                    "max_overflow in the database URL, or pool_timeout"
+                ) from None
+            raise
+        finally:
+            timer.cancel()
+
     def ensure_schema(self) -> None:
         """Check (once per engine) that the schema is at head, migrating if allowed.
 
@@ -276,13 +319,27 @@ class SessionStore:
             raise ConfigurationError(
                 "tenant_id needs the psycopg2 driver (postgresql:// or postgresql+psycopg2://)"
             )
-        connection.execution_options(
-            **{TENANT_OPTION: validate_identifier(tenant_id, name="tenant_id")}
-        )
+        tenant = validate_identifier(tenant_id, name="tenant_id")
+        if not self._state.tenancy_checked:
+            self._state.tenancy_checked = True
+            warn_if_tenancy_not_enforced(connection, self.target.safe_url)
+        connection.execution_options(**{TENANT_OPTION: tenant})
+
+    def _response_deadline(self, driver_connection: Any, bounded: bool) -> Any:
+        """Arm the response watchdog for a session call on PostgreSQL (else nothing)."""
+        seconds = self._state.target.pool.response_timeout
+        if not bounded or seconds <= 0 or self.dialect != "postgresql":
+            return nullcontext()
+        return watchdog.armed(driver_connection, seconds)
 
     @contextmanager
     def _connection(
-        self, *, write: bool, autocommit: bool, tenant_id: str | None = None
+        self,
+        *,
+        write: bool,
+        autocommit: bool,
+        tenant_id: str | None = None,
+        bounded: bool = False,
     ) -> Iterator[Connection]:
         self.ensure_schema()
         with (
@@ -290,14 +347,17 @@ class SessionStore:
             self.engine.connect() as connection,
         ):
             self._act_for(connection, tenant_id)
-            if autocommit:
-                with driver_autocommit(connection.connection):
+            # Armed around the statements *and* the commit; disarmed before the
+            # connection goes back to the pool.
+            with self._response_deadline(connection.connection.dbapi_connection, bounded):
+                if autocommit:
+                    with driver_autocommit(connection.connection):
+                        yield connection
+                    return
+                if write:
+                    connection.execution_options(**{SQLITE_WRITE_OPTION: True})
+                with connection.begin():
                     yield connection
-                return
-            if write:
-                connection.execution_options(**{SQLITE_WRITE_OPTION: True})
-            with connection.begin():
-                yield connection
 
     @contextmanager
     def transaction(self, *, tenant_id: str | None = None) -> Iterator[Repositories]:
@@ -308,6 +368,14 @@ class SessionStore:
         under PostgreSQL row-level security (see :mod:`agents_sessions.ops.tenancy`).
         """
         with self._connection(write=True, autocommit=False, tenant_id=tenant_id) as connection:
+            yield Repositories(connection)
+
+    @contextmanager
+    def _bounded_transaction(self, tenant_id: str | None) -> Iterator[Repositories]:
+        """:meth:`transaction` for a session call: its wait for the server is bounded."""
+        with self._connection(
+            write=True, autocommit=False, tenant_id=tenant_id, bounded=True
+        ) as connection:
             yield Repositories(connection)
 
     @contextmanager
@@ -355,9 +423,16 @@ class SessionStore:
         # Acting for a tenant, a write is several statements (see
         # MessageRepository.append_encoded), so it gets a real transaction; a read
         # stays one autocommit round trip (the tenant rides along with it).
+        with self._single_statement(write=write, tenant_id=tenant_id) as repos:
+            yield repos
+
+    @contextmanager
+    def _single_statement(
+        self, *, write: bool, tenant_id: str | None = None, bounded: bool = False
+    ) -> Iterator[Repositories]:
         autocommit = self.dialect == "postgresql" and not (write and tenant_id is not None)
         with self._connection(
-            write=write, autocommit=autocommit, tenant_id=tenant_id
+            write=write, autocommit=autocommit, tenant_id=tenant_id, bounded=bounded
         ) as connection:
             yield Repositories(connection)
 
@@ -492,18 +567,25 @@ class SessionStore:
                     self._replica_failed(replica, exc)
         attempts = self.settings.retry_attempts if retry_attempts is None else retry_attempts
         attempt = 0
+        # Whether some attempt was sent and then lost its connection: the outcome of
+        # a write is then unknown unless a later attempt finishes.
+        outcome_unknown = False
         while True:
             sent = False
             try:
+                # Every attempt's wait for the server is bounded (response_timeout):
+                # a frozen connection fails as lost instead of hanging the call.
                 if transaction:
-                    with self.transaction(tenant_id=tenant_id) as repos:
+                    with self._bounded_transaction(tenant_id) as repos:
                         sent = True
                         return work(repos)
                 if hot_path and tenant_id is None and self._driver_level_ok:
                     with self._hot_statement() as repos:
                         sent = True
                         return work(repos)
-                with self.single_statement(write=write, tenant_id=tenant_id) as repos:
+                with self._single_statement(
+                    write=write, tenant_id=tenant_id, bounded=True
+                ) as repos:
                     sent = True
                     return work(repos)
             except DatabaseError as exc:
@@ -519,7 +601,14 @@ class SessionStore:
                         "be retried safely; it may or may not have taken effect (the next "
                         "call uses a fresh connection)"
                     ) from exc
+                outcome_unknown = outcome_unknown or (sent and (write or transaction))
                 if attempt >= attempts:
+                    if outcome_unknown:
+                        raise ConnectionLostError(
+                            f"the database connection was lost and {attempts} retries "
+                            "found no working connection; the write may or may not have "
+                            "taken effect"
+                        ) from exc
                     raise
                 attempt += 1
                 delay = min(0.05 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random() / 2)
@@ -560,6 +649,7 @@ class SessionStore:
         with (
             translate_database_errors(self._state.target.pool.describe()),
             driver_connection(self.engine) as connection,
+            self._response_deadline(connection.driver, bounded=True),
         ):
             yield Repositories(cast(Connection, connection))
 
@@ -626,6 +716,7 @@ def _reset_after_fork() -> None:
     settings_module._defaults_lock = threading.Lock()
     engine_module._logged_default_locations_lock = threading.Lock()
     migrate_module._alembic_lock = threading.Lock()
+    watchdog.reset_after_fork()
     for state in _states.values():
         state.engine.dispose(close=False)
         state.executor = _new_executor(state.target)

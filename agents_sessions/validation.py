@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -32,11 +33,25 @@ _SURROGATE_ESCAPE = re.compile(
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
+# Unicode categories that draw nothing on their own: format characters (U+200B,
+# U+2060, U+FEFF...), separators, controls, unassigned, and combining marks.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Cn", "Co", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"})
+
+
+def _visible(character: str) -> bool:
+    return not character.isspace() and (
+        unicodedata.category(character) not in _INVISIBLE_CATEGORIES
+        # Hangul fillers are letters (Lo) that draw nothing.
+        and character not in "\u115f\u1160\u3164\uffa0"
+    )
+
+
 def validate_identifier(value: object, *, name: str = "conversation_id") -> str:
     """Return ``value`` if it is a usable conversation or user id, else raise.
 
     Ids are caller-chosen strings (UUIDs, ``"user-123-conv"``, external ids...): 1 to
-    255 characters, not only whitespace, without NUL or other control characters.
+    255 characters with at least one visible character (not only whitespace,
+    zero-width or other format characters), without NUL or other control characters.
     They are always bound as parameters, so SQL metacharacters are inert.
 
     Raises:
@@ -53,6 +68,13 @@ def validate_identifier(value: object, *, name: str = "conversation_id") -> str:
         )
     if _CONTROL_CHARACTER.search(value) is not None:
         raise InvalidConversationIdError(f"{name} must not contain NUL or other control characters")
+    if not value.isascii() and not any(_visible(character) for character in value):
+        # Zero-width spaces, joiners, BOMs, lone combining marks: an id nobody can
+        # see, read back or type again (and easy to confuse with another one).
+        raise InvalidConversationIdError(
+            f"{name} must contain a visible character (it holds only invisible or "
+            "format characters such as U+200B)"
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -17,7 +17,9 @@ import click
 from alembic.util import CommandError
 
 from ..db import migrate as migrations
-from ..errors import ExitCode
+from ..db.engine import create_pooled_engine, parse_database_url
+from ..errors import ExitCode, translate_database_errors
+from ..ops.tenancy import isolation_problem, row_level_security_status
 from .common import (
     CliContext,
     as_owner,
@@ -49,6 +51,20 @@ def _status_document(context: CliContext, status: migrations.SchemaStatus) -> di
         "state": status.state,
         "advice": status.advice(),
     }
+
+
+def _tenant_isolation(url: str) -> tuple[bool, str | None]:
+    """Whether tenant isolation is enabled on any table, and what is wrong with it."""
+    target = parse_database_url(url)
+    if target.dialect != "postgresql":
+        return False, None
+    engine = create_pooled_engine(target, pooled=False)
+    try:
+        with translate_database_errors(), engine.connect() as connection:
+            enabled = any(row_level_security_status(connection).values())
+            return enabled, isolation_problem(connection)[1] if enabled else None
+    finally:
+        engine.dispose()
 
 
 def _shown(revision: str | None) -> str:
@@ -119,10 +135,20 @@ def downgrade_command(context: CliContext, revision: str, yes: bool) -> None:
     with reported_errors():
         settings = context.settings()
         before = migrations.schema_status(settings=settings)
+        isolated, _ = _tenant_isolation(settings.resolved_migration_url())
+        # Isolation stays switched on through a downgrade (migration 0003 keeps it);
+        # below 0003 its policies are gone, so the app role sees nothing until upgrade.
+        isolation_note = (
+            "; tenant isolation is enabled and stays enabled: below revision 0003 its "
+            "policies are dropped and the application role sees no rows until "
+            "`migrate upgrade`"
+            if isolated
+            else ""
+        )
         target = _downgrade_target(before.current, revision)
         if not yes and not click.confirm(
             f"Downgrade {context.safe_url()} from {_shown(before.current)} to {target}? "
-            "Data in what the downgrade drops is lost",
+            f"Data in what the downgrade drops is lost{isolation_note}",
             default=False,
             err=True,
         ):
@@ -131,9 +157,12 @@ def downgrade_command(context: CliContext, revision: str, yes: bool) -> None:
             restore_point_before(settings.resolved_migration_url(), "migrate-downgrade")
             migrations.downgrade(settings=settings, revision=revision)
         after = migrations.schema_status(settings=settings)
+        problem = _tenant_isolation(settings.resolved_migration_url())[1] if isolated else None
     click.echo(
         f"{context.safe_url()}: downgraded from {_shown(before.current)} to {_shown(after.current)}"
     )
+    if problem is not None:
+        click.echo(f"note: {problem}", err=True)
 
 
 @migrate_group.command("current")

@@ -6,6 +6,7 @@ import click
 
 from ..errors import ExitCode
 from ..ops.tenancy import (
+    PROTECTED_TABLES,
     disable_row_level_security,
     enable_row_level_security,
     row_level_security_status,
@@ -66,9 +67,7 @@ def enable(context: CliContext, yes: bool) -> None:
             raise SystemExit(int(ExitCode.PROBLEM))
     with reported_errors(), as_owner("rls enable"), context.store().transaction() as repos:
         enable_row_level_security(repos.connection)
-    click.echo(
-        "row-level security enabled on conversations, messages, usage_logs, conversation_branches"
-    )
+    click.echo(f"row-level security enabled on {', '.join(PROTECTED_TABLES)}")
 
 
 @rls.command()
@@ -77,6 +76,4 @@ def disable(context: CliContext) -> None:
     """Stop enforcing the tenant policies (they stay defined)."""
     with reported_errors(), as_owner("rls disable"), context.store().transaction() as repos:
         disable_row_level_security(repos.connection)
-    click.echo(
-        "row-level security disabled on conversations, messages, usage_logs, conversation_branches"
-    )
+    click.echo(f"row-level security disabled on {', '.join(PROTECTED_TABLES)}")

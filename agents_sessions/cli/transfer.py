@@ -157,7 +157,8 @@ def import_command(context: CliContext, source: str, batch_size: int, as_json: b
     Into a PostgreSQL database that already holds conversations, a named restore
     point is created first and its name printed (stderr; "restore_point" in --json).
     """
-    with reported_errors(), ExportFile(source) as export:
+    max_item_bytes = context.settings().max_item_bytes
+    with reported_errors(), ExportFile(source, max_item_bytes=max_item_bytes) as export:
         store = context.unfiltered_store("import")
         point = None
         with store.read() as repositories:

@@ -16,8 +16,11 @@ for writes, so that two processes never deadlock upgrading read locks to write l
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import os
+import re
 import select
 import sqlite3
 import threading
@@ -59,6 +62,10 @@ class PoolOptions:
             (``-1`` disables); keeps connections younger than server/LB idle limits.
         pool_pre_ping: Test each connection with a round trip on checkout. Off by
             default: it doubles the round trips of every call.
+        response_timeout: Seconds a session call (its statements and commit) may
+            wait for the server on PostgreSQL before its connection is closed as
+            lost (:mod:`agents_sessions.db.deadline`); ``0`` never. Keep it above
+            the statement and lock timeouts.
     """
 
     pool_size: int = 5
@@ -66,6 +73,7 @@ class PoolOptions:
     pool_timeout: float = 30.0
     pool_recycle: int = 1800
     pool_pre_ping: bool = False
+    response_timeout: float = 30.0
 
     @property
     def max_connections(self) -> int:
@@ -80,7 +88,27 @@ class PoolOptions:
         )
 
 
-_POOL_PARAMETERS = ("pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_pre_ping")
+_POOL_PARAMETERS = (
+    "pool_size",
+    "max_overflow",
+    "pool_timeout",
+    "pool_recycle",
+    "pool_pre_ping",
+    "response_timeout",
+)
+
+#: libpq keywords set unless the URL gives them: no blocking network wait is unbounded.
+#: A connect gives up after 10 s; an idle or waiting connection whose peer vanished is
+#: declared dead by TCP keepalives (first probe after 30 s idle, then every 10 s, 3
+#: misses); data the peer never acknowledges ends the connection after 30 s.
+NETWORK_DEFAULTS: dict[str, str] = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -131,6 +159,18 @@ def _parse_pool_options(url: URL) -> PoolOptions:
                 f"database URL parameter 'pool_timeout' must be a positive number, got {raw!r}"
             )
         values["pool_timeout"] = timeout
+    if "response_timeout" in url.query:
+        raw = _single_value(url, "response_timeout")
+        try:
+            response_timeout = float(raw)
+        except ValueError:
+            response_timeout = -1.0
+        if not 0 <= response_timeout < float("inf"):
+            raise ConfigurationError(
+                "database URL parameter 'response_timeout' must be a number of seconds "
+                f"(0: never), got {raw!r}"
+            )
+        values["response_timeout"] = response_timeout
     if "pool_pre_ping" in url.query:
         raw = _single_value(url, "pool_pre_ping").strip().lower()
         if raw not in _TRUE | _FALSE:
@@ -274,24 +314,23 @@ def refuse_misspelt_parameters(url: URL) -> None:
             )
 
 
-def refuse_unencoded_at_sign(raw_url: str) -> None:
-    """Refuse a URL whose user name or password holds a bare ``@``.
+_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<authority>[^/?#]*)")
 
-    ``postgresql://app:p@ss:w0rd@db/agents`` splits at the first ``@`` (host ``ss``,
-    port ``w0rd@db``): SQLAlchemy either fails to parse it or connects somewhere else.
 
-    Raises:
-        ConfigurationError: saying to percent-encode the user name and password.
+def _refuse_unencoded_at_sign(raw_url: str) -> None:
+    """Refuse ``user:p@ss@host``: the password's tail would be read as the host name.
+
+    SQLAlchemy ends the password at its first ``@`` and takes the rest as the host
+    name, which then appears in every error about that host. A second ``@`` in the
+    authority can only be an unencoded one (user names and passwords must
+    percent-encode it as ``%40``).
     """
-    scheme, separator, rest = raw_url.partition("://")
-    if not separator or scheme.lower().startswith("sqlite"):
-        return
-    before_query = rest.split("?", 1)[0]
-    if before_query.count("@") > 1:
+    match = _AUTHORITY.match(raw_url.strip())
+    if match is not None and match["authority"].count("@") > 1:
         raise ConfigurationError(
-            "the database URL holds more than one '@': a special character in the user "
-            "name or password (@ : / ? # % and spaces) must be percent-encoded, e.g. "
-            "p@ss:w0rd -> p%40ss%3Aw0rd (Python: urllib.parse.quote(password, safe=''))"
+            "the database URL's user name or password contains an unencoded '@'; "
+            "percent-encode the password (and user name): '@' as %40, ':' as %3A, "
+            "'/' as %2F (urllib.parse.quote(password, safe=''))"
         )
 
 
@@ -306,7 +345,7 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     if isinstance(raw_url, str):
         if not raw_url.strip():
             raise ConfigurationError("database URL is empty")
-        refuse_unencoded_at_sign(raw_url)
+        _refuse_unencoded_at_sign(raw_url)
         try:
             url = make_url(raw_url)
         except (ArgumentError, ValueError):
@@ -343,15 +382,22 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
     refuse_misspelt_parameters(url)
     pool = _parse_pool_options(url)
     url = url.difference_update_query(_POOL_PARAMETERS)
-    if "password" in url.query and url.password is None:
-        # libpq's ?password= moved where SQLAlchemy masks it (reprs, logs); the
-        # driver receives it the same way.
-        url = url.set(password=_single_value(url, "password")).difference_update_query(["password"])
+    # libpq's ?password= moved where SQLAlchemy masks it (reprs, logs); the driver
+    # receives it the same way. Any spelling (?PASSWORD=): never left in the query.
+    for name in [name for name in url.query if name.lower() == "password"]:
+        value = _single_value(url, name)
+        url = url.difference_update_query([name])
+        if url.password is None:
+            url = url.set(password=value)
     secrets = tuple(
-        (name, _single_value(url, name)) for name in url.query if name.lower() == "sslpassword"
+        ("sslpassword", _single_value(url, name))
+        for name in url.query
+        if name.lower() == "sslpassword"
     )
     if secrets:
-        url = url.difference_update_query([name for name, _ in secrets])
+        url = url.difference_update_query(
+            [name for name in url.query if name.lower() == "sslpassword"]
+        )
     return DatabaseTarget(url=url, pool=pool, secret_connect_args=secrets)
 
 
@@ -376,6 +422,22 @@ def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
         delay = min(delay * 2, 0.1)
 
 
+def _create_private_directories(directory: Path) -> None:
+    """``mkdir -p`` where every directory created is the owner's only (0700)."""
+    target = directory
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            new.mkdir(mode=0o700)
+    # Raises (FileExistsError) when the path is there but not a directory.
+    target.mkdir(parents=True, exist_ok=True)
+
+
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     database = engine.url.database
     assert database is not None
@@ -384,14 +446,18 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     def _create_directory(*_args: Any) -> None:
         # At first connect, not when the engine is made: constructing a session
         # object must do no I/O.
-        directory = Path(database).expanduser().parent
+        path = Path(database).expanduser()
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            _create_private_directories(path.parent)
         except OSError as exc:
             raise ConfigurationError(
-                f"cannot create the directory {str(directory)!r} for the SQLite database: "
+                f"cannot create the directory {str(path.parent)!r} for the SQLite database: "
                 f"{exc.strerror or exc}"
             ) from exc
+        # A new database file is the owner's only (SQLite gives its -wal and -shm
+        # files the same mode): it holds every conversation.
+        with contextlib.suppress(FileExistsError, OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -583,6 +649,9 @@ def create_pooled_engine(
         )
         if options is not None:
             connect_args["options"] = options
+        for keyword, value in NETWORK_DEFAULTS.items():
+            if keyword not in target.url.query:
+                connect_args[keyword] = value
     pool_arguments: dict[str, Any] = (
         {
             "poolclass": QueuePool,

@@ -100,6 +100,11 @@ class DriverConnection:
         self._driver = pooled.dbapi_connection
         self.dialect = dialect
 
+    @property
+    def driver(self) -> Any:
+        """The psycopg2 connection underneath (for the response watchdog)."""
+        return self._driver
+
     def get_execution_options(self) -> Mapping[str, Any]:
         """No options: no tenant, no streaming."""
         return {}

@@ -361,8 +361,36 @@ class ConversationBranch(Base):
     )
 
 
+class AppendKey(Base):
+    """The idempotency key of an ``add_items`` call, kept apart from the messages.
+
+    A retried call whose first attempt committed finds its key here and writes
+    nothing. Kept in a table of its own -- not only on the call's first message
+    row, which a concurrent ``pop_item`` or ``clear_session`` may delete -- so
+    exactly-once holds whatever happened to the items since. Keys live at least
+    ``APPEND_KEY_RETENTION`` (one day); appends to the conversation delete older
+    ones, and deleting the conversation deletes them all.
+    """
+
+    __tablename__ = "append_keys"
+
+    conversation_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=utcnow(), nullable=False
+    )
+
+    __table_args__ = (
+        # Expiry: "this conversation's keys older than the retention" is a range scan.
+        Index(None, "conversation_id", "created_at"),
+    )
+
+
 # Core handles on the mapped tables, for the repositories' statements.
 conversations_table = cast(Table, Conversation.__table__)
 messages_table = cast(Table, Message.__table__)
 usage_logs_table = cast(Table, UsageLog.__table__)
 branches_table = cast(Table, ConversationBranch.__table__)
+append_keys_table = cast(Table, AppendKey.__table__)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     null,
+    or_,
     select,
     text,
     true,
@@ -36,11 +37,19 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import JSONDocument, branches_table, conversations_table, messages_table, utcnow
+from .models import (
+    JSONDocument,
+    append_keys_table,
+    branches_table,
+    conversations_table,
+    messages_table,
+    utcnow,
+)
 
 conversations = conversations_table
 messages = messages_table
 branches = branches_table
+append_keys = append_keys_table
 
 #: The branch every conversation starts on; it cannot be deleted.
 MAIN_BRANCH = "main"
@@ -147,21 +156,50 @@ def _postgres_append() -> Any:
         "new_items", role=("roles", Text), content=("contents", Text), document=("documents", Text)
     )
     append_key = bindparam("append_key", type_=Text)
+    conversation_id_parameter = bindparam("conversation_id", type_=Text)
+    # The key is claimed in append_keys; only a call that claims it (or has none)
+    # inserts items. A concurrent attempt holding the same key makes ON CONFLICT
+    # wait for it, then do nothing: one of them stores the items, never both.
+    claimed = (
+        postgresql.insert(append_keys)
+        .from_select(
+            ["conversation_id", "key", "created_at"],
+            # The conversation id parameter itself (so a sharded cluster routes the
+            # whole statement to one shard), once the upsert above has locked its row.
+            select(conversation_id_parameter, append_key, utcnow()).where(
+                append_key.is_not(None), exists(select(conversation.c.id))
+            ),
+        )
+        .on_conflict_do_nothing(index_elements=[append_keys.c.conversation_id, append_keys.c.key])
+        .returning(append_keys.c.conversation_id)
+        .cte("claimed")
+    )
+    # Keys past their retention go as the conversation is written (after its lock).
+    expired = (
+        delete(append_keys)
+        .where(
+            append_keys.c.conversation_id == conversation_id_parameter,
+            exists(select(conversation.c.id)),
+            append_keys.c.created_at < bindparam("keys_expire_before"),
+        )
+        .cte("expired")
+    )
     source = (
         select(
             conversation.c.id,
             rows.c.role,
             rows.c.content,
             cast(rows.c.document, JSONDocument),
-            # The call's key goes on its first row only (see _APPEND_KEY_SEEN).
+            # Also on the call's first message row (exports carry it).
             case((rows.c.position == 1, append_key), else_=null()),
             # The conversation's current branch, read under its row lock: a
             # concurrent switch_to_branch lands wholly before or after this call.
             func.coalesce(conversation.c.current_branch, MAIN_BRANCH),
         )
         .select_from(conversation.join(rows, true()))
-        .where(~_append_key_seen(append_key))
+        .where(or_(append_key.is_(None), exists(select(claimed.c.conversation_id))))
         .order_by(rows.c.position)
+        .add_cte(expired)
     )
     return insert(messages).from_select(
         ["conversation_id", "role", "content", "item", "append_key", "branch_id"], source
@@ -235,6 +273,22 @@ SELECT_BRANCH_ALL = (
     .order_by(messages.c.id)
 )
 SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
+# Statement by statement (SQLite; PostgreSQL under row-level security), after the
+# conversation's lock: claim the key (rowcount 0: an earlier attempt stored the call).
+CLAIM_APPEND_KEY = {
+    name: _DIALECT_INSERT[name](append_keys)
+    .values(
+        conversation_id=bindparam("conversation_id"),
+        key=bindparam("append_key", type_=Text),
+        created_at=utcnow(),
+    )
+    .on_conflict_do_nothing(index_elements=[append_keys.c.conversation_id, append_keys.c.key])
+    for name in _DIALECT_INSERT
+}
+DELETE_EXPIRED_APPEND_KEYS = delete(append_keys).where(
+    append_keys.c.conversation_id == bindparam("conversation_id"),
+    append_keys.c.created_at < bindparam("keys_expire_before"),
+)
 
 _LATEST = (
     select(messages.c.id, messages.c.item)

@@ -8,9 +8,11 @@ the copy to a path that holds no database yet.
 
 A backup is written under a temporary name, flushed to disk (``fsync``) and only
 then renamed to its final name, so a dump that failed half-way never looks like a
-backup. Final names are ``agents-sessions-<database>-<UTC timestamp>.sql.gz``
-(PostgreSQL) or ``...sqlite3.gz`` (SQLite); retention (``keep_days``) deletes only
-files of exactly that shape, of the same database, older than the limit.
+backup. Final names are ``agents-sessions-<label>-<UTC timestamp>.sql.gz``
+(PostgreSQL) or ``...sqlite3.gz`` (SQLite), where the label is the database's name
+made file-name safe plus a fingerprint of its exact server and name
+(:func:`backup_label`); retention (``keep_days``) deletes only files of exactly
+that shape, with this database's label, older than the limit.
 
 The database password reaches ``pg_dump``/``psql`` through the ``PGPASSWORD``
 environment variable, never their command line (which other users can read in
@@ -22,16 +24,15 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
@@ -45,17 +46,19 @@ from ..errors import (
     RestoreTargetNotEmptyError,
     translate_database_errors,
 )
+from .backup_names import BACKUP_PREFIX, backup_file_name, backup_label, expired_backups
 from .citus import is_distributed
 from .files import atomic_file
-
-#: Every backup file name starts with this.
-BACKUP_PREFIX = "agents-sessions-"
-_SUFFIX = {"postgresql": ".sql.gz", "sqlite": ".sqlite3.gz"}
-_BACKUP_NAME = re.compile(
-    r"^agents-sessions-(?P<label>[A-Za-z0-9_.-]+)-(?P<stamp>\d{8}T\d{12}Z)"
-    r"(?P<suffix>\.sql\.gz|\.sqlite3\.gz)$"
+from .libpq import LibpqArguments, find_tool, libpq_arguments, tool_failure
+from .restore_guard import (
+    PSQL_RESTRICTED_MESSAGE,
+    foreign_sqlite_objects,
+    psql_supports_restrict,
+    restricted_prologue,
+    verified_dump_lines,
+    verify_dump,
 )
-_STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"
+
 _CHUNK = 1 << 20
 _PG_DUMP_HEADER = b"--\n-- PostgreSQL database dump"
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -115,163 +118,6 @@ class RestoreResult:
 
 
 # --------------------------------------------------------------------------------------
-# libpq arguments
-# --------------------------------------------------------------------------------------
-
-
-def _conninfo_value(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
-
-
-@dataclass(frozen=True)
-class LibpqArguments:
-    """How to point ``pg_dump``/``psql`` at a database without exposing the password.
-
-    Attributes:
-        conninfo: A libpq ``key='value'`` connection string, password-free, for
-            ``--dbname``.
-        environment: Variables to add to the tool's environment (``PGPASSWORD``).
-        password: The password, to mask it in tool output (never shown).
-    """
-
-    conninfo: str
-    environment: dict[str, str]
-    password: str | None
-
-    def __repr__(self) -> str:
-        return f"LibpqArguments(conninfo={self.conninfo!r})"
-
-
-def libpq_arguments(database_url: str) -> LibpqArguments:
-    """The libpq connection string and environment for a PostgreSQL database URL.
-
-    The SQLAlchemy URL's driver suffix and this package's pool parameters are
-    dropped (:func:`~agents_sessions.db.engine.parse_database_url`); the remaining query
-    parameters are libpq keywords (``sslmode``, ``connect_timeout``, ...), passed on.
-
-    Raises:
-        ConfigurationError: the URL is not a PostgreSQL URL, or carries an
-            ``sslpassword`` (libpq reads it from no environment variable, so it
-            could only travel on the command line).
-    """
-    target = parse_database_url(database_url)
-    if target.dialect != "postgresql":
-        raise ConfigurationError(f"{target.safe_url} is not a PostgreSQL URL")
-    url = target.url
-    if target.secret_connect_args:
-        raise ConfigurationError(
-            "the database URL parameter 'sslpassword' cannot be passed to pg_dump/psql "
-            "without showing it on their command line; use a key without a passphrase"
-        )
-    keywords: dict[str, str] = {}
-    hosts: list[str] = []
-    ports: list[str] = []
-    for name, value in url.query.items():
-        values = list(value) if isinstance(value, tuple) else [value]
-        if name == "host":
-            # SQLAlchemy's multi-host form: ?host=a:5432&host=b:5433.
-            for entry in values:
-                if entry.startswith("/"):  # a Unix socket directory
-                    hosts.append(entry)
-                    ports.append("")
-                else:
-                    host, _, port = entry.partition(":")
-                    hosts.append(host)
-                    ports.append(port)
-            continue
-        keywords[name] = ",".join(values)
-    if url.host:
-        hosts.insert(0, url.host)
-        ports.insert(0, str(url.port or ""))
-    elif url.port:
-        keywords["port"] = str(url.port)
-    if hosts:
-        keywords["host"] = ",".join(hosts)
-        if any(ports):
-            keywords["port"] = ",".join(port or "5432" for port in ports)
-    if url.username:
-        keywords["user"] = url.username
-    if url.database:
-        keywords["dbname"] = url.database
-    # Where and who first, then the rest in a stable order.
-    order = {"host": 0, "port": 1, "user": 2, "dbname": 3}
-    ordered = sorted(keywords.items(), key=lambda pair: (order.get(pair[0], 4), pair[0]))
-    conninfo = " ".join(f"{key}={_conninfo_value(value)}" for key, value in ordered)
-    password = url.password if url.password else None
-    environment = {"PGPASSWORD": str(password)} if password else {}
-    return LibpqArguments(
-        conninfo=conninfo, environment=environment, password=str(password) if password else None
-    )
-
-
-def _masked(output: str, password: str | None) -> str:
-    if password:
-        output = output.replace(password, "***")
-    return output
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise ExternalToolError(
-            f"{name} was not found on PATH; install the PostgreSQL client programs "
-            f"(Debian/Ubuntu: apt-get install postgresql-client; their major version "
-            "must be at least the server's)"
-        )
-    return path
-
-
-def _tool_failure(name: str, returncode: int, stderr: IO[bytes], password: str | None) -> str:
-    stderr.seek(0)
-    output = stderr.read().decode("utf-8", "replace").strip()
-    lines = output.splitlines()
-    if len(lines) > 20:
-        lines = ["...", *lines[-20:]]
-    detail = _masked("\n".join(lines), password) or "(no error output)"
-    return f"{name} failed (exit status {returncode}):\n{detail}"
-
-
-# --------------------------------------------------------------------------------------
-# Files: names, atomic writes, retention
-# --------------------------------------------------------------------------------------
-
-
-def _label(name: str) -> str:
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")
-    return label or "database"
-
-
-def backup_file_name(database: str, dialect: str, when: datetime) -> str:
-    """The file name of a backup of ``database`` taken at ``when``."""
-    stamp = when.astimezone(timezone.utc).strftime(_STAMP_FORMAT)
-    return f"{BACKUP_PREFIX}{_label(database)}-{stamp}{_SUFFIX[dialect]}"
-
-
-def expired_backups(
-    directory: Path, database: str, dialect: str, keep_days: int, *, now: datetime
-) -> list[Path]:
-    """This command's backups of ``database`` in ``directory`` older than ``keep_days``.
-
-    Only files named exactly as :func:`backup_file_name` names them are considered;
-    their age is the timestamp in the name (copying a file keeps it meaningful).
-    """
-    cutoff = now.astimezone(timezone.utc) - timedelta(days=keep_days)
-    label = _label(database)
-    expired = []
-    for path in sorted(directory.iterdir()):
-        match = _BACKUP_NAME.match(path.name)
-        if match is None or match["label"] != label or match["suffix"] != _SUFFIX[dialect]:
-            continue
-        if path.is_symlink() or not path.is_file():
-            continue
-        taken = datetime.strptime(match["stamp"], _STAMP_FORMAT).replace(tzinfo=timezone.utc)
-        if taken < cutoff:
-            expired.append(path)
-    return expired
-
-
-# --------------------------------------------------------------------------------------
 # Backup
 # --------------------------------------------------------------------------------------
 
@@ -303,17 +149,13 @@ def backup_database(
         raise ConfigurationError(f"cannot create the backup directory {folder}: {exc}") from exc
     if not os.access(folder, os.W_OK):
         raise ConfigurationError(f"the backup directory {folder} is not writable")
-    database = target.url.database or ""
+    label = backup_label(database_url)
+    final = folder / backup_file_name(label, target.dialect, when)
     if target.dialect == "postgresql":
         _refuse_distributed_store(database_url)
-        label = database
-        final = folder / backup_file_name(label, "postgresql", when)
         _pg_dump(database_url, final)
     else:
-        source = Path(database).expanduser()
-        label = source.stem
-        final = folder / backup_file_name(label, "sqlite", when)
-        _sqlite_backup(source, final)
+        _sqlite_backup(Path(target.url.database or "").expanduser(), final)
     removed: list[Path] = []
     if keep_days is not None:
         for path in expired_backups(folder, label, target.dialect, keep_days, now=when):
@@ -350,7 +192,7 @@ def _refuse_distributed_store(database_url: str) -> None:
 
 def _pg_dump(database_url: str, final: Path) -> None:
     arguments = libpq_arguments(database_url)
-    program = _tool("pg_dump")
+    program = find_tool("pg_dump")
     command = [
         program,
         "--no-password",  # fail, never prompt, when the password is missing or wrong
@@ -377,9 +219,7 @@ def _pg_dump(database_url: str, final: Path) -> None:
             returncode = process.wait()
         if returncode != 0:
             # Raising inside _atomic_file removes the temporary file: no false backup.
-            raise ExternalToolError(
-                _tool_failure("pg_dump", returncode, stderr, arguments.password)
-            )
+            raise ExternalToolError(tool_failure("pg_dump", returncode, stderr, arguments.password))
 
 
 def _sqlite_backup(source: Path, final: Path) -> None:
@@ -495,9 +335,32 @@ def _require_empty_postgres(database_url: str) -> None:
         )
 
 
+def _require_restricting_psql(program: str) -> None:
+    version = subprocess.run(
+        [program, "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if not psql_supports_restrict(version):
+        raise ExternalToolError(
+            f"{version or program} cannot run a restore safely: it lacks \\restrict, which "
+            "stops a backup file from running psql meta-commands; install a PostgreSQL client "
+            "from August 2025 or later (13.22, 14.19, 15.14, 16.10, 17.6, 18)"
+        )
+
+
+def _verify_pg_dump_file(path: Path) -> None:
+    try:
+        with gzip.open(path, "rb") as archive:
+            verify_dump(archive, path)
+    except (OSError, EOFError) as exc:
+        raise BackupFileError(f"{path} is damaged: {exc}; nothing was restored") from None
+
+
 def _psql_restore(database_url: str, path: Path, progress: Progress | None) -> None:
     arguments = libpq_arguments(database_url)
-    program = _tool("psql")
+    program = find_tool("psql")
+    _require_restricting_psql(program)
+    # First pass: refuse an altered file before anything reaches the database.
+    _verify_pg_dump_file(path)
     command = [
         program,
         "--no-psqlrc",
@@ -519,16 +382,24 @@ def _psql_restore(database_url: str, path: Path, progress: Progress | None) -> N
         )
         assert process.stdin is not None
         try:
+            # Our own random-key guard first: psql then refuses every backslash command
+            # in the file, even one the line check above cannot see (mid-line).
+            process.stdin.write(restricted_prologue())
             with gzip.GzipFile(fileobj=compressed, mode="rb") as archive:
                 position = 0
-                while chunk := archive.read(_CHUNK):
-                    process.stdin.write(chunk)
-                    if progress is not None:
-                        now_at = compressed.tell()
+                # Verified again while streaming: the file may change between the passes.
+                for line in verified_dump_lines(archive, path):
+                    process.stdin.write(line)
+                    now_at = compressed.tell()
+                    if progress is not None and now_at != position:
                         progress(now_at - position)
                         position = now_at
         except BrokenPipeError:
             pass  # psql stopped at an error; its exit status and stderr say which
+        except BackupFileError:
+            process.kill()  # mid-transaction: nothing is committed
+            process.wait()
+            raise
         except (OSError, EOFError) as exc:
             process.kill()
             process.wait()
@@ -538,9 +409,14 @@ def _psql_restore(database_url: str, path: Path, progress: Progress | None) -> N
                 process.stdin.close()
         returncode = process.wait()
         if returncode != 0:
+            failure = tool_failure("psql", returncode, stderr, arguments.password)
+            if PSQL_RESTRICTED_MESSAGE in failure:
+                raise BackupFileError(
+                    f"{path} holds a psql meta-command, which pg_dump never writes there: "
+                    f"the file was altered; nothing was restored\n{failure}"
+                )
             raise ExternalToolError(
-                _tool_failure("psql", returncode, stderr, arguments.password)
-                + "\n(the restore ran in one transaction: nothing was restored)"
+                failure + "\n(the restore ran in one transaction: nothing was restored)"
             )
 
 
@@ -608,6 +484,17 @@ def _check_sqlite_copy(copy: Path, path: Path) -> None:
         connection.close()
     if verdict != "ok":
         raise BackupFileError(f"{path} holds a damaged SQLite database ({verdict})")
+    connection = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        foreign = foreign_sqlite_objects(connection)
+    finally:
+        connection.close()
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise BackupFileError(
+            f"{path} holds schema objects agents-sessions never creates ({shown}): "
+            "the file was altered or is not our backup; nothing was restored"
+        )
 
 
 __all__ = [
@@ -621,6 +508,7 @@ __all__ = [
     "RestoreTargetNotEmptyError",
     "backup_database",
     "backup_file_name",
+    "backup_label",
     "expired_backups",
     "libpq_arguments",
     "restore_database",

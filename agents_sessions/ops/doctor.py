@@ -45,7 +45,11 @@ from ..errors import AgentsSessionsError
 from ..settings import Settings, load_settings
 from .archiving import judge_archiving, read_archiver_state
 from .citus import DISTRIBUTION_COLUMNS, citus_version, distributed_tables
-from .tenancy import row_level_security_status, tables_filtered_for_current_role
+from .tenancy import (
+    isolation_problem,
+    row_level_security_status,
+    tables_filtered_for_current_role,
+)
 
 #: The outcome of one check.
 Status = Literal["ok", "warn", "fail"]
@@ -448,6 +452,13 @@ def _check_row_level_security(connection: Connection) -> Check:
     )
 
 
+def _check_tenant_isolation(connection: Connection) -> Check:
+    detail, problem = isolation_problem(connection)
+    if problem is None:
+        return Check("tenant_isolation", "ok", detail)
+    return Check("tenant_isolation", "fail", f"{detail}; {problem}", problem)
+
+
 # --------------------------------------------------------------------------- runner
 
 
@@ -626,6 +637,7 @@ def diagnose(
                     ("role", lambda: _check_role(connection)),
                     ("archiving", lambda: _check_archiving(connection)),
                     ("row_level_security", lambda: _check_row_level_security(connection)),
+                    ("tenant_isolation", lambda: _check_tenant_isolation(connection)),
                 ]
                 if citus_version(connection) is not None:
                     checks.append(("citus", lambda: _check_citus(connection)))

@@ -25,8 +25,14 @@ from sqlalchemy import Connection, text
 from ..errors import CitusError, ConfigurationError, RowLevelSecurityFilteredError
 from .citus import is_distributed
 
-#: The tables the policies of migrations 0003 and 0005 protect.
-PROTECTED_TABLES = ("conversations", "messages", "usage_logs", "conversation_branches")
+#: The tables the tenant policies protect (migrations 0003, 0005 and 0007).
+PROTECTED_TABLES = (
+    "conversations",
+    "messages",
+    "usage_logs",
+    "conversation_branches",
+    "append_keys",
+)
 
 
 def _require_postgresql(connection: Connection) -> None:
@@ -45,6 +51,44 @@ def row_level_security_status(connection: Connection) -> dict[str, bool]:
         {"tables": list(PROTECTED_TABLES)},
     )
     return {name: bool(enabled) for name, enabled in rows}
+
+
+def _policy_names(connection: Connection) -> set[str]:
+    rows = connection.execute(
+        text(
+            "SELECT tablename FROM pg_policies WHERE schemaname = current_schema() "
+            "AND tablename = ANY(:tables) AND policyname = tablename || '_tenant_isolation'"
+        ),
+        {"tables": list(PROTECTED_TABLES)},
+    )
+    return {name for (name,) in rows}
+
+
+def isolation_problem(connection: Connection) -> tuple[str, str | None]:
+    """The state of tenant isolation, and what is wrong with it (``None``: nothing).
+
+    Returns a description and, when isolation is half on or cannot work, the problem:
+    some tables enforce it and others do not, or it is enabled on a table whose
+    policy is missing (a downgrade below ``0003``: the app role then sees no rows).
+    """
+    states = row_level_security_status(connection)
+    enabled = sorted(table for table, on in states.items() if on)
+    if not enabled:
+        return "tenant isolation is off (opt-in: `agents-sessions rls enable`)", None
+    missing_policies = sorted(set(enabled) - _policy_names(connection))
+    if missing_policies:
+        return (
+            f"row-level security is enabled on {', '.join(enabled)}",
+            f"the tenant policies of {', '.join(missing_policies)} are missing, so a role "
+            "subject to them sees no rows: run `agents-sessions migrate upgrade`",
+        )
+    disabled = sorted(table for table, on in states.items() if not on)
+    if disabled:
+        return (
+            f"row-level security is enabled on {', '.join(enabled)} only",
+            f"{', '.join(disabled)} are not isolated: run `agents-sessions rls enable`",
+        )
+    return f"tenant isolation is enforced on {', '.join(enabled)}", None
 
 
 def enable_row_level_security(connection: Connection) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Connection
@@ -14,14 +15,15 @@ from ..db.engine import TENANT_OPTION
 from ..db.models import messages_table as messages
 from ..db.models import stored_utc
 from ..db.statements import (
+    CLAIM_APPEND_KEY,
     CLEAR,
     COUNT_MESSAGES,
+    DELETE_EXPIRED_APPEND_KEYS,
     ENSURE_CONVERSATION,
     INSERT_MESSAGE_ON_CURRENT_BRANCH,
     POSTGRES_APPEND,
     POSTGRES_VIEW_ALL,
     POSTGRES_VIEW_LATEST,
-    SELECT_APPEND_KEY_SEEN,
     SELECT_BRANCH_ALL,
     SELECT_BRANCH_LATEST,
     SELECT_CURRENT_BRANCH_FORKED,
@@ -35,6 +37,14 @@ from ..validation import validate_count, validate_identifier, validate_limit, va
 from .branches import BranchRepository
 from .context import acting_tenant, in_driver_transaction
 from .records import StoredMessage
+
+#: How long an append's idempotency key is kept at least: a call repeated with the
+#: same key within this time stores its items once (see ``models.AppendKey``).
+APPEND_KEY_RETENTION = timedelta(days=1)
+
+
+def _keys_expire_before() -> datetime:
+    return datetime.now(timezone.utc) - APPEND_KEY_RETENTION
 
 
 class MessageRepository:
@@ -130,6 +140,7 @@ class MessageRepository:
                             # As JSON text: the statement casts it to jsonb.
                             "metadata": None if metadata is None else json.dumps(metadata),
                             "append_key": idempotency_key,
+                            "keys_expire_before": _keys_expire_before(),
                             "roles": [item.role for item in encoded],
                             "contents": [item.content for item in encoded],
                             "documents": [item.document for item in encoded],
@@ -148,15 +159,20 @@ class MessageRepository:
         # The upsert comes first: it takes the conversation's lock (on SQLite, under
         # BEGIN IMMEDIATE, the single write lock), so ids follow commit order, and
         # the key check below cannot race another writer of this conversation.
-        self.connection.execute(ENSURE_CONVERSATION[self.connection.dialect.name], conversation)
+        dialect_name = self.connection.dialect.name
+        self.connection.execute(ENSURE_CONVERSATION[dialect_name], conversation)
+        self.connection.execute(
+            DELETE_EXPIRED_APPEND_KEYS,
+            {"conversation_id": conversation_id, "keys_expire_before": _keys_expire_before()},
+        )
         if (
             idempotency_key is not None
-            and self.connection.execute(
-                SELECT_APPEND_KEY_SEEN,
+            and not self.connection.execute(
+                CLAIM_APPEND_KEY[dialect_name],
                 {"conversation_id": conversation_id, "append_key": idempotency_key},
-            ).scalar_one()
+            ).rowcount
         ):
-            return 0
+            return 0  # an earlier attempt of this call stored it
         # The current branch is read in the INSERT, after the upsert above locked the
         # conversation: no switch can slip in between.
         self.connection.execute(

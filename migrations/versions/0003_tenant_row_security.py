@@ -53,9 +53,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop the policies and switch row-level security off again."""
+    """Drop the policies; leave row-level security switched on where the operator enabled it.
+
+    Whether isolation is enabled is the operator's decision, stored on each table
+    (``relrowsecurity``), and it must survive a downgrade and the upgrade after it:
+    switching it off here made ``downgrade 0002`` + ``upgrade`` silently end tenant
+    isolation. Between the two, an enabled table without policies fails closed (a
+    role subject to it sees no rows); the upgrade brings the policies back.
+    """
     if op.get_bind().dialect.name != "postgresql":
         return
     for table in POLICIES:
-        op.execute(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY")
         op.execute(f"DROP POLICY IF EXISTS {table}_tenant_isolation ON {table}")

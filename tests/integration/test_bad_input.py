@@ -55,6 +55,11 @@ BAD_IDS: list[tuple[str, Any]] = [
     ("newline", "conv\nid"),
     ("DEL", "conv\x7f"),
     ("lone surrogate", "conv-\ud800"),
+    # Nothing visible: an id nobody can see, read back or type again.
+    ("zero-width space", "\u200b"),
+    ("zero-width mix", "\u200b\u200c\u200d\u2060\ufeff"),
+    ("combining mark alone", "\u0301"),
+    ("hangul filler", "\u3164"),
     ("int", 123),
     ("None", None),
     ("bytes", b"conv-1"),
@@ -105,6 +110,8 @@ EDGE_IDS: list[tuple[str, Callable[[str], str]]] = [
     ("255 non-BMP", lambda unique: unique + "\U0001f680" * (MAX_ID_LENGTH - len(unique))),
     ("padded with spaces", lambda unique: f" {unique} "),
     ("inner whitespace", lambda unique: f"a b\u3000{unique}"),
+    # Invisible characters beside visible ones are allowed (external ids may carry them).
+    ("with a zero-width joiner", lambda unique: f"{unique}\u200d\U0001f469"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -145,3 +146,74 @@ def test_a_keyed_append_after_another_statement_in_autocommit_mode_works(
 
     assert store.run_write(count_then_append, repeatable=True) == 1
     assert store.run_write(count_then_append, repeatable=True) == 0
+
+
+@pytest.mark.parametrize("remove", ["pop", "clear"])
+def test_a_repeated_append_finds_its_key_after_a_pop_or_clear_took_its_items(
+    database_url: str, conversation_id: str, remove: str
+) -> None:
+    # The retry after a lost commit, when a concurrent pop or clear has already
+    # removed the call's first row (which used to be the only place its key lived).
+    store = get_store(database_url)
+    for _ in range(2):
+        key = uuid.uuid4().hex
+        with store.transaction() as repos:
+            repos.messages.append(conversation_id, [user("once")], idempotency_key=key)
+        with store.transaction() as repos:
+            if remove == "pop":
+                assert repos.messages.pop_latest(conversation_id) == user("once")
+            else:
+                repos.messages.clear(conversation_id)
+        stored = store.run_write(
+            lambda repos, key=key: repos.messages.append(  # type: ignore[misc]
+                conversation_id, [user("once")], idempotency_key=key
+            ),
+            repeatable=True,
+        )
+        assert stored == 0
+        with store.read() as repos:
+            assert repos.messages.all(conversation_id) == []
+
+
+async def test_add_items_repeated_with_the_same_idempotency_key_stores_its_items_once(
+    database_url: str, conversation_id: str
+) -> None:
+    from agents_sessions import PostgreSQLSession
+
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    await session.add_items([user("a"), user("b")], idempotency_key="call-1")
+    assert await session.pop_item() == user("b")
+    await session.add_items([user("a"), user("b")], idempotency_key="call-1")
+    await session.add_items([user("c")])
+    assert await session.get_items() == [user("a"), user("c")]
+    with pytest.raises(ValueError, match="idempotency_key"):
+        await session.add_items([user("d")], idempotency_key="")
+
+
+def test_append_keys_older_than_their_retention_are_deleted_by_later_appends(
+    database_url: str, conversation_id: str
+) -> None:
+    from agents_sessions.repositories.messages import APPEND_KEY_RETENTION
+
+    store = get_store(database_url)
+    with store.transaction() as repos:
+        repos.messages.append(conversation_id, [user("old")], idempotency_key="old-key")
+        repos.connection.execute(
+            text(
+                "UPDATE append_keys SET created_at = :then WHERE key = 'old-key' "
+                "AND conversation_id = :c"
+            ),
+            {
+                "then": datetime.now(timezone.utc) - APPEND_KEY_RETENTION - timedelta(hours=1),
+                "c": conversation_id,
+            },
+        )
+    store.run_write(
+        lambda repos: repos.messages.append(conversation_id, [user("new")], idempotency_key="k2"),
+        repeatable=True,
+    )
+    with store.read() as repos:
+        keys = repos.connection.execute(
+            text("SELECT key FROM append_keys WHERE conversation_id = :c"), {"c": conversation_id}
+        ).scalars()
+        assert sorted(keys) == ["k2"]

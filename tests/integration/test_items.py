@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from agents_sessions import InvalidItemError, PostgreSQLSession
+from agents_sessions import InvalidItemError, PostgreSQLSession, get_store
 from agents_sessions.items import MAX_NESTING_DEPTH, encode_items, readable_text
 
 
@@ -178,3 +178,38 @@ async def test_item_column_is_queryable_json_on_postgres(
         ).scalars()
         assert list(names) == ["get_weather"]
     assert column_type == "json"
+
+
+async def test_a_surrogate_pair_written_as_two_code_points_is_refused_not_merged(
+    database_url: str, conversation_id: str
+) -> None:
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    two_code_points = {"role": "user", "content": "smile \ud83d\ude00"}
+    with pytest.raises(InvalidItemError, match=r"surrogate pair .*U\+D83D U\+DE00"):
+        await session.add_items([{"role": "user", "content": "first"}, two_code_points])
+    assert await session.get_items() == []  # nothing of the call was written
+    # The character itself, and lone surrogates, round trip exactly.
+    kept = [
+        {"role": "user", "content": "smile \U0001f600"},
+        {"role": "user", "content": "lone \ud83d then \ude00 apart"},
+        {"role": "user", "content": "low first \ude00\ud83d"},
+    ]
+    await session.add_items(kept)
+    assert await session.get_items() == kept
+
+
+def test_conversation_metadata_is_equal_as_a_dict_but_jsonb_normalises_its_text(
+    database_url: str, conversation_id: str, backend: str
+) -> None:
+    # Documented (README, schema): metadata is jsonb on PostgreSQL, so it comes back
+    # equal as a dict, with key order (and number spelling) normalised. Exact text
+    # belongs in items (json, verbatim).
+    metadata = {"zeta": 1, "alpha": {"b": 2.5, "a": [1, 2]}, "big": 2**70, "m": 1e20}
+    store = get_store(database_url)
+    with store.transaction() as repos:
+        repos.conversations.upsert(conversation_id, metadata=metadata)
+    with store.read() as repos:
+        record = repos.conversations.get(conversation_id)
+    assert record is not None and record.metadata == metadata
+    if backend == "postgresql":
+        assert list(record.metadata) == ["m", "big", "zeta", "alpha"]  # jsonb's order

@@ -24,6 +24,7 @@ import decimal
 import math
 import operator
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
@@ -125,10 +126,20 @@ CHARACTERS = st.one_of(
     st.characters(exclude_categories=()),  # every code point, surrogates included
     st.sampled_from(_SPECIAL_CHARACTERS),
 )
-SHORT_TEXT = st.text(CHARACTERS, max_size=24)
+# A high surrogate followed by a low one is a surrogate pair written as two code
+# points: JSON cannot keep it apart, so items holding one are refused (see
+# test_items.py). A dot between them keeps the properties on every other text.
+_HIGH_BEFORE_LOW = re.compile("([\ud800-\udbff])(?=[\udc00-\udfff])")
+
+
+def _split_surrogate_pairs(text: str) -> str:
+    return _HIGH_BEFORE_LOW.sub("\\1.", text)
+
+
+SHORT_TEXT = st.text(CHARACTERS, max_size=24).map(_split_surrogate_pairs)
 LONG_TEXT = st.builds(
     operator.mul, st.text(CHARACTERS, min_size=1, max_size=4), st.integers(1_000, 150_000)
-)
+).map(_split_surrogate_pairs)
 TEXT = st.one_of(SHORT_TEXT, SHORT_TEXT, SHORT_TEXT, LONG_TEXT)
 
 _MAX_DIGITS = sys.get_int_max_str_digits() or 10_000

@@ -256,3 +256,97 @@ async def test_branches_of_another_tenant_are_invisible_and_cannot_be_switched_t
     with store.read(tenant_id="bob") as repos:
         assert repos.branches.rows("a-branches") == {}
     assert [b["branch_id"] for b in await alice.list_branches()] == ["main", "alices"]
+
+
+async def test_tenant_isolation_survives_a_downgrade_below_0003_and_the_upgrade_after_it(
+    tenant_database: TenantDatabase,
+) -> None:
+    from agents_sessions import dispose_all
+
+    url, settings = tenant_database.app_url, _app_settings()
+    alice = PostgreSQLSession("alice-conv", database_url=url, tenant_id="alice", settings=settings)
+    await alice.add_items([user("alice's secret")])
+    owner = ["--database-url", tenant_database.owner_url]
+    runner = CliRunner()
+
+    declined = runner.invoke(cli, [*owner, "migrate", "downgrade", "0002"], input="n\n")
+    assert declined.exit_code == 1
+    assert "tenant isolation is enabled and stays enabled" in declined.output
+    downgraded = runner.invoke(cli, [*owner, "migrate", "downgrade", "0002", "--yes"])
+    assert downgraded.exit_code == 0, downgraded.output
+    assert "policies of conversations, messages, usage_logs are missing" in downgraded.output
+    # Meanwhile: still switched on, and without policies the app role sees nothing.
+    status = runner.invoke(cli, [*owner, "rls", "status", "--json"])
+    assert '"conversations": true' in status.output and "false" not in status.output
+    doctor = runner.invoke(cli, [*owner, "doctor"])
+    assert doctor.exit_code == 1 and "tenant_isolation" in doctor.output
+    dispose_all()
+
+    upgraded = runner.invoke(cli, [*owner, "migrate", "upgrade"])
+    assert upgraded.exit_code == 0, upgraded.output
+    dispose_all()
+    bob_on_alices = PostgreSQLSession(
+        "alice-conv", database_url=url, tenant_id="bob", settings=settings
+    )
+    assert await bob_on_alices.get_items() == []
+    with pytest.raises(AccessDeniedError):
+        await bob_on_alices.add_items([user("bob was here")])
+    alice = PostgreSQLSession("alice-conv", database_url=url, tenant_id="alice", settings=settings)
+    assert await alice.get_items() == [user("alice's secret")]
+    healthy = runner.invoke(cli, [*owner, "doctor"])
+    assert healthy.exit_code == 0, healthy.output
+    assert "tenant isolation is enforced" in healthy.output
+
+
+async def test_tenant_id_where_isolation_is_not_enforced_warns_once(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = postgres_server.create_database()  # row-level security never enabled
+    session = PostgreSQLSession("c", database_url=url, tenant_id="alice")
+
+    with caplog.at_level("WARNING", logger="agents_sessions"):
+        await session.add_items([user("one")])
+        await session.get_items()
+        other = PostgreSQLSession("d", database_url=url, tenant_id="bob")
+        await other.get_items()
+
+    warnings = [r.getMessage() for r in caplog.records if "tenant_id is set" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "row-level security is not enabled" in warnings[0]
+    assert "rls enable" in warnings[0]
+
+
+async def test_tenant_id_where_isolation_is_enforced_does_not_warn(
+    tenant_database: TenantDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = PostgreSQLSession(
+        "c", database_url=tenant_database.app_url, tenant_id="alice", settings=_app_settings()
+    )
+    with caplog.at_level("WARNING", logger="agents_sessions"):
+        await session.add_items([user("one")])
+    assert not [r for r in caplog.records if "tenant_id is set" in r.getMessage()]
+
+
+async def test_conversation_ids_are_one_namespace_across_tenants(
+    tenant_database: TenantDatabase,
+) -> None:
+    # Decision (README, Security): ids are global, not per tenant. A tenant who
+    # takes an id first owns it; another tenant writing to that id gets a clear
+    # AccessDeniedError and learns nothing of its contents. Give conversations
+    # unguessable ids (uuid4) or ids prefixed with their tenant, and no tenant can
+    # take another's next id.
+    url, settings = tenant_database.app_url, _app_settings()
+    squatter = PostgreSQLSession("conv-1", database_url=url, tenant_id="mallory", settings=settings)
+    await squatter.add_items([user("planted")])
+
+    victim = PostgreSQLSession("conv-1", database_url=url, tenant_id="alice", settings=settings)
+    with pytest.raises(AccessDeniedError):
+        await victim.add_items([user("alice's first message")])
+    assert await victim.get_items() == []
+    assert await squatter.get_items() == [user("planted")]  # alice's text went nowhere
+
+    prefixed = PostgreSQLSession(
+        f"alice:{uuid.uuid4()}", database_url=url, tenant_id="alice", settings=settings
+    )
+    await prefixed.add_items([user("safe")])
+    assert await prefixed.get_items() == [user("safe")]

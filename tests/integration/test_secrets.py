@@ -197,6 +197,8 @@ SECRET_URLS = {
     "query sslpassword": f"postgresql://app@db.example/agents?sslpassword={ENCODED}",
     "both": f"postgresql://app:{ENCODED}@db.example/agents?sslpassword={ENCODED}&pool_size=3",
     "psycopg3 driver": f"postgresql+psycopg://app:{ENCODED}@db.example/agents",
+    "query PASSWORD upper case": f"postgresql://app@db.example/agents?PASSWORD={ENCODED}",
+    "query SslPassword mixed case": f"postgresql://app@db.example/agents?SslPassword={ENCODED}",
 }
 
 
@@ -394,3 +396,27 @@ def test_a_failing_operation_error_is_a_package_error_without_the_password(
     with pytest.raises(AgentsSessionsError) as info, store.transaction() as repos:
         repos.usage.record("no-such-conversation", [UsageEntry(model="m")])
     assert_secret_absent(everything_about(info.value))
+
+
+# ------------------------------------------------------------------ unencoded passwords
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://app:{TOKEN}@x@db.example:5432/agents",
+        f"postgresql://app:{TOKEN}@@db.example/agents?pool_size=3",
+        f"postgresql+psycopg2://app:a@{TOKEN}@db.example/agents",
+    ],
+)
+def test_a_password_with_an_unencoded_at_sign_is_refused_without_showing_it(url: str) -> None:
+    # libpq and SQLAlchemy would read the password's tail as the host name, and show
+    # it in every message about that "host".
+    with pytest.raises(ConfigurationError, match="percent-encode the password") as refused:
+        parse_database_url(url)
+    assert_secret_absent(everything_about(refused.value))
+    with pytest.raises(ConfigurationError, match="percent-encode"):
+        PostgreSQLSession("c", database_url=url)
+    # Encoded, the same password is fine, and an @ in the database name too.
+    parse_database_url(f"postgresql://app:{TOKEN}%40x@db.example:5432/agents")
+    parse_database_url("postgresql://app@db.example:5432/team@agents")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -17,13 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from click.testing import CliRunner, Result
 from sqlalchemy.engine import make_url
 
 from agents_sessions import ConfigurationError, dispose_all, get_store
 from agents_sessions.cli import cli
 from agents_sessions.errors import ExitCode
-from agents_sessions.ops.backup import backup_database, backup_file_name, libpq_arguments
+from agents_sessions.ops.backup import (
+    backup_database,
+    backup_file_name,
+    backup_label,
+    libpq_arguments,
+)
+from agents_sessions.ops.restore_guard import psql_supports_restrict
 from tests.conftest import PostgresServer
 from tests.operations.test_cli_data import ITEMS, FreshUrl, fill_store, items_of, table_rows
 from tests.support.pgcluster import Cluster
@@ -174,9 +183,10 @@ def test_keep_days_deletes_only_old_backups_of_this_database(tmp_path: Path) -> 
     directory = tmp_path / "backups"
     directory.mkdir()
     now = datetime.now(timezone.utc)
+    label = backup_label(url)
 
-    def ours(days: int, database: str = "sessions") -> Path:
-        path = directory / backup_file_name(database, "sqlite", now - timedelta(days=days))
+    def ours(days: int, label: str = label) -> Path:
+        path = directory / backup_file_name(label, "sqlite", now - timedelta(days=days))
         path.write_bytes(b"old")
         return path
 
@@ -184,11 +194,14 @@ def test_keep_days_deletes_only_old_backups_of_this_database(tmp_path: Path) -> 
     kept = [
         ours(6),
         ours(1),
-        ours(30, database="other_database"),  # another database's backup
-        directory / backup_file_name("sessions", "postgresql", now - timedelta(days=30)),
+        # Another database's backup, even one whose name reads the same.
+        ours(30, label=backup_label(f"sqlite:///{tmp_path / 'elsewhere' / 'sessions.sqlite3'}")),
+        directory / backup_file_name(label, "postgresql", now - timedelta(days=30)),
         directory / "agents-sessions-sessions-notes.txt",
         directory / "precious.sql.gz",
         directory / ("x" + expired[0].name),
+        # Named before labels carried a fingerprint: never deleted automatically.
+        directory / "agents-sessions-sessions-20000101T000000000000Z.sqlite3.gz",
     ]
     for path in kept[3:]:
         path.write_bytes(b"not ours")
@@ -198,6 +211,28 @@ def test_keep_days_deletes_only_old_backups_of_this_database(tmp_path: Path) -> 
     assert sorted(summary["removed"]) == sorted(map(str, expired))
     remaining = set(directory.iterdir())
     assert remaining == {*kept, Path(summary["file"])}
+
+
+def test_backup_labels_tell_apart_look_alike_names_and_servers() -> None:
+    labels = {
+        backup_label("postgresql://u@db1:5432/adv_bk"),
+        backup_label("postgresql://u@db1:5432/adv_bk_é"),
+        backup_label("postgresql://u@db1:5432/adv_bk%20"),
+        backup_label("postgresql://u@db2:5432/adv_bk"),
+        backup_label("postgresql://u@db1:5433/adv_bk"),
+        backup_label("postgresql://u@db1/adv_bk?host=db3"),
+        backup_label("sqlite:////srv/a/adv_bk.sqlite3"),
+        backup_label("sqlite:////srv/b/adv_bk.sqlite3"),
+    }
+    assert len(labels) == 8
+    # The same database reached as another user, or with other options, is the same.
+    assert backup_label("postgresql://u@DB1/adv_bk") == backup_label(
+        "postgresql://other:pw@db1:5432/adv_bk?sslmode=require&pool_size=3"
+    )
+    for label in labels:
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", label) and not label.startswith((".", "-"))
+    hostile = backup_label("postgresql://u@h/" + "../" * 50 + "x\x00y")
+    assert "/" not in hostile and len(hostile) <= 60
 
 
 # --------------------------------------------------------------------------- tools
@@ -284,3 +319,130 @@ def test_backup_and_restore_authenticate_with_a_password(
     assert restored.exit_code == 0, restored.output
     assert PASSWORD not in restored.output
     assert table_rows(cluster.url("target", password=PASSWORD)) == before
+
+
+# --------------------------------------------------------------------------- tampered files
+
+
+def _tampered_dump(path: Path, tamper: Any) -> Path:
+    """A copy of the pg_dump backup ``path`` with its SQL text rewritten by ``tamper``."""
+    sql = gzip.decompress(path.read_bytes()).decode()
+    altered = path.with_name("altered-" + path.name)
+    altered.write_bytes(gzip.compress(tamper(sql).encode()))
+    return altered
+
+
+def _without_guard(sql: str) -> str:
+    return "\n".join(line for line in sql.splitlines() if "restrict " not in line) + "\n"
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        # pg_dump's guard removed and a shell command on a line of its own.
+        lambda sql, cmd: _without_guard(sql).replace(
+            "SET lock_timeout = 0;", f"SET lock_timeout = 0;\n\\! {cmd}"
+        ),
+        # The same, hidden after SQL on one line (psql reads a backslash mid-line too).
+        lambda sql, cmd: _without_guard(sql).replace(
+            "SET lock_timeout = 0;", f"SET lock_timeout = 0; \\! {cmd}"
+        ),
+        # The guard kept, but lifted with its own key (the key is in the file).
+        lambda sql, cmd: sql.replace(
+            "SET lock_timeout = 0;",
+            "SET lock_timeout = 0;\n\\unrestrict "
+            + sql.split("\\restrict ", 1)[1].split("\n", 1)[0]
+            + f"\n\\! {cmd}",
+        ),
+    ],
+    ids=["own-line", "mid-line", "guard-lifted"],
+)
+def test_restore_never_runs_a_meta_command_planted_in_a_backup(
+    postgres_server: PostgresServer, tmp_path: Path, plant: Any
+) -> None:
+    source = postgres_server.create_database()
+    fill_store(source, users=("alice",))
+    original = Path(backup(source, tmp_path / "backups")["file"])
+    marker = tmp_path / "planted-command-ran"
+    altered = _tampered_dump(original, lambda sql: plant(sql, f"touch {marker}"))
+    target = postgres_server.create_database()
+
+    result = restore(target, altered)
+
+    assert result.exit_code == ExitCode.CONFIGURATION, result.output
+    assert "meta-command" in result.stderr and "nothing was restored" in result.stderr
+    assert not marker.exists()
+    assert table_rows_or_none(target) is None  # nothing restored
+
+
+def table_rows_or_none(url: str) -> Any:
+    """None when the database holds no tables at all."""
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    try:
+        with engine.connect() as connection:
+            count = connection.execute(
+                sqlalchemy.text(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN "
+                    "('pg_catalog', 'information_schema')"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    return None if count == 0 else count
+
+
+def test_restore_accepts_backslashes_inside_copy_data(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    source = postgres_server.create_database()
+    store = get_store(source)
+    tricky = [{"role": "user", "content": "\\! touch /tmp/x\n\\.\n\\restrict k"}]
+    with store.transaction() as repos:
+        repos.messages.append("c", tricky)
+    path = Path(backup(source, tmp_path / "backups")["file"])
+    target = postgres_server.create_database()
+
+    assert restore(target, path).exit_code == 0
+    with get_store(target).read() as repos:
+        assert repos.messages.all("c") == tricky
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "CREATE TRIGGER copy_out AFTER INSERT ON messages BEGIN "
+        "INSERT INTO messages (conversation_id, role, content, item, created_at) "
+        "SELECT 'attacker', new.role, new.content, new.item, new.created_at; END",
+        "CREATE VIEW everything AS SELECT * FROM messages",
+        "CREATE TABLE stash (x text)",
+    ],
+    ids=["trigger", "view", "table"],
+)
+def test_sqlite_restore_refuses_schema_objects_that_are_not_ours(
+    tmp_path: Path, planted: str
+) -> None:
+    database = tmp_path / "source.sqlite3"
+    fill_store(f"sqlite:///{database}", users=("alice",))
+    dispose_all()
+    with sqlite3.connect(database) as connection:
+        connection.execute(planted)
+    connection.close()
+    path = Path(backup(f"sqlite:///{database}", tmp_path / "backups")["file"])
+    destination = tmp_path / "restored.sqlite3"
+
+    result = restore(f"sqlite:///{destination}", path)
+
+    assert result.exit_code == ExitCode.CONFIGURATION, result.output
+    assert "never creates" in result.stderr
+    assert planted.split()[1].lower() in result.stderr
+    assert not destination.exists()
+
+
+def test_restore_requires_a_psql_that_knows_restrict() -> None:
+    assert psql_supports_restrict("psql (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)")
+    assert psql_supports_restrict("psql (PostgreSQL) 18.1")
+    assert psql_supports_restrict("psql (PostgreSQL) 17.6")
+    assert not psql_supports_restrict("psql (PostgreSQL) 17.5")
+    assert not psql_supports_restrict("psql (PostgreSQL) 15.13")
+    assert not psql_supports_restrict("psql (PostgreSQL) 12.22")
+    assert not psql_supports_restrict("something else")

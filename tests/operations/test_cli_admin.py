@@ -605,15 +605,8 @@ def test_doctor_passes_on_a_healthy_database(migrated_url: str, backend: str) ->
     names = [check["name"] for check in report["checks"]]
     common = ["database", "server_version", "schema", "pool", "indexes"]
     if backend == "postgresql":
-        assert names == [
-            *common[:2],
-            "tls",
-            *common[2:],
-            "privileges",
-            "role",
-            "archiving",
-            "row_level_security",
-        ]
+        tail = ["privileges", "role", "archiving", "row_level_security", "tenant_isolation"]
+        assert names == [*common[:2], "tls", *common[2:], *tail]
         assert _check(report, "privileges")["status"] == "ok"
         # The test's role created (owns) the tables: more than an app needs.
         assert _check(report, "role")["status"] == "warn"
@@ -709,6 +702,7 @@ def test_doctor_checks_the_roles_privileges_and_gives_the_grants(
                 f'conversation_branches TO "{role}"'
             )
         )
+        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON append_keys TO "{role}"'))
         connection.execute(text(f'GRANT SELECT, INSERT, UPDATE ON usage_logs TO "{role}"'))
         connection.execute(text(f'GRANT SELECT ON alembic_version TO "{role}"'))
     role_url = make_url(url).set(username=role, password=None).render_as_string(hide_password=False)

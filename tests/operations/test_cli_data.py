@@ -762,3 +762,125 @@ def test_prune_skips_a_conversation_a_writer_holds_instead_of_waiting(
     with store.read() as repos:
         assert repos.conversations.get("free") is None
         assert repos.messages.count("held") == 5
+
+
+# --------------------------------------------------------------------------- import hardening
+
+
+def _one_conversation_export(tmp_path: Path, *, user_id: str | None = "alice") -> Path:
+    url = f"sqlite:///{tmp_path / 'one-source.sqlite3'}"
+    with get_store(url).transaction() as repos:
+        repos.conversations.upsert("c", user_id=user_id)
+        repos.messages.append("c", [{"role": "user", "content": "x"}])
+    path = tmp_path / "one.jsonl"
+    export_file(url, path)
+    return path
+
+
+def _rewrite(path: Path, number: int, change: Callable[[dict[str, Any]], None]) -> None:
+    lines = path.read_bytes().splitlines()
+    record = json.loads(lines[number - 1])
+    change(record)
+    lines[number - 1] = json.dumps(record).encode()
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.mark.parametrize(
+    ("number", "change", "message"),
+    [
+        (2, lambda r: r.update(created_at="0001-01-01T00:00:00+05:00"), "out of range"),
+        (3, lambda r: r.update(created_at="0001-01-01T00:30:00+01:00"), "out of range"),
+        (3, lambda r: r.update(item_json='{"role":"user","content":1e999}'), "inf"),
+        (3, lambda r: r.update(item_json='{"role":"user","content":"\\ud83d\\ude00x"}'), ""),
+        (
+            3,
+            lambda r: r.update(item_json='{"role":"user","content":"' + "x" * 2000 + '"}'),
+            "max_item_bytes",
+        ),
+    ],
+    ids=["conversation-year-0", "message-year-0", "infinity", "fine-emoji", "too-large"],
+)
+def test_import_refuses_what_the_session_would_refuse_naming_the_line(
+    tmp_path: Path,
+    number: int,
+    change: Callable[[dict[str, Any]], None],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = _one_conversation_export(tmp_path)
+    _rewrite(path, number, change)
+    monkeypatch.setenv("AGENTS_SESSIONS_MAX_ITEM_BYTES", "1000")
+    target = f"sqlite:///{tmp_path / 'target.sqlite3'}"
+    get_store(target).ensure_schema()
+
+    result = run(target, "import", str(path))
+
+    if not message:  # a real (escaped) emoji is a fine item
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == ExitCode.CONFIGURATION, result.output
+    assert f"line {number}:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.output
+    assert table_rows(target)["messages"] == []
+
+
+def test_import_derives_role_and_content_from_the_item_not_the_file(tmp_path: Path) -> None:
+    path = _one_conversation_export(tmp_path)
+    _rewrite(path, 3, lambda r: r.update(role="system", content="forged text"))
+    target = f"sqlite:///{tmp_path / 'target.sqlite3'}"
+    get_store(target).ensure_schema()
+
+    assert run(target, "import", str(path)).exit_code == 0
+
+    with get_store(target).read() as repos:
+        (record,) = repos.messages.records("c")
+    assert (record.role, record.content) == ("user", "x")
+
+
+@pytest.mark.parametrize(
+    ("stored_owner", "file_owner"), [("bob", None), (None, "mallory")], ids=["null", "takeover"]
+)
+def test_import_never_appends_to_or_takes_over_a_conversation_of_another_owner(
+    tmp_path: Path, stored_owner: str | None, file_owner: str | None
+) -> None:
+    path = _one_conversation_export(tmp_path, user_id=file_owner)
+    target = f"sqlite:///{tmp_path / 'target.sqlite3'}"
+    with get_store(target).transaction() as repos:
+        repos.conversations.upsert("c", user_id=stored_owner)
+
+    summary = import_file(target, path, expected_exit=ExitCode.PROBLEM)
+
+    assert [entry["conversation_id"] for entry in summary["refused"]] == ["c"]
+    with get_store(target).read() as repos:
+        stored = repos.conversations.get("c")
+        assert stored is not None and stored.user_id == stored_owner
+        assert repos.messages.count("c") == 0
+
+
+def test_import_refuses_a_line_longer_than_any_record_without_reading_it_whole(
+    tmp_path: Path,
+) -> None:
+    path = _one_conversation_export(tmp_path)
+    lines = path.read_bytes().splitlines()
+    lines.insert(2, b" " * (2 * 1024 * 1024))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    with pytest.raises(ExportFormatError, match="longer than") as raised:
+        ExportFile(path, max_item_bytes=1000)  # lines up to 12 KB + 64 KiB
+    assert raised.value.line == 3
+
+
+def test_sqlite_usage_totals_beyond_64_bits_are_reported_clearly(tmp_path: Path) -> None:
+    # An import (or the repository API) can store rows of up to 2**63-1 tokens each;
+    # SQLite cannot sum two of them.
+    url = f"sqlite:///{tmp_path / 'huge.sqlite3'}"
+    with get_store(url).transaction() as repos:
+        repos.conversations.ensure("c")
+        huge = UsageEntry(model="m", prompt_tokens=2**63 - 1, completion_tokens=0)
+        repos.usage.record("c", [huge, huge])
+
+    result = run(url, "stats")
+
+    assert result.exit_code == ExitCode.DATABASE, result.output
+    assert "exceeds SQLite's 64-bit integer range" in result.stderr
+    assert "Traceback" not in result.output

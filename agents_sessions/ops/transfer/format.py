@@ -37,8 +37,10 @@ from ...db.models import (
 from ...errors import (
     AgentsSessionsError,
     ExportFormatError,
+    InvalidItemError,
+    ItemTypeError,
 )
-from ...items import MAX_NESTING_DEPTH, utf8_safe_json
+from ...items import MAX_NESTING_DEPTH, encode_items, utf8_safe_json
 from ...validation import (
     validate_count,
     validate_identifier,
@@ -47,6 +49,9 @@ from ...validation import (
 )
 
 FORMAT_NAME = "agents-sessions-export"
+#: The longest line read when no ``max_item_bytes`` is given (64 MiB); with one,
+#: 12 bytes per item byte plus 64 KiB for the record's other fields.
+MAX_LINE_BYTES = 64 << 20
 #: The format version this module writes (and the only one it reads).
 FORMAT_VERSION = 1
 
@@ -244,7 +249,10 @@ class _Record:
             ) from None
         if parsed.tzinfo is None:
             raise self.fail(f"{self.kind}.{name} has no UTC offset: {_short(value)}")
-        return parsed.astimezone(timezone.utc)
+        try:
+            return parsed.astimezone(timezone.utc)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
+            raise self.fail(f"{self.kind}.{name} is out of range in UTC: {_short(value)}") from None
 
     def metadata(self) -> dict[str, Any]:
         value = self.data["metadata"]
@@ -253,7 +261,9 @@ class _Record:
         checked = self._wrap(lambda: validate_metadata(value))
         return cast(dict[str, Any], checked)
 
-    def document(self) -> str:
+    def document(self, max_item_bytes: int | None) -> tuple[str, str, str]:
+        """The item's stored JSON text (verbatim), and its role and content derived
+        from the item as the session derives them (the file's are not trusted)."""
         value = self.data["item_json"]
         if not isinstance(value, str):
             raise self.fail("message.item_json must be a string holding the item's JSON text")
@@ -270,7 +280,18 @@ class _Record:
             raise self.fail("message.item_json must hold a JSON object (an item)")
         if _nesting_exceeds(item, MAX_NESTING_DEPTH):
             raise self.fail(f"message.item_json is nested deeper than {MAX_NESTING_DEPTH} levels")
-        return value
+        # What add_items would refuse, import refuses too (1e999 reads as infinity,
+        # an item above max_item_bytes, a surrogate pair as two code points...).
+        try:
+            (encoded,) = encode_items([item], max_item_bytes=None)
+        except (ItemTypeError, InvalidItemError) as exc:
+            raise self.fail(f"message.item_json: {exc}".replace("items[0]", "the item")) from None
+        if max_item_bytes is not None and len(value.encode("utf-8")) > max_item_bytes:
+            raise self.fail(
+                f"message.item_json is larger than max_item_bytes ({max_item_bytes:,} bytes), "
+                "which the session refuses too"
+            )
+        return value, encoded.role, encoded.content
 
 
 def _parse_line(number: int, raw: bytes) -> _Record:
@@ -292,7 +313,7 @@ def _parse_line(number: int, raw: bytes) -> _Record:
     return record
 
 
-def parse_lines(lines: Iterable[bytes]) -> Iterator[Line]:
+def parse_lines(lines: Iterable[bytes], *, max_item_bytes: int | None = None) -> Iterator[Line]:
     """Parse and validate an export, line by line; the file's structure too.
 
     Raises :class:`ExportFormatError` at the first problem. Constant memory: only
@@ -387,15 +408,18 @@ def parse_lines(lines: Iterable[bytes]) -> Iterator[Line]:
                         f"conversation {_short(conversation_id)}",
                     )
                 append_keys.add(append_key)
+            record.text("role")  # checked for the format, then derived from the item
+            record.text("content")
+            document, role, content = record.document(max_item_bytes)
             yield MessageLine(
                 line=number,
                 conversation_id=conversation_id,
                 position=position,
-                role=cast(str, record.text("role")),
-                content=cast(str, record.text("content")),
+                role=role,
+                content=content,
                 created_at=record.timestamp("created_at"),
                 append_key=append_key,
-                document=record.document(),
+                document=document,
             )
         else:
             model = cast(str, record.text("model"))
@@ -438,8 +462,17 @@ class ExportFile:
         ExportFormatError: naming the first bad line.
     """
 
-    def __init__(self, source: str | Path | IO[bytes]) -> None:
+    def __init__(
+        self, source: str | Path | IO[bytes], *, max_item_bytes: int | None = None
+    ) -> None:
         self._owned: IO[bytes] | None = None
+        self._max_item_bytes = max_item_bytes
+        # A line holds at most one item, each character escaped at worst to 12
+        # bytes (a \\uXXXX escape, itself escaped), plus its other fields: a bound on
+        # the memory one line may take.
+        self._max_line_bytes = (
+            MAX_LINE_BYTES if max_item_bytes is None else 12 * max_item_bytes + (1 << 16)
+        )
         if isinstance(source, str | Path):
             if str(source) == "-":
                 stream: IO[bytes] = sys.stdin.buffer
@@ -457,7 +490,7 @@ class ExportFile:
             self._stream = stream
             self._start = stream.tell()
             counts: TransferCounts | None = None
-            for entry in parse_lines(self._lines()):
+            for entry in parse_lines(self._lines(), max_item_bytes=self._max_item_bytes):
                 if isinstance(entry, EndLine):
                     counts = entry.counts
             assert counts is not None  # _entries raises when the end record is missing
@@ -468,11 +501,20 @@ class ExportFile:
 
     def _lines(self) -> Iterator[bytes]:
         self._stream.seek(self._start)
-        yield from self._stream
+        number = 0
+        while line := self._stream.readline(self._max_line_bytes + 1):
+            number += 1
+            if len(line) > self._max_line_bytes:
+                raise ExportFormatError(
+                    number,
+                    f"longer than {self._max_line_bytes:,} bytes, more than any record "
+                    "this package writes (raise max_item_bytes if its items are larger)",
+                )
+            yield line
 
     def entries(self) -> Iterator[Any]:
         """The validated records of the file, in order (re-read from the file)."""
-        return parse_lines(self._lines())
+        return parse_lines(self._lines(), max_item_bytes=self._max_item_bytes)
 
     def close(self) -> None:
         """Close the file (or temporary copy) this object opened."""

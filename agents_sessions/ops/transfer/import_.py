@@ -208,15 +208,14 @@ class _ConversationImport:
             )
             self.changed = True
             return True
-        if (
-            existing.user_id is not None
-            and entry.user_id is not None
-            and existing.user_id != entry.user_id
-        ):
+        if existing.user_id != entry.user_id:
+            # Owners must agree exactly: a file line with no owner (user_id null) must
+            # not append to someone's conversation, nor a named one take over a
+            # conversation stored without an owner.
             raise _Refused(
                 entry.line,
-                f"conversation {entry.id!r} belongs to another user in the database "
-                f"than in the file ({entry.user_id!r}); not merged",
+                f"conversation {entry.id!r} has another owner in the database than in "
+                f"the file ({entry.user_id!r}); not merged",
             )
         values = {
             "user_id": existing.user_id if entry.user_id is None else entry.user_id,
@@ -450,5 +449,5 @@ def import_file(
     Raises:
         ExportFormatError: the file is not a valid export (nothing was written).
     """
-    with ExportFile(source) as export:
+    with ExportFile(source, max_item_bytes=store.settings.max_item_bytes) as export:
         return import_export(store, export, batch_size=batch_size, progress=progress)
