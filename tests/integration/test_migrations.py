@@ -36,14 +36,14 @@ from agents_sessions import (
 )
 from agents_sessions.db.engine import parse_database_url
 from agents_sessions.db.migrate import alembic_config, current_revision, head_revision
-from agents_sessions.db.models import Base
+from agents_sessions.db.models import Base, is_modelled
 from tests.conftest import PostgresServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = REPO_ROOT / "tests" / "support" / "migration_workers.py"
 
 EXPECTED_COLUMNS = {
-    "conversations": {"id", "user_id", "created_at", "updated_at", "metadata"},
+    "conversations": {"id", "user_id", "created_at", "updated_at", "metadata", "expires_at"},
     "messages": {"id", "conversation_id", "role", "content", "item", "created_at", "append_key"},
     "usage_logs": {
         "id",
@@ -59,7 +59,7 @@ EXPECTED_COLUMNS = {
     },
 }
 NULLABLE_COLUMNS = {
-    "conversations": {"user_id"},
+    "conversations": {"user_id", "expires_at"},
     "messages": {"append_key"},
     "usage_logs": {"run_id", "response_id"},
 }
@@ -189,7 +189,9 @@ def test_models_match_the_migrated_schema(fresh_database_url: FreshUrl) -> None:
     command.check(alembic_config(database_url=url))
 
     with connect(url) as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "include_name": is_modelled}
+        )
         assert compare_metadata(context, Base.metadata) == []
 
 
