@@ -35,12 +35,15 @@ from .errors import (
     SchemaNotAtHeadError,
     StatementTimeoutError,
 )
+from .recall import recall_tool
 from .repositories import (
     ConversationPage,
     ConversationRecord,
     ConversationRepository,
     MessageRepository,
     Repositories,
+    SearchHit,
+    SearchPage,
     StoredMessage,
     UsageEntry,
     UsageRepository,
@@ -82,6 +85,8 @@ __all__ = [
     "RestoreTargetNotEmptyError",
     "SchemaError",
     "SchemaNotAtHeadError",
+    "SearchHit",
+    "SearchPage",
     "SessionStore",
     "Settings",
     "StatementTimeoutError",
@@ -93,5 +98,6 @@ __all__ = [
     "get_store",
     "load_settings",
     "parse_database_url",
+    "recall_tool",
     "upgrade",
 ]

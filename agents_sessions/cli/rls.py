@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..ops.tenancy import (
+    PROTECTED_TABLES,
     disable_row_level_security,
     enable_row_level_security,
     row_level_security_status,
@@ -39,10 +40,10 @@ def status(context: CliContext, as_json: bool) -> None:
 @rls.command()
 @pass_cli_context
 def enable(context: CliContext) -> None:
-    """Enforce the tenant policies on conversations, messages and usage_logs."""
+    """Enforce the tenant policies on conversations, messages, usage_logs and run_states."""
     with reported_errors(), context.store().transaction() as repos:
         enable_row_level_security(repos.connection)
-    click.echo("row-level security enabled on conversations, messages, usage_logs")
+    click.echo("row-level security enabled on " + ", ".join(PROTECTED_TABLES))
 
 
 @rls.command()
@@ -51,4 +52,4 @@ def disable(context: CliContext) -> None:
     """Stop enforcing the tenant policies (they stay defined)."""
     with reported_errors(), context.store().transaction() as repos:
         disable_row_level_security(repos.connection)
-    click.echo("row-level security disabled on conversations, messages, usage_logs")
+    click.echo("row-level security disabled on " + ", ".join(PROTECTED_TABLES))

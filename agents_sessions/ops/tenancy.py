@@ -24,8 +24,8 @@ from sqlalchemy import Connection, text
 
 from ..errors import ConfigurationError
 
-#: The tables the policies of migration 0003 protect.
-PROTECTED_TABLES = ("conversations", "messages", "usage_logs")
+#: The tables the policies of migrations 0003 (and 0006, run_states) protect.
+PROTECTED_TABLES = ("conversations", "messages", "usage_logs", "run_states")
 
 
 def _require_postgresql(connection: Connection) -> None:

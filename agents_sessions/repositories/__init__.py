@@ -20,6 +20,7 @@ from .records import (
     UsageEntry,
     UsageTotals,
 )
+from .search import SearchHit, SearchPage
 from .usage import UsageRepository
 
 
@@ -39,6 +40,8 @@ __all__ = [
     "ConversationRepository",
     "MessageRepository",
     "Repositories",
+    "SearchHit",
+    "SearchPage",
     "StoredMessage",
     "UsageEntry",
     "UsageRepository",

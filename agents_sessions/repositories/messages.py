@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -34,6 +35,7 @@ from ..items import EncodedItem, encode_items
 from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata
 from .context import acting_tenant, in_driver_transaction
 from .records import StoredMessage
+from .search import SearchPage, search_messages
 
 
 class MessageRepository:
@@ -250,6 +252,35 @@ class MessageRepository:
         self.connection.execute(TOUCH_CONVERSATION, parameters)
         deleted = self.connection.execute(CLEAR, parameters).rowcount
         return int(deleted or 0)
+
+    def search(
+        self,
+        query: str,
+        *,
+        user_id: str | None = None,
+        conversation_id: str | None = None,
+        limit: int = 20,
+        since: datetime | None = None,
+        after: str | None = None,
+    ) -> SearchPage:
+        """Full-text search over the messages' readable text; best first, newest on ties.
+
+        ``query`` is plain words (all must occur, stemmed) and "quoted phrases"; it is
+        never SQL and never a syntax error. Narrow by owner (``user_id``), by
+        ``conversation_id`` and by age (``since``: stored at or after it). Returns
+        ``limit`` hits and a ``next_cursor`` to pass as ``after`` for the next page.
+        Expired conversations are not searched. See
+        :mod:`agents_sessions.repositories.search`.
+        """
+        return search_messages(
+            self.connection,
+            query,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            limit=limit,
+            since=since,
+            after=after,
+        )
 
     def count(self, conversation_id: str) -> int:
         """How many items the conversation holds."""

@@ -79,7 +79,20 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("conversation_id", name="pk_run_states"),
     )
-    if dialect != "postgresql":
+    if dialect == "postgresql":
+        # Row-level security: a paused run is visible through its conversation only,
+        # like messages (0003); enforced now if the operator enabled it already.
+        condition = "EXISTS (SELECT 1 FROM conversations c WHERE c.id = run_states.conversation_id)"
+        op.execute(
+            f"CREATE POLICY run_states_tenant_isolation ON run_states "
+            f"USING ({condition}) WITH CHECK ({condition})"
+        )
+        op.execute(
+            "DO $$ BEGIN IF (SELECT relrowsecurity FROM pg_class "
+            "WHERE oid = 'conversations'::regclass) THEN "
+            "ALTER TABLE run_states ENABLE ROW LEVEL SECURITY; END IF; END $$"
+        )
+    else:
         op.create_index(
             EXPIRY_INDEX,
             "conversations",
