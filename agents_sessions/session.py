@@ -26,7 +26,7 @@ from .store import SessionStore, get_store
 from .validation import validate_identifier, validate_limit, validate_metadata
 
 if TYPE_CHECKING:
-    from agents import RunContextWrapper
+    from agents import Agent, RunContextWrapper, RunState
     from agents.memory import SessionSettings
 
 #: Resolves the acting tenant of a run from the SDK's run context.
@@ -390,3 +390,128 @@ class PostgreSQLSession:
         )
         self._owner_pending = False
         return written
+
+    # ------------------------------------------------------------------ paused runs
+    # (human-in-the-loop approvals; see agents_sessions.run_states)
+
+    async def save_run_state(
+        self,
+        state: RunState[Any, Any],
+        *,
+        context_serializer: Any = None,
+        strict_context: bool = False,
+        wrapper: RunContextWrapper[Any] | None = None,
+    ) -> None:
+        """Store a paused run (``result.to_state()``) with this conversation.
+
+        Replaces any paused run stored before. The state is serialized with the SDK's
+        ``to_json()`` and checked first: not JSON, or larger than
+        ``max_run_state_bytes``, raises
+        :class:`~agents_sessions.errors.InvalidRunStateError` and nothing is saved.
+        """
+        from .run_states import encode_run_state
+
+        tenant = self._acting_tenant(wrapper)
+        encoded = encode_run_state(
+            state,
+            max_bytes=self._store.settings.max_run_state_bytes,
+            context_serializer=context_serializer,
+            strict_context=strict_context,
+        )
+        user_id, _ = self._owner(tenant)
+        await self._mutate(
+            lambda: self._store.run(
+                lambda repos: repos.run_states.save(
+                    self.session_id, user_id=user_id, **encoded.save_arguments()
+                ),
+                write=True,
+                repeatable=True,  # an upsert of the same document
+                transaction=True,
+                tenant_id=tenant,
+            )
+        )
+
+    async def load_run_state(
+        self,
+        agent: Agent[Any],
+        *,
+        wrapper: RunContextWrapper[Any] | None = None,
+        **options: Any,
+    ) -> RunState[Any, Any] | None:
+        """The paused run of this conversation as a ``RunState``, or ``None``; it stays stored.
+
+        ``options`` go to ``RunState.from_json`` (``context_override``,
+        ``context_deserializer``, ``strict_context``). A state saved in a schema
+        version the installed SDK cannot read raises
+        :class:`~agents_sessions.errors.RunStateVersionError` naming both versions.
+        """
+        from .run_states import restore_run_state
+
+        tenant = self._acting_tenant(wrapper)
+        record = await self._in_thread(
+            lambda: self._store.run(
+                lambda repos: repos.run_states.get(self.session_id),
+                write=False,
+                repeatable=True,
+                tenant_id=tenant,
+            )
+        )
+        return None if record is None else await restore_run_state(agent, record, **options)
+
+    async def claim_run_state(
+        self,
+        agent: Agent[Any],
+        *,
+        wrapper: RunContextWrapper[Any] | None = None,
+        **options: Any,
+    ) -> RunState[Any, Any] | None:
+        """Remove and return the paused run: of concurrent claimers, exactly one gets it.
+
+        Use it where an approval resumes the run, so that a double click or two
+        servers receiving the same approval resume it once. If the state cannot be
+        restored (:class:`~agents_sessions.errors.RunStateVersionError`, or the SDK
+        rejects it for ``agent``), it is put back -- unless a new one was saved
+        meanwhile -- and the error raised.
+        """
+        from .run_states import restore_run_state
+
+        tenant = self._acting_tenant(wrapper)
+        # Never retried: a claim that committed before its connection died must not
+        # run again (the state would be reported absent); ConnectionLostError says so.
+        record = await self._mutate(
+            lambda: self._store.run(
+                lambda repos: repos.run_states.claim(self.session_id),
+                write=True,
+                repeatable=False,
+                transaction=True,
+                tenant_id=tenant,
+            )
+        )
+        if record is None:
+            return None
+        try:
+            return await restore_run_state(agent, record, **options)
+        except BaseException:
+            await self._mutate(
+                lambda: self._store.run(
+                    lambda repos: repos.run_states.restore(record),
+                    write=True,
+                    repeatable=True,
+                    transaction=True,
+                    tenant_id=tenant,
+                )
+            )
+            raise
+
+    async def delete_run_state(self, *, wrapper: RunContextWrapper[Any] | None = None) -> bool:
+        """Discard this conversation's paused run. Returns whether there was one."""
+        tenant = self._acting_tenant(wrapper)
+        return await self._mutate(
+            lambda: self._store.run(
+                lambda repos: repos.run_states.delete(self.session_id),
+                write=True,
+                repeatable=True,
+                transaction=True,
+                tenant_id=tenant,
+            )
+        )

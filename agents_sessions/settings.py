@@ -125,6 +125,14 @@ class Settings(BaseSettings):
             "A larger item fails add_items with ItemTooLargeError before anything is written."
         ),
     )
+    max_run_state_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Largest paused run (the SDK's RunState as JSON, UTF-8 bytes) that "
+            "save_run_state stores; a larger one raises InvalidRunStateError."
+        ),
+    )
     statement_timeout_ms: int | None = Field(
         default=None,
         ge=1,

@@ -21,6 +21,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "prune",
     "backup",
     "search",
+    "runs",
 )
 
 

@@ -20,18 +20,20 @@ from .records import (
     UsageEntry,
     UsageTotals,
 )
+from .run_states import PendingApproval, RunStatePage, RunStateRepository, StoredRunState
 from .search import SearchHit, SearchPage
 from .usage import UsageRepository
 
 
 class Repositories:
-    """The three repositories over one connection (and so one transaction)."""
+    """The repositories over one connection (and so one transaction)."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.conversations = ConversationRepository(connection)
         self.messages = MessageRepository(connection)
         self.usage = UsageRepository(connection)
+        self.run_states = RunStateRepository(connection)
 
 
 __all__ = [
@@ -39,10 +41,14 @@ __all__ = [
     "ConversationRecord",
     "ConversationRepository",
     "MessageRepository",
+    "PendingApproval",
     "Repositories",
+    "RunStatePage",
+    "RunStateRepository",
     "SearchHit",
     "SearchPage",
     "StoredMessage",
+    "StoredRunState",
     "UsageEntry",
     "UsageRepository",
     "UsageTotals",

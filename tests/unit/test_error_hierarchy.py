@@ -41,6 +41,8 @@ STANDARD_TYPES: dict[str, tuple[type[BaseException], ...]] = {
     "BackupFileError": (ValueError,),
     "ConversationNotFoundError": (LookupError,),
     "ExportFormatError": (ValueError,),
+    "InvalidRunStateError": (ValueError,),
+    "RunStateVersionError": (ValueError,),
     "ExternalToolError": (RuntimeError,),
     "RestoreTargetNotEmptyError": (RuntimeError,),
     "AgentsSessionsError": (Exception,),

@@ -1,0 +1,179 @@
+"""Paused runs: a run stopped for approval is stored, claimed once and resumed anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agents import Agent, RunConfig, Runner, RunState, function_tool
+from agents.run_state import CURRENT_SCHEMA_VERSION
+from agents.testing import ScriptedModel, function_call
+from sqlalchemy import update
+
+from agents_sessions import (
+    InvalidRunStateError,
+    PostgreSQLSession,
+    RunStateVersionError,
+    get_store,
+    load_settings,
+)
+from agents_sessions.db.models import run_states_table
+from agents_sessions.ops.retention import erase_user
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER = REPO_ROOT / "tests" / "support" / "paused_runs.py"
+
+
+def worker(mode: str, url: str, conversation_id: str, ledger: Path) -> str:
+    environment = {**os.environ, "OPENAI_AGENTS_DISABLE_TRACING": "1", "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run(
+        [sys.executable, str(WORKER), mode, url, conversation_id, str(ledger)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+        cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout.strip()
+
+
+async def test_a_run_paused_in_one_process_resumes_once_in_another(
+    database_url: str, tmp_path: Path
+) -> None:
+    conversation_id, ledger = f"hitl-{uuid.uuid4()}", tmp_path / "ledger.txt"
+    assert worker("pause", database_url, conversation_id, ledger) == "paused"
+    assert not ledger.exists()  # nothing ran before the approval
+
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    with session.store.read() as repos:
+        [pending] = repos.run_states.list(user_id="ana", limit=100).run_states
+    assert pending.conversation_id == conversation_id and pending.agent_name == "treasurer"
+    assert [(a.tool_name, a.arguments, a.call_id) for a in pending.approvals] == [
+        ("transfer", '{"amount":40,"to":"bo"}', "call_t1")
+    ]
+
+    assert worker("resume", database_url, conversation_id, ledger) == "resumed: Sent 40 to Bo."
+    # A second approval click finds nothing left to resume.
+    assert worker("resume", database_url, conversation_id, ledger) == "nothing to resume"
+    assert ledger.read_text() == "40 to bo\n"  # the tool ran exactly once
+
+    items = await session.get_items()
+    assert [item.get("type", "message") for item in items] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert items[0] == {"content": "Send 40 to Bo", "role": "user"}
+    assert items[1]["call_id"] == items[2]["call_id"] == "call_t1"
+    assert items[2]["output"] == "sent 40 to bo"
+    assert items[3]["content"][0]["text"] == "Sent 40 to Bo."
+
+
+def approval_agent() -> tuple[Agent[Any], ScriptedModel]:
+    @function_tool(needs_approval=True)
+    def launch(target: str) -> str:
+        """Launch (needs approval)."""
+        return f"launched {target}"
+
+    model = ScriptedModel([[function_call("launch", {"target": "moon"}, call_id="l1")]])
+    return Agent(name="launcher", model=model, tools=[launch]), model
+
+
+async def paused_state(
+    session: PostgreSQLSession, **run: Any
+) -> tuple[Agent[Any], RunState[Any, Any]]:
+    agent, _ = approval_agent()
+    result = await Runner.run(agent, "Launch", session=session, **run)
+    assert result.interruptions
+    return agent, result.to_state()
+
+
+async def test_concurrent_claimers_get_a_paused_run_exactly_once(database_url: str) -> None:
+    conversation_id = f"claim-{uuid.uuid4()}"
+    session = PostgreSQLSession(conversation_id, database_url=database_url)
+    agent, state = await paused_state(session)
+    await session.save_run_state(state)
+
+    claimers = [PostgreSQLSession(conversation_id, database_url=database_url) for _ in range(8)]
+    claimed = await asyncio.gather(*(claimer.claim_run_state(agent) for claimer in claimers))
+    winners = [result for result in claimed if result is not None]
+    assert len(winners) == 1
+    assert [item.tool_name for item in winners[0].get_interruptions()] == ["launch"]
+    assert await session.load_run_state(agent) is None
+
+
+async def test_load_keeps_the_paused_run_and_delete_discards_it(database_url: str) -> None:
+    session = PostgreSQLSession(f"keep-{uuid.uuid4()}", database_url=database_url)
+    agent, _ = approval_agent()
+    assert await session.load_run_state(agent) is None
+    assert await session.delete_run_state() is False
+    agent, state = await paused_state(session)
+    await session.save_run_state(state)
+    await session.save_run_state(state)  # replaces: still one per conversation
+    loaded = await session.load_run_state(agent)
+    assert loaded is not None and loaded.to_json() == state.to_json()
+    assert await session.load_run_state(agent) is not None
+    assert await session.delete_run_state() is True
+    assert await session.load_run_state(agent) is None
+
+
+async def test_states_that_are_not_json_or_too_large_are_refused_before_writing(
+    database_url: str,
+) -> None:
+    session = PostgreSQLSession(f"bad-{uuid.uuid4()}", database_url=database_url)
+    agent, state = await paused_state(session, context={"budget": float("nan")})
+    with pytest.raises(InvalidRunStateError, match="not JSON"):
+        await session.save_run_state(state)
+    small = PostgreSQLSession(
+        session.session_id,
+        database_url=database_url,
+        settings=load_settings(max_run_state_bytes=100),
+    )
+    _, fine = await paused_state(small)
+    with pytest.raises(InvalidRunStateError, match="max_run_state_bytes"):
+        await small.save_run_state(fine)
+    with pytest.raises(InvalidRunStateError, match="RunState"):
+        await session.save_run_state({"not": "a state"})  # type: ignore[arg-type]
+    assert await session.load_run_state(agent) is None
+
+
+async def test_a_state_from_an_unreadable_schema_version_names_both_and_stays_stored(
+    database_url: str,
+) -> None:
+    session = PostgreSQLSession(f"old-{uuid.uuid4()}", database_url=database_url)
+    agent, state = await paused_state(session)
+    await session.save_run_state(state)
+    with session.store.transaction() as repos:
+        repos.connection.execute(
+            update(run_states_table)
+            .where(run_states_table.c.conversation_id == session.session_id)
+            .values(schema_version="9.99")
+        )
+    for attempt in (session.load_run_state, session.claim_run_state):
+        with pytest.raises(RunStateVersionError) as error:
+            await attempt(agent)
+        assert "9.99" in str(error.value) and CURRENT_SCHEMA_VERSION in str(error.value)
+    with session.store.read() as repos:
+        assert repos.run_states.get(session.session_id) is not None  # not lost by the claim
+
+
+async def test_paused_runs_go_with_their_conversation(database_url: str) -> None:
+    owner = f"owner-{uuid.uuid4()}"
+    session = PostgreSQLSession(f"gone-{uuid.uuid4()}", database_url=database_url, user_id=owner)
+    agent, state = await paused_state(session, run_config=RunConfig())
+    await session.save_run_state(state)
+    store = get_store(database_url)
+    with store.read() as repos:
+        assert repos.run_states.get(session.session_id) is not None
+    erase_user(store, owner)
+    with store.read() as repos:
+        assert repos.run_states.get(session.session_id) is None
+        assert repos.run_states.list(user_id=owner).run_states == []
