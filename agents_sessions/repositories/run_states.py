@@ -108,7 +108,7 @@ def _columns(*, with_state: bool = True) -> list[Any]:
         run_states.c.state_bytes,
         run_states.c.created_at,
     ]
-    return columns + [run_states.c.state] if with_state else columns
+    return [*columns, run_states.c.state] if with_state else columns
 
 
 def _record(row: Any) -> StoredRunState:

@@ -168,7 +168,7 @@ async def test_a_state_from_an_unreadable_schema_version_names_both_and_stays_st
 async def test_paused_runs_go_with_their_conversation(database_url: str) -> None:
     owner = f"owner-{uuid.uuid4()}"
     session = PostgreSQLSession(f"gone-{uuid.uuid4()}", database_url=database_url, user_id=owner)
-    agent, state = await paused_state(session, run_config=RunConfig())
+    _, state = await paused_state(session, run_config=RunConfig())
     await session.save_run_state(state)
     store = get_store(database_url)
     with store.read() as repos:
