@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from agents_sessions import (
 )
 from agents_sessions.db.models import run_states_table
 from agents_sessions.ops.retention import erase_user
+from agents_sessions.ops.transfer.export import export_conversations
+from agents_sessions.ops.transfer.format import ExportFile
+from agents_sessions.ops.transfer.import_ import import_export
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = REPO_ROOT / "tests" / "support" / "paused_runs.py"
@@ -177,3 +181,24 @@ async def test_paused_runs_go_with_their_conversation(database_url: str) -> None
     with store.read() as repos:
         assert repos.run_states.get(session.session_id) is None
         assert repos.run_states.list(user_id=owner).run_states == []
+
+
+async def test_paused_runs_travel_in_exports_and_import_idempotently(
+    database_url: str, fresh_database_url: Any
+) -> None:
+    session = PostgreSQLSession(f"moved-{uuid.uuid4()}", database_url=database_url)
+    agent, state = await paused_state(session)
+    await session.save_run_state(state)
+    exported = io.BytesIO()
+    export_conversations(get_store(database_url), exported, conversation_ids=[session.session_id])
+
+    target_url = fresh_database_url()
+    for expected_new in (1, 0):  # a second import changes nothing
+        exported.seek(0)
+        with ExportFile(io.BytesIO(exported.getvalue())) as export:
+            summary = import_export(get_store(target_url), export)
+        assert summary.run_states_imported == expected_new
+    moved = PostgreSQLSession(session.session_id, database_url=target_url)
+    assert await moved.get_items() == await session.get_items()
+    claimed = await moved.claim_run_state(agent)
+    assert claimed is not None and claimed.to_json() == state.to_json()
