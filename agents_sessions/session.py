@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import InvalidArgumentError
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
+from .retention import retention_options
 from .settings import Settings
 from .store import SessionStore, get_store
 from .validation import validate_identifier, validate_limit, validate_metadata
@@ -126,6 +128,12 @@ class PostgreSQLSession:
             that takes the run's ``RunContextWrapper`` (which the Runner passes to
             every call as ``wrapper``) and returns one. New conversations are owned
             by the tenant; ``user_id``, if also given, must be the same user.
+        ttl: Time-to-live of the conversation (default: the ``ttl`` setting,
+            ``AGENTS_SESSIONS_TTL``). Each ``add_items`` or ``pop_item`` extends it;
+            once it has passed the conversation reads as empty, and the next
+            ``add_items`` starts it afresh. See :mod:`agents_sessions.retention`.
+        keep_last_turns: After each ``add_items``, keep only the newest this many
+            turns (a turn starts at a user message); older items are deleted.
 
     Construction validates its arguments and does no I/O; the first database call
     checks (and by default migrates) the schema, once per engine.
@@ -144,6 +152,8 @@ class PostgreSQLSession:
         session_settings: SessionSettings | Mapping[str, Any] | None = None,
         settings: Settings | None = None,
         tenant_id: str | TenantResolver | None = None,
+        ttl: timedelta | None = None,
+        keep_last_turns: int | None = None,
     ) -> None:
         self.session_id = validate_identifier(conversation_id)
         self.user_id = None if user_id is None else validate_identifier(user_id, name="user_id")
@@ -168,6 +178,10 @@ class PostgreSQLSession:
         self._metadata = validate_metadata(metadata)
         self.session_settings = _coerce_session_settings(session_settings)
         self._store = get_store(database_url, settings=settings)
+        self.ttl, self.keep_last_turns = retention_options(
+            ttl, keep_last_turns, default_ttl=self._store.settings.ttl
+        )
+        self._ttl_seconds = None if self.ttl is None else int(self.ttl.total_seconds())
         # user_id/metadata ride along with writes until one has stored them.
         self._owner_pending = self.user_id is not None or self._metadata is not None
 
@@ -287,6 +301,7 @@ class PostgreSQLSession:
                 user_id=user_id,
                 metadata=metadata,
                 idempotency_key=key,
+                ttl_seconds=self._ttl_seconds,
             ),
             write=True,
             repeatable=True,
@@ -294,6 +309,17 @@ class PostgreSQLSession:
             hot_path=True,
         )
         self._owner_pending = False
+        if self.keep_last_turns is not None:
+            # A second statement, only for sessions that trim: idempotent, so a
+            # failure here loses nothing (the next add_items trims again).
+            turns = self.keep_last_turns
+            self._store.run(
+                lambda repos: repos.messages.trim_to_last_turns(self.session_id, turns),
+                write=True,
+                repeatable=True,
+                tenant_id=tenant,
+                hot_path=True,
+            )
 
     async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> Any | None:
         """Remove and return the newest item, or ``None`` when there is none.
@@ -308,7 +334,7 @@ class PostgreSQLSession:
 
     def _pop_item(self, tenant: str | None) -> Any | None:
         return self._store.run(
-            lambda repos: repos.messages.pop_latest(self.session_id),
+            lambda repos: repos.messages.pop_latest(self.session_id, ttl_seconds=self._ttl_seconds),
             write=True,
             repeatable=False,
             tenant_id=tenant,

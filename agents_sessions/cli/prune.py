@@ -10,7 +10,14 @@ from datetime import datetime, timezone
 
 import click
 
-from ..ops.retention import DEFAULT_PRUNE_BATCH_SIZE, PruneSummary, prune, prune_plan
+from ..ops.retention import (
+    DEFAULT_PRUNE_BATCH_SIZE,
+    PruneSummary,
+    prune,
+    prune_expired,
+    prune_plan,
+    trim_turns,
+)
 from .common import (
     CliContext,
     emit_json,
@@ -26,9 +33,19 @@ from .main import cli
 @cli.command("prune")
 @click.option(
     "--older-than",
-    required=True,
     metavar="DURATION",
     help="Delete conversations not updated for this long: 90d, 12w, 24h, 30m, 45s.",
+)
+@click.option(
+    "--expired",
+    is_flag=True,
+    help="Delete conversations whose time-to-live (session ttl / AGENTS_SESSIONS_TTL) has passed.",
+)
+@click.option(
+    "--keep-last-turns",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Trim every conversation to its newest N turns (a turn starts at a user message).",
 )
 @click.option(
     "--batch-size",
@@ -41,13 +58,39 @@ from .main import cli
 @json_option
 @pass_cli_context
 def prune_command(
-    context: CliContext, older_than: str, batch_size: int, dry_run: bool, as_json: bool
+    context: CliContext,
+    older_than: str | None,
+    expired: bool,
+    keep_last_turns: int | None,
+    batch_size: int,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
-    """Delete conversations (with their messages and usage) not updated for a while.
+    """Delete conversations (with their messages, usage and paused runs) not updated for
+    a while (--older-than) or past their time-to-live (--expired); or trim histories
+    to their last turns (--keep-last-turns).
 
     Works in batches, each its own short transaction, while the application keeps
     running: a conversation that gets a new message meanwhile is kept.
     """
+    chosen = [older_than is not None, expired, keep_last_turns is not None]
+    if sum(chosen) != 1:
+        raise click.UsageError("give exactly one of --older-than, --expired, --keep-last-turns")
+    if keep_last_turns is not None:
+        _trim(context, keep_last_turns, dry_run, as_json)
+        return
+    if expired:
+        with reported_errors():
+            store = context.store()
+            summary = prune_expired(store, batch_size=batch_size, dry_run=True)
+            if not dry_run:
+                with progress("pruning expired conversations", summary.messages) as bar:
+                    summary = prune_expired(
+                        store, batch_size=batch_size, progress=bar.update, now=summary.cutoff
+                    )
+        _report(context, summary, as_json, what="past their time-to-live at")
+        return
+    assert older_than is not None
     age = parse_duration(older_than, name="--older-than")
     now = datetime.now(timezone.utc)  # one cutoff for the plan and the run
     with reported_errors():
@@ -61,14 +104,34 @@ def prune_command(
     _report(context, summary, as_json)
 
 
-def _report(context: CliContext, summary: PruneSummary, as_json: bool) -> None:
+def _trim(context: CliContext, turns: int, dry_run: bool, as_json: bool) -> None:
+    if dry_run:
+        raise click.UsageError("--keep-last-turns has no --dry-run")
+    with reported_errors():
+        summary = trim_turns(context.store(), turns)
+    if as_json:
+        emit_json({"database": context.safe_url(), **summary.as_dict()})
+        return
+    click.echo(
+        f"deleted {summary.messages} messages before the last {turns} turns of "
+        f"{summary.conversations_trimmed} conversations"
+    )
+
+
+def _report(
+    context: CliContext,
+    summary: PruneSummary,
+    as_json: bool,
+    *,
+    what: str = "not updated since",
+) -> None:
     if as_json:
         emit_json({"database": context.safe_url(), **summary.as_dict()})
         return
     verb = "would delete" if summary.dry_run else "deleted"
     click.echo(
         f"{verb} {summary.conversations} conversations, {summary.messages} messages and "
-        f"{summary.usage_rows} usage rows not updated since {summary.cutoff.isoformat()}"
+        f"{summary.usage_rows} usage rows {what} {summary.cutoff.isoformat()}"
     )
     if not summary.dry_run:
         click.echo(

@@ -129,6 +129,29 @@ def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
     return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
 
 
+class expiry_after(FunctionElement[datetime]):
+    """``now`` plus a number of seconds (a bound parameter), as :class:`utcnow` spells now.
+
+    NULL when the seconds are NULL: "no time-to-live" needs no separate statement.
+    """
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+    name = "expiry_after"
+
+
+@compiles(expiry_after)
+def _expiry_after_default(element: expiry_after, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(next(iter(element.clauses)), **kw)
+    return f"(now() + make_interval(secs => {seconds}))"
+
+
+@compiles(expiry_after, "sqlite")
+def _expiry_after_sqlite(element: expiry_after, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(next(iter(element.clauses)), **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || {seconds} || ' seconds') || '000')"
+
+
 def stored_utc(value: datetime) -> datetime:
     """A timestamp read from the database as an aware UTC datetime.
 

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     JSON,
+    Boolean,
     Connection,
     Integer,
     Text,
@@ -35,7 +36,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import JSONDocument, conversations_table, messages_table, utcnow
+from .models import (
+    JSONDocument,
+    conversations_table,
+    expiry_after,
+    messages_table,
+    run_states_table,
+    utcnow,
+)
 
 conversations = conversations_table
 messages = messages_table
@@ -62,6 +70,38 @@ _DIALECT_INSERT: dict[str, Callable[..., Any]] = {
 }
 
 
+# --- retention (time-to-live): see agents_sessions.repositories.messages ---------------
+#: Seconds to live from now, or NULL (no time-to-live given: the expiry is unchanged).
+TTL_SECONDS = bindparam("ttl_seconds", None, type_=Integer)
+#: Whether this write may restart an expired conversation (appends only: they purge
+#: the expired history first). Other writers leave an expired conversation expired.
+_RESTART_EXPIRED = bindparam("restart_expired", False, type_=Boolean)
+
+
+def expired(conversation_id: Any) -> Any:
+    """EXISTS: the conversation has expired (it reads as empty)."""
+    return exists().where(
+        conversations.c.id == conversation_id, conversations.c.expires_at <= utcnow()
+    )
+
+
+def _extended_expiry() -> Any:
+    """A live conversation's expiry, extended by the TTL given (unchanged without one)."""
+    return func.coalesce(expiry_after(TTL_SECONDS), conversations.c.expires_at)
+
+
+def _new_expiry() -> Any:
+    """The expiry a write leaves: extended by a TTL, restarted, or unchanged."""
+    extended = _extended_expiry()
+    return case(
+        (
+            conversations.c.expires_at <= utcnow(),
+            case((_RESTART_EXPIRED, expiry_after(TTL_SECONDS)), else_=conversations.c.expires_at),
+        ),
+        else_=extended,
+    )
+
+
 def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
     """INSERT a conversation, or touch it (and update what was given) if it exists.
 
@@ -74,6 +114,7 @@ def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
         metadata=func.coalesce(_metadata_param, _EMPTY_METADATA[dialect_name]),
         created_at=utcnow(),
         updated_at=utcnow(),
+        expires_at=expiry_after(TTL_SECONDS),
     )
     excluded = statement.excluded
     user_id = (
@@ -88,6 +129,7 @@ def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
             "updated_at": utcnow(),
             "user_id": user_id,
             "metadata": func.coalesce(_metadata_param, conversations.c.metadata),
+            "expires_at": _new_expiry(),
         },
     )
 
@@ -111,8 +153,35 @@ def _postgres_append() -> Any:
     contiguous. Items arrive as parallel arrays, unnested WITH ORDINALITY and
     inserted in that order.
     """
+    # Whether the conversation had expired, as of this statement's snapshot (a
+    # writer that restarted it since committed a fresh expiry, which the upsert's
+    # CASE sees on the locked row; its messages are not in this snapshot either).
+    was_expired = (
+        select(conversations.c.id)
+        .where(
+            conversations.c.id == bindparam("conversation_id"),
+            conversations.c.expires_at <= utcnow(),
+        )
+        .cte("was_expired")
+    )
     conversation = (
         ENSURE_CONVERSATION["postgresql"].returning(conversations.c.id).cte("conversation")
+    )
+    # An expired conversation starts afresh: its old messages and paused run go. The
+    # deletes read `conversation`, so they run after its upsert locked the row (the
+    # lock order of every writer). When nothing expired they are one-time-filtered.
+    restarted = select(conversation.c.id).where(conversation.c.id.in_(select(was_expired.c.id)))
+    purged_messages = (
+        delete(messages)
+        .where(messages.c.conversation_id.in_(restarted))
+        .returning(messages.c.id)
+        .cte("purged_messages")
+    )
+    purged_run_state = (
+        delete(run_states_table)
+        .where(run_states_table.c.conversation_id.in_(restarted))
+        .returning(run_states_table.c.conversation_id)
+        .cte("purged_run_state")
     )
     rows = (
         func.unnest(
@@ -137,8 +206,10 @@ def _postgres_append() -> Any:
         .where(~_append_key_seen(append_key))
         .order_by(rows.c.position)
     )
-    return insert(messages).from_select(
-        ["conversation_id", "role", "content", "item", "append_key"], source
+    return (
+        insert(messages)
+        .from_select(["conversation_id", "role", "content", "item", "append_key"], source)
+        .add_cte(purged_messages, purged_run_state)
     )
 
 
@@ -167,9 +238,13 @@ INSERT_MESSAGE = insert(messages).values(
 )
 SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
 
+# An expired conversation reads as empty: one primary-key probe in the same statement.
 _LATEST = (
     select(messages.c.id, messages.c.item)
-    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        ~expired(bindparam("conversation_id")),
+    )
     .order_by(messages.c.id.desc())
     .limit(bindparam("limit", type_=Integer))
     .subquery("latest")
@@ -177,7 +252,10 @@ _LATEST = (
 SELECT_LATEST = select(_LATEST.c.item).order_by(_LATEST.c.id)
 SELECT_ALL = (
     select(messages.c.item)
-    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        ~expired(bindparam("conversation_id")),
+    )
     .order_by(messages.c.id)
 )
 SELECT_RECORDS = select(
@@ -198,7 +276,8 @@ def _delete_newest(conversation_id: Any) -> Any:
     """
     newest = (
         select(messages.c.id)
-        .where(messages.c.conversation_id == conversation_id)
+        # An expired conversation has nothing to pop.
+        .where(messages.c.conversation_id == conversation_id, ~expired(conversation_id))
         .order_by(messages.c.id.desc())
         .limit(1)
         .scalar_subquery()
@@ -235,20 +314,58 @@ def _postgres_pop() -> Any:
     touched = (
         update(conversations)
         .where(conversations.c.id.in_(select(popped.c.conversation_id)))
-        .values(updated_at=utcnow())
+        .values(updated_at=utcnow(), expires_at=_extended_expiry())
         .cte("touched")
     )
     return select(popped.c.item).add_cte(touched)
 
 
 POSTGRES_POP = _postgres_pop()
-HAS_MESSAGES = select(exists().where(messages.c.conversation_id == bindparam("conversation_id")))
+HAS_MESSAGES = select(
+    exists().where(messages.c.conversation_id == bindparam("conversation_id"))
+    & ~expired(bindparam("conversation_id"))
+)
 TOUCH_CONVERSATION = (
     update(conversations)
     .where(conversations.c.id == bindparam("conversation_id"))
-    .values(updated_at=utcnow())
+    .values(updated_at=utcnow(), expires_at=_extended_expiry())
 )
 CLEAR = delete(messages).where(messages.c.conversation_id == bindparam("conversation_id"))
+
+
+def _trim_to_last_turns() -> Any:
+    """DELETE the messages before the conversation's newest ``turns`` user messages.
+
+    A turn starts at a user message; what came before the oldest kept one goes.
+    Fewer turns than that: the subquery is NULL and nothing is deleted.
+    """
+    oldest_kept = (
+        select(messages.c.id)
+        .where(
+            messages.c.conversation_id == bindparam("conversation_id"), messages.c.role == "user"
+        )
+        .order_by(messages.c.id.desc())
+        .offset(bindparam("turns_before", type_=Integer))
+        .limit(1)
+        .scalar_subquery()
+    )
+    return delete(messages).where(
+        messages.c.conversation_id == bindparam("conversation_id"), messages.c.id < oldest_kept
+    )
+
+
+TRIM_TO_LAST_TURNS = _trim_to_last_turns()
+PURGE_MESSAGES = delete(messages).where(messages.c.conversation_id == bindparam("conversation_id"))
+PURGE_RUN_STATE = delete(run_states_table).where(
+    run_states_table.c.conversation_id == bindparam("conversation_id")
+)
+LOCK_IF_EXPIRED = (
+    select(conversations.c.id)
+    .where(
+        conversations.c.id == bindparam("conversation_id"), conversations.c.expires_at <= utcnow()
+    )
+    .with_for_update()
+)
 COUNT_MESSAGES = select(func.count()).where(
     messages.c.conversation_id == bindparam("conversation_id")
 )

@@ -21,16 +21,21 @@ from ..db.statements import (
     ENSURE_CONVERSATION,
     HAS_MESSAGES,
     INSERT_MESSAGE,
+    LOCK_IF_EXPIRED,
     POSTGRES_APPEND,
     POSTGRES_POP,
+    PURGE_MESSAGES,
+    PURGE_RUN_STATE,
     SELECT_ALL,
     SELECT_APPEND_KEY_SEEN,
     SELECT_LATEST,
     SELECT_RECORDS,
     TOUCH_CONVERSATION,
+    TRIM_TO_LAST_TURNS,
     execute,
     violates_append_key,
 )
+from ..errors import InvalidArgumentError
 from ..items import EncodedItem, encode_items
 from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata
 from .context import acting_tenant, in_driver_transaction
@@ -98,11 +103,15 @@ class MessageRepository:
         user_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        ttl_seconds: int | None = None,
     ) -> int:
         """:meth:`append` for items already passed through :func:`encode_items`.
 
         Arguments are trusted to be validated (the session facade validates them
-        before leaving the event loop).
+        before leaving the event loop). ``ttl_seconds`` sets the conversation to
+        expire that long from now (see :mod:`agents_sessions.retention`). An expired
+        conversation starts afresh: its old messages and paused run are deleted
+        first, in the same transaction.
         """
         if not encoded:
             return 0
@@ -110,6 +119,8 @@ class MessageRepository:
             "conversation_id": conversation_id,
             "user_id": user_id or acting_tenant(self.connection),
             "metadata": metadata,
+            "ttl_seconds": ttl_seconds,
+            "restart_expired": True,
         }
         acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
         if self.connection.dialect.name == "postgresql" and not acting_for_tenant:
@@ -149,6 +160,11 @@ class MessageRepository:
         # The upsert comes first: it takes the conversation's lock (on SQLite, under
         # BEGIN IMMEDIATE, the single write lock), so ids follow commit order, and
         # the key check below cannot race another writer of this conversation.
+        # (An expired conversation's row is locked just before, to purge it.)
+        if self.connection.execute(LOCK_IF_EXPIRED, {"conversation_id": conversation_id}).first():
+            # Expired: it starts afresh (the row stays locked until commit).
+            self.connection.execute(PURGE_MESSAGES, {"conversation_id": conversation_id})
+            self.connection.execute(PURGE_RUN_STATE, {"conversation_id": conversation_id})
         self.connection.execute(ENSURE_CONVERSATION[self.connection.dialect.name], conversation)
         if (
             idempotency_key is not None
@@ -215,7 +231,25 @@ class MessageRepository:
             for row in rows
         ]
 
-    def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
+    def trim_to_last_turns(self, conversation_id: str, turns: int) -> int:
+        """Delete what precedes the newest ``turns`` turns (a turn starts at a user message).
+
+        Returns how many messages were deleted; fewer turns than that deletes nothing.
+        """
+        validate_identifier(conversation_id)
+        count = validate_count(turns, name="turns")
+        if count < 1:
+            raise InvalidArgumentError("turns must be at least 1")
+        result = execute(
+            self.connection,
+            TRIM_TO_LAST_TURNS,
+            {"conversation_id": conversation_id, "turns_before": count - 1},
+        )
+        return int(result.rowcount or 0)
+
+    def pop_latest(
+        self, conversation_id: str, *, ttl_seconds: int | None = None
+    ) -> dict[str, Any] | None:
         """Remove and return the newest item; ``None`` if there is none.
 
         Safe under concurrency: each item is returned by exactly one caller. On
@@ -223,10 +257,11 @@ class MessageRepository:
         one aimed at, it looks again rather than report an empty conversation.
         """
         validate_identifier(conversation_id)
-        parameters = {"conversation_id": conversation_id}
+        parameters: dict[str, Any] = {"conversation_id": conversation_id}
         if self.connection.dialect.name == "postgresql":
+            popping = {**parameters, "ttl_seconds": ttl_seconds}
             while True:
-                item = execute(self.connection, POSTGRES_POP, parameters).scalar_one_or_none()
+                item = execute(self.connection, POSTGRES_POP, popping).scalar_one_or_none()
                 if item is not None:
                     return item  # type: ignore[no-any-return]
                 # Nothing deleted: either the conversation is empty, or another
@@ -237,7 +272,7 @@ class MessageRepository:
         row = self.connection.execute(DELETE_NEWEST, parameters).one_or_none()
         if row is None:
             return None
-        self.connection.execute(TOUCH_CONVERSATION, parameters)
+        self.connection.execute(TOUCH_CONVERSATION, {**parameters, "ttl_seconds": ttl_seconds})
         return row.item  # type: ignore[no-any-return]
 
     def clear(self, conversation_id: str) -> int:
