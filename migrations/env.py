@@ -91,24 +91,21 @@ def _postgres_migration_lock(connection: Connection) -> Iterator[None]:
     ``CREATE INDEX CONCURRENTLY`` commits inside the upgrade (Alembic's
     ``autocommit_block``), and the lock must outlive that commit, or a second
     migrator would start the same revision. It is waited for by polling
-    ``pg_try_advisory_lock`` in autocommit mode, never by blocking: a concurrent
-    index build waits for every transaction whose snapshot predates it, and a
-    migrator blocked on the lock inside a statement would be one of them --
-    waiting for the lock the builder holds (a deadlock). Between polls the waiter
-    holds no snapshot. The lock goes when unlocked here or when the connection ends.
+    ``pg_try_advisory_lock``, never by blocking: a concurrent index build waits for
+    every transaction whose snapshot predates it, and a migrator blocked on the lock
+    inside a statement would be one of them -- waiting for the lock the builder
+    holds (a deadlock). Each poll is a short transaction of its own; between polls
+    the waiter holds no snapshot. The lock goes when unlocked here or when the
+    connection ends.
     """
     lock = {"lock_id": _settings().migration_lock_id}
     if connection.in_transaction():  # e.g. the caller read the revision first
         connection.rollback()
-    level = connection.get_isolation_level()
-    connection.rollback()  # reading the level may have begun a transaction
-    connection.execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        while not connection.execute(text("SELECT pg_try_advisory_lock(:lock_id)"), lock).scalar():
-            time.sleep(0.05 + random.random() * 0.1)
-    finally:
-        connection.rollback()  # ends SQLAlchemy's (empty) autobegun transaction
-        connection.execution_options(isolation_level=level)
+    # A session-level lock taken in a transaction survives its commit.
+    while not connection.execute(text("SELECT pg_try_advisory_lock(:lock_id)"), lock).scalar():
+        connection.commit()
+        time.sleep(0.05 + random.random() * 0.1)
+    connection.commit()
     try:
         yield
     finally:

@@ -145,6 +145,11 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
         with _alembic_lock:
             if settings.migration_url is None:
                 command.upgrade(alembic_config(connection=connection, settings=settings), "head")
+                # A revision that ran in Alembic's autocommit_block (0007) left this
+                # connection's isolation level set through SQLAlchemy, which resets it
+                # on check-in to the level it first saw -- not necessarily the READ
+                # COMMITTED the engine sets per connection. Never pool it again.
+                connection.invalidate()
                 return
             # Behind a transaction-pooling proxy: migrate on the direct URL, then make
             # sure it was this database that got migrated.
