@@ -11,6 +11,8 @@
 #   make db-down stop them; the data volume stays (REMOVE_VOLUMES=1 deletes it)
 #   make bench   side-by-side benchmark vs the Agents SDK backends (installs .[dev,bench]);
 #                BENCH_ARGS="--quick" for a smoke run; needs local PostgreSQL (+ Redis)
+#   make bench-search  recall: search p50 on 1,000,000 messages, and the index's cost to
+#                add_items (also run by make bench; SEARCH_BENCH_ARGS="--quick")
 #   make profile our throughput workload under py-spy + pyinstrument -> benchmarks/results/
 #   make soak    4 processes x 400 conversations for 120 s while their connections are
 #                killed; verifies every history (SOAK_ARGS="--shared" etc.; local PostgreSQL)
@@ -20,7 +22,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer lint format migrate db-up db-down bench profile soak clean
+.PHONY: venv demo test test-pgbouncer lint format migrate db-up db-down bench bench-search profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,7 @@ venv: $(STAMP)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_ARGS ?=
+SEARCH_BENCH_ARGS ?=
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
@@ -74,6 +77,11 @@ db-down:
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.search $(if $(findstring --quick,$(BENCH_ARGS)),--quick) $(SEARCH_BENCH_ARGS)
+
+# Recall alone: search p50 on 1,000,000 messages (SEARCH_BENCH_ARGS="--quick": 100,000).
+bench-search: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.search $(SEARCH_BENCH_ARGS)
 
 profile: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench --profile $(BENCH_ARGS)
