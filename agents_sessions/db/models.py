@@ -265,6 +265,7 @@ class Message(Base):
             "ix_messages_content_search",
             text(CONTENT_SEARCH_VECTOR),
             postgresql_using="gin",
+            info={"dialects": ("postgresql",)},
         ).ddl_if(dialect="postgresql"),
         # AUTOINCREMENT: SQLite never reuses the id of a popped newest row.
         {"sqlite_autoincrement": True},
