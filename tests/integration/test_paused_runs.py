@@ -29,6 +29,10 @@ from agents_sessions.ops.retention import erase_user
 from agents_sessions.ops.transfer.export import export_conversations
 from agents_sessions.ops.transfer.format import ExportFile
 from agents_sessions.ops.transfer.import_ import import_export
+from tests.integration.test_row_level_security import (  # noqa: F401 - the fixture
+    TenantDatabase,
+    tenant_database,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = REPO_ROOT / "tests" / "support" / "paused_runs.py"
@@ -202,3 +206,20 @@ async def test_paused_runs_travel_in_exports_and_import_idempotently(
     assert await moved.get_items() == await session.get_items()
     claimed = await moved.claim_run_state(agent)
     assert claimed is not None and claimed.to_json() == state.to_json()
+
+
+@pytest.mark.postgres_only
+async def test_under_row_level_security_a_tenant_cannot_see_or_claim_anothers_paused_run(
+    tenant_database: TenantDatabase,  # noqa: F811 - the imported fixture
+) -> None:
+    url, settings = tenant_database.app_url, load_settings(auto_migrate=False)
+    alice = PostgreSQLSession("paused-a", database_url=url, tenant_id="alice", settings=settings)
+    bob = PostgreSQLSession("paused-a", database_url=url, tenant_id="bob", settings=settings)
+    agent, state = await paused_state(alice)
+    await alice.save_run_state(state)
+    assert await bob.load_run_state(agent) is None
+    assert await bob.claim_run_state(agent) is None
+    assert await bob.delete_run_state() is False
+    with get_store(url, settings=settings).read(tenant_id="bob") as repos:
+        assert repos.run_states.list().run_states == []
+    assert await alice.claim_run_state(agent) is not None
