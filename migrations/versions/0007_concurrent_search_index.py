@@ -19,8 +19,9 @@ the build runs in Alembic's ``autocommit_block()``: the migration transaction so
 a new transaction records this revision.
 
 The migration lock (``env.py``) is session-level, so it outlives that commit: a
-second migrator waits until this one has recorded the revision. An INVALID index
-left by a failed or cancelled build is dropped (concurrently too) and built anew
+second migrator waits until this one has recorded the revision. ``ANALYZE messages``
+then gives the planner the new expression's statistics. An INVALID index left by a
+failed or cancelled build is dropped (concurrently too) and built anew
 when the upgrade is run again.
 """
 
@@ -67,6 +68,11 @@ def upgrade() -> None:
     with op.get_context().autocommit_block():
         for name, definition in INDEXES.items():
             _build_concurrently(name, definition)
+        # Statistics of the new index expression (which words are common): without
+        # them the planner guesses, and may scan the GIN index for a common word
+        # where one user's few conversations would do. ANALYZE samples a fixed
+        # number of rows and does not block writes.
+        op.execute("ANALYZE messages")
 
 
 def downgrade() -> None:
