@@ -20,9 +20,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import InvalidArgumentError
+from .expiry import retention_options
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
-from .retention import retention_options
 from .settings import Settings
 from .store import SessionStore, get_store
 from .validation import validate_identifier, validate_limit, validate_metadata
@@ -131,7 +131,7 @@ class PostgreSQLSession:
         ttl: Time-to-live of the conversation (default: the ``ttl`` setting,
             ``AGENTS_SESSIONS_TTL``). Each ``add_items`` or ``pop_item`` extends it;
             once it has passed the conversation reads as empty, and the next
-            ``add_items`` starts it afresh. See :mod:`agents_sessions.retention`.
+            ``add_items`` starts it afresh. See :mod:`agents_sessions.expiry`.
         keep_last_turns: After each ``add_items``, keep only the newest this many
             turns (a turn starts at a user message); older items are deleted.
 

@@ -187,7 +187,7 @@ class Conversation(Base):
         "metadata", MetadataJSON, nullable=False, server_default=text("'{}'")
     )
     # Retention (revision 0006): when set, the conversation reads as empty from this
-    # instant on, and the next write starts it afresh (see agents_sessions.retention).
+    # instant on, and the next write starts it afresh (see agents_sessions.expiry).
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     messages: Mapped[list[Message]] = relationship(

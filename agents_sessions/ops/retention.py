@@ -334,7 +334,7 @@ def _prune_in_batches(
 
 
 # --------------------------------------------------------------------------------------
-# Retention by time-to-live (conversations.expires_at; see agents_sessions.retention)
+# Retention by time-to-live (conversations.expires_at; see agents_sessions.expiry)
 # --------------------------------------------------------------------------------------
 
 

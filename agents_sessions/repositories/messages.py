@@ -109,7 +109,7 @@ class MessageRepository:
 
         Arguments are trusted to be validated (the session facade validates them
         before leaving the event loop). ``ttl_seconds`` sets the conversation to
-        expire that long from now (see :mod:`agents_sessions.retention`). An expired
+        expire that long from now (see :mod:`agents_sessions.expiry`). An expired
         conversation starts afresh: its old messages and paused run are deleted
         first, in the same transaction.
         """

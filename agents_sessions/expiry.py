@@ -1,5 +1,7 @@
 """Conversations that expire (time-to-live) and histories trimmed to their last turns.
 
+(Deleting data on purpose -- erasure, pruning -- is :mod:`agents_sessions.ops.retention`.)
+
 A session with ``ttl=timedelta(days=30)`` (or the setting ``AGENTS_SESSIONS_TTL=30d``)
 stores ``conversations.expires_at = now + ttl`` with every ``add_items`` and
 ``pop_item``. From that instant on the conversation is expired, whether or not
