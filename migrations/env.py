@@ -12,25 +12,21 @@ time (deploy jobs, or app servers auto-migrating on first use). Each takes a loc
 *before* Alembic reads the current revision, so the first one migrates and the
 others, once they get the lock, find the database at head and do nothing:
 
-* PostgreSQL: a session-level advisory lock, polled for in autocommit mode before
-  Alembic's migration transaction begins and released after it ends (see
-  ``_postgres_migration_lock`` for why session-level, and why polled).
+* PostgreSQL: ``pg_advisory_xact_lock`` as the first statement of Alembic's
+  (single) migration transaction, released when that transaction ends.
 * SQLite: the migration transaction begins with ``BEGIN IMMEDIATE`` (SQLite's one
   write lock), and DDL runs inside that transaction.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import Connection, text
 
 from agents_sessions.db.engine import SQLITE_WRITE_OPTION, create_pooled_engine, parse_database_url
+from agents_sessions.db.migrate import RevisionRecordedConcurrently
 from agents_sessions.db.models import Base, is_modelled
 from agents_sessions.settings import Settings, load_settings
 
@@ -83,47 +79,28 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
-@contextmanager
-def _postgres_migration_lock(connection: Connection) -> Iterator[None]:
-    """Hold the migration lock (a session-level advisory lock) around the whole upgrade.
-
-    Session-level, not transaction-level: a revision that builds an index with
-    ``CREATE INDEX CONCURRENTLY`` commits inside the upgrade (Alembic's
-    ``autocommit_block``), and the lock must outlive that commit, or a second
-    migrator would start the same revision. It is waited for by polling
-    ``pg_try_advisory_lock``, never by blocking: a concurrent index build waits for
-    every transaction whose snapshot predates it, and a migrator blocked on the lock
-    inside a statement would be one of them -- waiting for the lock the builder
-    holds (a deadlock). Each poll is a short transaction of its own; between polls
-    the waiter holds no snapshot. The lock goes when unlocked here or when the
-    connection ends.
-    """
-    lock = {"lock_id": _settings().migration_lock_id}
-    if connection.in_transaction():  # e.g. the caller read the revision first
-        connection.rollback()
-    # A session-level lock taken in a transaction survives its commit.
-    while not connection.execute(text("SELECT pg_try_advisory_lock(:lock_id)"), lock).scalar():
-        connection.commit()
-        time.sleep(0.05 + random.random() * 0.1)
-    connection.commit()
-    try:
-        yield
-    finally:
-        if connection.in_transaction():  # a failed upgrade is rolled back before this
-            connection.rollback()
-        connection.execute(text("SELECT pg_advisory_unlock(:lock_id)"), lock)
-        connection.rollback()
-
-
 def _migrate_locked(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
-        # Taken before Alembic reads the current revision, released after it
-        # committed the last one.
-        with _postgres_migration_lock(connection):
-            _configure(connection)
-            with context.begin_transaction():
-                context.run_migrations()
-        return
+        _configure(connection)
+        while True:
+            try:
+                with context.begin_transaction():
+                    # A transaction-level lock inside Alembic's transaction: taken
+                    # before Alembic reads the current revision, released by the
+                    # COMMIT or ROLLBACK that ends the migration (or by the commit of
+                    # an autocommit block, see revision 0007), so it cannot be left
+                    # behind -- not even on a transaction-pooling proxy's connection.
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:lock_id)"),
+                        {"lock_id": _settings().migration_lock_id},
+                    )
+                    context.run_migrations()
+                return
+            except RevisionRecordedConcurrently:
+                # A revision that commits part-way (an index built CONCURRENTLY) found
+                # that another migrator recorded it meanwhile: start over from the
+                # revision now recorded (usually: nothing left to do).
+                continue
 
     # SQLite: the listener installed by create_pooled_engine turns this option into
     # BEGIN IMMEDIATE when Alembic begins its transaction.

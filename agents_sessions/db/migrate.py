@@ -34,6 +34,17 @@ from .engine import create_pooled_engine, parse_database_url
 _alembic_lock = threading.Lock()
 
 
+class RevisionRecordedConcurrently(Exception):
+    """Raised by a migration that commits part-way when another migrator recorded it meanwhile.
+
+    A revision that builds an index with ``CREATE INDEX CONCURRENTLY`` (0007) commits
+    the migration transaction first, which releases the migration lock: a second
+    migrator can then reach the same revision. Whichever records it second raises
+    this after re-taking the lock; ``migrations/env.py`` rolls back and starts over
+    from the revision now recorded.
+    """
+
+
 def migrations_directory() -> Path:
     """Where the Alembic scripts are: inside the installed package, or the checkout.
 
