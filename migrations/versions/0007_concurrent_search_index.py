@@ -54,15 +54,18 @@ INDEXES = {
 _INDEX_STATE = sa.text(
     """
     SELECT i.indisvalid,
+           -- Any build on the table counts: early in a build the progress row
+           -- does not name its index yet.
            EXISTS (SELECT 1 FROM pg_stat_progress_create_index p
-                   WHERE p.index_relid = i.indexrelid) AS being_built
+                   WHERE p.relid = i.indrelid) AS being_built
     FROM pg_index i WHERE i.indexrelid = to_regclass(:name)
     """
 )
 
 
-# deadlock_detected, unique_violation (the catalog's index name)
-_LOST_A_RACE = {"40P01", "23505"}
+# deadlock_detected, unique_violation (the catalog's index name), and "tuple
+# concurrently updated" (XX000: two sessions changing the same catalog row).
+_LOST_A_RACE = {"40P01", "23505", "XX000"}
 
 
 def _build_concurrently(name: str, definition: str) -> None:
@@ -94,7 +97,12 @@ def _build_concurrently(name: str, definition: str) -> None:
             continue
         # A failed or cancelled build's leftover: unusable, yet kept up to date by
         # every write. Replace it.
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        try:
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        except sa.exc.DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) not in _LOST_A_RACE:
+                raise
+            time.sleep(0.2)  # another migrator got to it first: look again
 
 
 def _recorded_meanwhile() -> bool:
