@@ -14,6 +14,8 @@
 #   make bench   side-by-side benchmark vs the Agents SDK backends (installs .[dev,bench]);
 #                BENCH_ARGS="--quick" for a smoke run; needs local PostgreSQL (+ Redis)
 #                then the explorer's page timings on 100,000 conversations (benchmarks/ui_pages.py)
+#   make bench-search  recall: search p50 on 1,000,000 messages, and the index's cost to
+#                add_items (also run by make bench; SEARCH_BENCH_ARGS="--quick")
 #   make profile our throughput workload under py-spy + pyinstrument -> benchmarks/results/
 #   make soak    4 processes x 400 conversations for 120 s while their connections are
 #                killed; verifies every history (SOAK_ARGS="--shared" etc.; local PostgreSQL)
@@ -23,7 +25,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer test-citus lint format migrate db-up db-down bench bench-branching profile soak clean
+.PHONY: venv demo test test-pgbouncer test-citus lint format migrate db-up db-down bench bench-branching bench-search profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_ARGS ?=
 # e.g. UI_BENCH_ARGS="--conversations 10000 --requests 20" for a smoke run of the page timings
 UI_BENCH_ARGS ?=
+SEARCH_BENCH_ARGS ?=
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
@@ -88,10 +91,15 @@ db-down:
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.ui_pages $(UI_BENCH_ARGS)
+	$(BIN)/python -m benchmarks.search $(if $(findstring --quick,$(BENCH_ARGS)),--quick) $(SEARCH_BENCH_ARGS)
 
 # Branching a 10,000-item conversation, ours against the SDK's AdvancedSQLiteSession.
 bench-branching: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.branching --database-url $${BENCH_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
+
+# Recall alone: search p50 on 1,000,000 messages (SEARCH_BENCH_ARGS="--quick": 100,000).
+bench-search: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.search $(SEARCH_BENCH_ARGS)
 
 profile: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench --profile $(BENCH_ARGS)

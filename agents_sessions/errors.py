@@ -206,6 +206,22 @@ class TurnNotFoundError(BranchError):
     """No user turn with that number (or matching that text) on the current branch."""
 
 
+class InvalidRunStateError(AgentsSessionsError, ValueError):
+    """A paused run's state cannot be stored or restored: not JSON, too large, or corrupt.
+
+    Raised before anything is written (on save) or before anything is removed (on
+    load and claim).
+    """
+
+
+class RunStateVersionError(InvalidRunStateError):
+    """A stored paused run was saved in a ``RunState`` schema this SDK cannot read.
+
+    The message names both versions (the stored one and what the installed SDK
+    reads). The state is kept: resume it with a matching SDK, or discard it.
+    """
+
+
 class ExportFormatError(AgentsSessionsError, ValueError):
     """An import file is not a valid export; nothing was written.
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .db.hot_path import HotMessages
 from .errors import ConnectionLostError, InvalidArgumentError
+from .expiry import retention_options
 from .history import HistoryManagementMixin, validate_branch_name
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
@@ -37,7 +39,7 @@ from .usage_capture import (
 from .validation import validate_identifier, validate_limit, validate_metadata
 
 if TYPE_CHECKING:
-    from agents import RunContextWrapper
+    from agents import Agent, RunContextWrapper, RunState
     from agents.memory import SessionSettings
 
 #: Resolves the acting tenant of a run from the SDK's run context.
@@ -144,6 +146,12 @@ class PostgreSQLSession(HistoryManagementMixin):
             that takes the run's ``RunContextWrapper`` (which the Runner passes to
             every call as ``wrapper``) and returns one. New conversations are owned
             by the tenant; ``user_id``, if also given, must be the same user.
+        ttl: Time-to-live of the conversation (default: the ``ttl`` setting,
+            ``AGENTS_SESSIONS_TTL``). Each ``add_items`` or ``pop_item`` extends it;
+            once it has passed the conversation reads as empty, and the next
+            ``add_items`` starts it afresh. See :mod:`agents_sessions.expiry`.
+        keep_last_turns: After each ``add_items``, keep only the newest this many
+            turns (a turn starts at a user message); older items are deleted.
 
     Construction validates its arguments and does no I/O; the first database call
     checks (and by default migrates) the schema, once per engine.
@@ -162,6 +170,8 @@ class PostgreSQLSession(HistoryManagementMixin):
         session_settings: SessionSettings | Mapping[str, Any] | None = None,
         settings: Settings | None = None,
         tenant_id: str | TenantResolver | None = None,
+        ttl: timedelta | None = None,
+        keep_last_turns: int | None = None,
     ) -> None:
         self.session_id = validate_identifier(conversation_id)
         self.user_id = None if user_id is None else validate_identifier(user_id, name="user_id")
@@ -186,6 +196,10 @@ class PostgreSQLSession(HistoryManagementMixin):
         self._metadata = validate_metadata(metadata)
         self.session_settings = _coerce_session_settings(session_settings)
         self._store = get_store(database_url, settings=settings)
+        self.ttl, self.keep_last_turns = retention_options(
+            ttl, keep_last_turns, default_ttl=self._store.settings.ttl
+        )
+        self._ttl_seconds = None if self.ttl is None else int(self.ttl.total_seconds())
         # user_id/metadata ride along with writes until one has stored them.
         self._owner_pending = self.user_id is not None or self._metadata is not None
 
@@ -348,6 +362,7 @@ class PostgreSQLSession(HistoryManagementMixin):
                         user_id=user_id,
                         metadata=metadata,
                         idempotency_key=key,
+                        ttl_seconds=self._ttl_seconds,
                     )
                     record_turn_usage(repos, self.session_id, usage)
 
@@ -361,6 +376,7 @@ class PostgreSQLSession(HistoryManagementMixin):
                         user_id=user_id,
                         metadata=metadata,
                         idempotency_key=key,
+                        ttl_seconds=self._ttl_seconds,
                     ),
                     write=True,
                     repeatable=True,
@@ -375,6 +391,15 @@ class PostgreSQLSession(HistoryManagementMixin):
             )
             raise
         self._owner_pending = False
+        if self.keep_last_turns is not None:
+            # A second statement, only for sessions that trim: idempotent, so a
+            # failure here loses nothing (the next add_items trims again).
+            turns = self.keep_last_turns
+            self._store.run_write(
+                lambda repos: repos.messages.trim_to_last_turns(self.session_id, turns),
+                repeatable=True,
+                tenant_id=tenant,
+            )
 
     async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> Any | None:
         """Remove and return the newest item, or ``None`` when there is none.
@@ -396,7 +421,7 @@ class PostgreSQLSession(HistoryManagementMixin):
         # A transaction: the pop locks the conversation, finds the newest item of the
         # current branch, and keeps it for any other branch that shares it.
         return self._store.run_transaction(
-            lambda repos: repos.messages.pop_latest(self.session_id),
+            lambda repos: repos.messages.pop_latest(self.session_id, ttl_seconds=self._ttl_seconds),
             repeatable=False,
             tenant_id=tenant,
         )
@@ -509,3 +534,117 @@ class PostgreSQLSession(HistoryManagementMixin):
         if entries:
             self._owner_pending = False
         return written
+
+    # ------------------------------------------------------------------ paused runs
+    # (human-in-the-loop approvals; see agents_sessions.run_states)
+
+    async def save_run_state(
+        self,
+        state: RunState[Any, Any],
+        *,
+        context_serializer: Any = None,
+        strict_context: bool = False,
+        wrapper: RunContextWrapper[Any] | None = None,
+    ) -> None:
+        """Store a paused run (``result.to_state()``) with this conversation.
+
+        Replaces any paused run stored before. The state is serialized with the SDK's
+        ``to_json()`` and checked first: not JSON, or larger than
+        ``max_run_state_bytes``, raises
+        :class:`~agents_sessions.errors.InvalidRunStateError` and nothing is saved.
+        """
+        from .run_states import encode_run_state
+
+        tenant = self._acting_tenant(wrapper)
+        encoded = encode_run_state(
+            state,
+            max_bytes=self._store.settings.max_run_state_bytes,
+            context_serializer=context_serializer,
+            strict_context=strict_context,
+        )
+        user_id, _ = self._owner(tenant)
+        await self._mutate(
+            lambda: self._store.run_transaction(
+                lambda repos: repos.run_states.save(
+                    self.session_id, user_id=user_id, **encoded.save_arguments()
+                ),
+                repeatable=True,  # an upsert of the same document
+                tenant_id=tenant,
+            )
+        )
+
+    async def load_run_state(
+        self,
+        agent: Agent[Any],
+        *,
+        wrapper: RunContextWrapper[Any] | None = None,
+        **options: Any,
+    ) -> RunState[Any, Any] | None:
+        """The paused run of this conversation as a ``RunState``, or ``None``; it stays stored.
+
+        ``options`` go to ``RunState.from_json`` (``context_override``,
+        ``context_deserializer``, ``strict_context``). A state saved in a schema
+        version the installed SDK cannot read raises
+        :class:`~agents_sessions.errors.RunStateVersionError` naming both versions.
+        """
+        from .run_states import restore_run_state
+
+        tenant = self._acting_tenant(wrapper)
+        record = await self._in_thread(
+            lambda: self._store.run_read(
+                lambda repos: repos.run_states.get(self.session_id), tenant_id=tenant
+            )
+        )
+        return None if record is None else await restore_run_state(agent, record, **options)
+
+    async def claim_run_state(
+        self,
+        agent: Agent[Any],
+        *,
+        wrapper: RunContextWrapper[Any] | None = None,
+        **options: Any,
+    ) -> RunState[Any, Any] | None:
+        """Remove and return the paused run: of concurrent claimers, exactly one gets it.
+
+        Use it where an approval resumes the run, so that a double click or two
+        servers receiving the same approval resume it once. If the state cannot be
+        restored (:class:`~agents_sessions.errors.RunStateVersionError`, or the SDK
+        rejects it for ``agent``), it is put back -- unless a new one was saved
+        meanwhile -- and the error raised.
+        """
+        from .run_states import restore_run_state
+
+        tenant = self._acting_tenant(wrapper)
+        # Never retried: a claim that committed before its connection died must not
+        # run again (the state would be reported absent); ConnectionLostError says so.
+        record = await self._mutate(
+            lambda: self._store.run_transaction(
+                lambda repos: repos.run_states.claim(self.session_id),
+                repeatable=False,
+                tenant_id=tenant,
+            )
+        )
+        if record is None:
+            return None
+        try:
+            return await restore_run_state(agent, record, **options)
+        except BaseException:
+            await self._mutate(
+                lambda: self._store.run_transaction(
+                    lambda repos: repos.run_states.restore(record),
+                    repeatable=True,
+                    tenant_id=tenant,
+                )
+            )
+            raise
+
+    async def delete_run_state(self, *, wrapper: RunContextWrapper[Any] | None = None) -> bool:
+        """Discard this conversation's paused run. Returns whether there was one."""
+        tenant = self._acting_tenant(wrapper)
+        return await self._mutate(
+            lambda: self._store.run_transaction(
+                lambda repos: repos.run_states.delete(self.session_id),
+                repeatable=True,
+                tenant_id=tenant,
+            )
+        )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -24,6 +25,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL
 
 from .errors import ConfigurationError
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def default_sqlite_path() -> Path:
@@ -140,6 +143,22 @@ class Settings(BaseSettings):
             "A larger item fails add_items with ItemTooLargeError before anything is written."
         ),
     )
+    ttl: timedelta | None = Field(
+        default=None,
+        description=(
+            "Default time-to-live of the conversations sessions write, e.g. 30d, 12h, "
+            "90m, 45s, 2w (or seconds). Each write extends it; an expired conversation "
+            "reads as empty and the next write starts it afresh. None: no expiry."
+        ),
+    )
+    max_run_state_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Largest paused run (the SDK's RunState as JSON, UTF-8 bytes) that "
+            "save_run_state stores; a larger one raises InvalidRunStateError."
+        ),
+    )
     statement_timeout_ms: int | None = Field(
         default=None,
         ge=1,
@@ -176,6 +195,26 @@ class Settings(BaseSettings):
             "across processes and servers."
         ),
     )
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _duration_with_unit(cls, value: object) -> object:
+        # `30d`, `12h`: the spelling of the CLI's durations (pydantic reads seconds
+        # and ISO 8601 itself). Blank means unset.
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if not text:
+                return None
+            if text[-1:] in _DURATION_UNITS and text[:-1].isdigit():
+                return timedelta(seconds=int(text[:-1]) * _DURATION_UNITS[text[-1]])
+        return value
+
+    @field_validator("ttl")
+    @classmethod
+    def _positive_ttl(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value < timedelta(seconds=1):
+            raise ValueError("must be at least one second")
+        return value
 
     @field_validator("database_url", "migration_url", "replica_url", mode="before")
     @classmethod

@@ -26,7 +26,8 @@ from alembic import context
 from sqlalchemy import Connection, text
 
 from agents_sessions.db.engine import SQLITE_WRITE_OPTION, create_pooled_engine, parse_database_url
-from agents_sessions.db.models import Base, comparison_filter
+from agents_sessions.db.migrate import RevisionRecordedConcurrently
+from agents_sessions.db.models import Base, comparison_filter, is_modelled
 from agents_sessions.settings import Settings, load_settings
 
 config = context.config
@@ -61,6 +62,7 @@ def _configure(connection: Connection) -> None:
         compare_type=True,
         # SQLite-only indexes (see models.sqlite_only) are not expected elsewhere.
         include_object=comparison_filter(connection.dialect.name),
+        include_name=is_modelled,
     )
 
 
@@ -82,16 +84,25 @@ def run_migrations_offline() -> None:
 def _migrate_locked(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
         _configure(connection)
-        with context.begin_transaction():
-            # A transaction-level lock inside Alembic's one transaction: taken
-            # before Alembic reads the current revision, released by the COMMIT or
-            # ROLLBACK that ends the migration, so it cannot be left behind.
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock(:lock_id)"),
-                {"lock_id": _settings().migration_lock_id},
-            )
-            context.run_migrations()
-        return
+        while True:
+            try:
+                with context.begin_transaction():
+                    # A transaction-level lock inside Alembic's transaction: taken
+                    # before Alembic reads the current revision, released by the
+                    # COMMIT or ROLLBACK that ends the migration (or by the commit of
+                    # an autocommit block, see revision 0008), so it cannot be left
+                    # behind -- not even on a transaction-pooling proxy's connection.
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:lock_id)"),
+                        {"lock_id": _settings().migration_lock_id},
+                    )
+                    context.run_migrations()
+                return
+            except RevisionRecordedConcurrently:
+                # A revision that commits part-way (an index built CONCURRENTLY) found
+                # that another migrator recorded it meanwhile: start over from the
+                # revision now recorded (usually: nothing left to do).
+                continue
 
     # SQLite: the listener installed by create_pooled_engine turns this option into
     # BEGIN IMMEDIATE when Alembic begins its transaction.

@@ -26,6 +26,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     # The explorer: its command loads the [ui] extra only when run.
     "ui",
     "citus",
+    "search",
+    "runs",
 )
 
 

@@ -49,7 +49,7 @@ def status(context: CliContext, as_json: bool) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_cli_context
 def enable(context: CliContext, yes: bool) -> None:
-    """Enforce the tenant policies on conversations, messages and usage_logs.
+    """Enforce the tenant policies on every table that holds a tenant's data.
 
     From then on the application role sees only the rows of the tenant it acts for,
     and none without one. Asks for confirmation unless --yes; declining exits with

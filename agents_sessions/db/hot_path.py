@@ -56,6 +56,7 @@ class HotMessages(Protocol):
         user_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        ttl_seconds: int | None = None,
     ) -> int:
         """Append encoded items (one statement on PostgreSQL); how many were written."""
         ...

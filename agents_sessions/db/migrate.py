@@ -33,12 +33,23 @@ if TYPE_CHECKING:
 #: The revision the shipped migrations end at, written down so that the check every
 #: engine makes on first use needs no Alembic import. A unit test holds it equal to
 #: :func:`head_revision` (the migration scripts' own answer).
-SHIPPED_HEAD_REVISION = "0007"
+SHIPPED_HEAD_REVISION = "0008"
 
 # Alembic's `context` and `op` are process-global proxies: two migrations running in
 # one process at once (two engines' first use, say) would cross their wires. The
 # database lock in env.py serialises processes; this serialises threads.
 _alembic_lock = threading.Lock()
+
+
+class RevisionRecordedConcurrently(Exception):
+    """Raised by a migration that commits part-way when another migrator recorded it meanwhile.
+
+    A revision that builds an index with ``CREATE INDEX CONCURRENTLY`` (0008) commits
+    the migration transaction first, which releases the migration lock: a second
+    migrator can then reach the same revision. Whichever records it second raises
+    this after re-taking the lock; ``migrations/env.py`` rolls back and starts over
+    from the revision now recorded.
+    """
 
 
 def migrations_directory() -> Path:
@@ -171,6 +182,11 @@ def ensure_schema_at_head(engine: Engine, *, auto_migrate: bool, settings: Setti
         with _alembic_lock:
             if settings.migration_url is None:
                 command.upgrade(alembic_config(connection=connection, settings=settings), "head")
+                # A revision that ran in Alembic's autocommit_block (0008) left this
+                # connection's isolation level set through SQLAlchemy, which resets it
+                # on check-in to the level it first saw -- not necessarily the READ
+                # COMMITTED the engine sets per connection. Never pool it again.
+                connection.invalidate()
                 return
             # Behind a transaction-pooling proxy: migrate on the direct URL, then make
             # sure it was this database that got migrated.

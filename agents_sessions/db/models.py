@@ -57,6 +57,11 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+#: The text search configuration of recall on PostgreSQL (stemming, stop words).
+SEARCH_CONFIG = "english"
+#: The indexed expression over ``messages.content`` (revision 0006's GIN index).
+CONTENT_SEARCH_VECTOR = f"to_tsvector('{SEARCH_CONFIG}'::regconfig, content)"
+
 #: The longest conversation or user id accepted (characters).
 MAX_ID_LENGTH = 255
 
@@ -126,6 +131,29 @@ def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
     return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
 
 
+class expiry_after(FunctionElement[datetime]):
+    """``now`` plus a number of seconds (a bound parameter), as :class:`utcnow` spells now.
+
+    NULL when the seconds are NULL: "no time-to-live" needs no separate statement.
+    """
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+    name = "expiry_after"
+
+
+@compiles(expiry_after)
+def _expiry_after_default(element: expiry_after, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(next(iter(element.clauses)), **kw)
+    return f"(now() + make_interval(secs => {seconds}))"
+
+
+@compiles(expiry_after, "sqlite")
+def _expiry_after_sqlite(element: expiry_after, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(next(iter(element.clauses)), **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || {seconds} || ' seconds') || '000')"
+
+
 def stored_utc(value: datetime) -> datetime:
     """A timestamp read from the database as an aware UTC datetime.
 
@@ -192,6 +220,9 @@ class Conversation(Base):
     # The branch the conversation continues on (NULL: main). Stored, not kept per
     # session object, so every server appends to and reads the same branch.
     current_branch: Mapped[str | None] = mapped_column(Text)
+    # Retention (revision 0006): when set, the conversation reads as empty from this
+    # instant on, and the next write starts it afresh (see agents_sessions.expiry).
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -211,6 +242,13 @@ class Conversation(Base):
         Index(None, "created_at"),
         # "Active in the last N hours" and retention by age.
         Index(None, "updated_at"),
+        # `prune --expired`: only conversations with a time-to-live are in it.
+        Index(
+            None,
+            "expires_at",
+            postgresql_where=text("expires_at IS NOT NULL"),
+            sqlite_where=text("expires_at IS NOT NULL"),
+        ),
     )
 
 
@@ -264,6 +302,15 @@ class Message(Base):
             postgresql_where=text("append_key IS NOT NULL"),
             sqlite_where=text("append_key IS NOT NULL"),
         ),
+        # Recall (revision 0006): full-text search over the readable text. An
+        # expression index, so adding it rewrote nothing; queries must spell the
+        # same expression (agents_sessions.repositories.search) to use it.
+        Index(
+            "ix_messages_content_search",
+            text(CONTENT_SEARCH_VECTOR),
+            postgresql_using="gin",
+            info={"dialects": ("postgresql",)},
+        ).ddl_if(dialect="postgresql"),
         # AUTOINCREMENT: SQLite never reuses the id of a popped newest row.
         {"sqlite_autoincrement": True},
     )
@@ -388,9 +435,44 @@ class AppendKey(Base):
     )
 
 
+class StoredRunState(Base):
+    """A paused agent run (the SDK's ``RunState`` as JSON), at most one per conversation.
+
+    ``state`` is the SDK's own serialization, verbatim; ``schema_version`` and
+    ``approvals`` (tool name, arguments and call id of every approval pending) are
+    copied out of it when it is saved, so operators can list what waits for whom
+    without loading the SDK.
+    """
+
+    __tablename__ = "run_states"
+
+    conversation_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    agent_name: Mapped[str] = mapped_column(Text, nullable=False)
+    schema_version: Mapped[str] = mapped_column(Text, nullable=False)
+    sdk_version: Mapped[str] = mapped_column(Text, nullable=False)
+    approvals: Mapped[Any] = mapped_column(JSONDocument, nullable=False)
+    state: Mapped[Any] = mapped_column(JSONDocument, nullable=False)
+    state_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=utcnow(), nullable=False
+    )
+
+
+def is_modelled(name: str | None, type_: str, parent_names: Any) -> bool:
+    """Alembic ``include_name`` hook: skip what the database holds beyond the models.
+
+    That is SQLite's full-text index of ``messages.content`` (revision 0006): the
+    FTS5 table ``messages_fts`` and its shadow tables, kept by triggers, not mapped.
+    """
+    return not (type_ == "table" and name is not None and name.startswith("messages_fts"))
+
+
 # Core handles on the mapped tables, for the repositories' statements.
 conversations_table = cast(Table, Conversation.__table__)
 messages_table = cast(Table, Message.__table__)
 usage_logs_table = cast(Table, UsageLog.__table__)
 branches_table = cast(Table, ConversationBranch.__table__)
 append_keys_table = cast(Table, AppendKey.__table__)
+run_states_table = cast(Table, StoredRunState.__table__)

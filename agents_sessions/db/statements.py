@@ -15,9 +15,11 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     JSON,
+    Boolean,
     Connection,
     Integer,
     Text,
+    and_,
     bindparam,
     case,
     cast,
@@ -42,7 +44,9 @@ from .models import (
     append_keys_table,
     branches_table,
     conversations_table,
+    expiry_after,
     messages_table,
+    run_states_table,
     utcnow,
 )
 
@@ -76,6 +80,49 @@ _DIALECT_INSERT: dict[str, Callable[..., Any]] = {
 }
 
 
+# --- retention (time-to-live): see agents_sessions.repositories.messages ---------------
+#: Seconds to live from now, or NULL (no time-to-live given: the expiry is unchanged).
+TTL_SECONDS = bindparam("ttl_seconds", None, type_=Integer)
+#: Whether this write may restart an expired conversation (appends only: they purge
+#: the expired history first). Other writers leave an expired conversation expired.
+_RESTART_EXPIRED = bindparam("restart_expired", False, type_=Boolean)
+
+
+def expired(conversation_id: Any) -> Any:
+    """EXISTS: the conversation has expired (it reads as empty)."""
+    return exists().where(
+        conversations.c.id == conversation_id, conversations.c.expires_at <= utcnow()
+    )
+
+
+def _extended_expiry() -> Any:
+    """A live conversation's expiry, extended by the TTL given (unchanged without one)."""
+    return func.coalesce(expiry_after(TTL_SECONDS), conversations.c.expires_at)
+
+
+def _new_expiry(excluded: Any) -> Any:
+    """The expiry an upsert leaves: extended by a TTL, restarted, or unchanged.
+
+    Only ``EXCLUDED`` values stand for "now" here (its ``updated_at``, and its
+    ``expires_at`` = now + TTL): a function call in DO UPDATE SET is refused by
+    Citus on distributed tables (see ``updated_at`` below).
+    """
+    return case(
+        (
+            conversations.c.expires_at <= excluded.updated_at,
+            case((_RESTART_EXPIRED, excluded.expires_at), else_=conversations.c.expires_at),
+        ),
+        else_=func.coalesce(excluded.expires_at, conversations.c.expires_at),
+    )
+
+
+def _branch_after_upsert(excluded: Any) -> Any:
+    """The current branch an upsert leaves: ``main`` (NULL) when it restarts an expired
+    conversation (its branches are purged with its messages), else unchanged."""
+    restarting = and_(conversations.c.expires_at <= excluded.updated_at, _RESTART_EXPIRED)
+    return case((restarting, null()), else_=conversations.c.current_branch)
+
+
 def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
     """INSERT a conversation, or touch it (and update what was given) if it exists.
 
@@ -88,6 +135,7 @@ def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
         metadata=func.coalesce(_metadata_param, _EMPTY_METADATA[dialect_name]),
         created_at=utcnow(),
         updated_at=utcnow(),
+        expires_at=expiry_after(TTL_SECONDS),
     )
     excluded = statement.excluded
     user_id = (
@@ -107,6 +155,8 @@ def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
             "updated_at": excluded.updated_at,
             "user_id": user_id,
             "metadata": func.coalesce(_metadata_param, conversations.c.metadata),
+            "expires_at": _new_expiry(excluded),
+            "current_branch": _branch_after_upsert(excluded),
         },
     )
 
@@ -147,10 +197,43 @@ def _postgres_append() -> Any:
     contiguous. Items arrive as parallel arrays, unnested WITH ORDINALITY and
     inserted in that order.
     """
+    # Whether the conversation had expired, as of this statement's snapshot (a
+    # writer that restarted it since committed a fresh expiry, which the upsert's
+    # CASE sees on the locked row; its messages are not in this snapshot either).
+    was_expired = (
+        select(conversations.c.id)
+        .where(
+            conversations.c.id == bindparam("conversation_id"),
+            conversations.c.expires_at <= utcnow(),
+        )
+        .cte("was_expired")
+    )
     conversation = (
         ENSURE_CONVERSATION["postgresql"]
         .returning(conversations.c.id, conversations.c.current_branch)
         .cte("conversation")
+    )
+    # An expired conversation starts afresh: its old messages and paused run go. The
+    # deletes read `conversation`, so they run after its upsert locked the row (the
+    # lock order of every writer). When nothing expired they are one-time-filtered.
+    restarted = select(conversation.c.id).where(conversation.c.id.in_(select(was_expired.c.id)))
+    purged_messages = (
+        delete(messages)
+        .where(messages.c.conversation_id.in_(restarted))
+        .returning(messages.c.id)
+        .cte("purged_messages")
+    )
+    purged_branches = (
+        delete(branches)
+        .where(branches.c.conversation_id.in_(restarted))
+        .returning(branches.c.conversation_id)
+        .cte("purged_branches")
+    )
+    purged_run_state = (
+        delete(run_states_table)
+        .where(run_states_table.c.conversation_id.in_(restarted))
+        .returning(run_states_table.c.conversation_id)
+        .cte("purged_run_state")
     )
     rows = unnested_rows(
         "new_items", role=("roles", Text), content=("contents", Text), document=("documents", Text)
@@ -201,8 +284,12 @@ def _postgres_append() -> Any:
         .order_by(rows.c.position)
         .add_cte(expired)
     )
-    return insert(messages).from_select(
-        ["conversation_id", "role", "content", "item", "append_key", "branch_id"], source
+    return (
+        insert(messages)
+        .from_select(
+            ["conversation_id", "role", "content", "item", "append_key", "branch_id"], source
+        )
+        .add_cte(purged_messages, purged_branches, purged_run_state)
     )
 
 
@@ -252,7 +339,11 @@ SELECT_CURRENT_BRANCH_FORKED = select(
         branches.c.branch_id == func.coalesce(conversations.c.current_branch, MAIN_BRANCH),
         branches.c.parent_branch_id.isnot(None),
     ),
-).where(conversations.c.id == bindparam("conversation_id"))
+).where(
+    conversations.c.id == bindparam("conversation_id"),
+    # An expired conversation reads as empty (no row: no branch to read).
+    or_(conversations.c.expires_at.is_(None), conversations.c.expires_at > utcnow()),
+)
 _BRANCH_LATEST = (
     select(messages.c.id, messages.c.item)
     .where(
@@ -290,9 +381,13 @@ DELETE_EXPIRED_APPEND_KEYS = delete(append_keys).where(
     append_keys.c.created_at < bindparam("keys_expire_before"),
 )
 
+# An expired conversation reads as empty: one primary-key probe in the same statement.
 _LATEST = (
     select(messages.c.id, messages.c.item)
-    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        ~expired(bindparam("conversation_id")),
+    )
     .order_by(messages.c.id.desc())
     .limit(bindparam("limit", type_=Integer))
     .subquery("latest")
@@ -300,7 +395,10 @@ _LATEST = (
 SELECT_LATEST = select(_LATEST.c.item).order_by(_LATEST.c.id)
 SELECT_ALL = (
     select(messages.c.item)
-    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id"),
+        ~expired(bindparam("conversation_id")),
+    )
     .order_by(messages.c.id)
 )
 SELECT_RECORDS = select(
@@ -322,7 +420,8 @@ def _delete_newest(conversation_id: Any, *, after: Any = None) -> Any:
     """
     newest = (
         select(messages.c.id)
-        .where(messages.c.conversation_id == conversation_id)
+        # An expired conversation has nothing to pop.
+        .where(messages.c.conversation_id == conversation_id, ~expired(conversation_id))
         .order_by(messages.c.id.desc())
         .limit(1)
     )
@@ -368,14 +467,17 @@ def _postgres_pop() -> Any:
     touched = (
         update(conversations)
         .where(conversations.c.id == conversation_id, exists(select(popped.c.conversation_id)))
-        .values(updated_at=utcnow())
+        .values(updated_at=utcnow(), expires_at=_extended_expiry())
         .cte("touched")
     )
     return select(popped.c.item).add_cte(touched)
 
 
 POSTGRES_POP = _postgres_pop()
-HAS_MESSAGES = select(exists().where(messages.c.conversation_id == bindparam("conversation_id")))
+HAS_MESSAGES = select(
+    exists().where(messages.c.conversation_id == bindparam("conversation_id"))
+    & ~expired(bindparam("conversation_id"))
+)
 
 
 # The current branch's history in one statement (PostgreSQL). The recursive CTE
@@ -387,7 +489,8 @@ HAS_MESSAGES = select(exists().where(messages.c.conversation_id == bindparam("co
 _VIEW_CHAIN = """
 WITH RECURSIVE chain(branch_id, bound) AS (
     SELECT COALESCE(c.current_branch, 'main'), CAST(NULL AS BIGINT)
-    FROM conversations c WHERE c.id = :conversation_id
+    FROM conversations c
+    WHERE c.id = :conversation_id AND (c.expires_at IS NULL OR c.expires_at > now())
   UNION ALL
     SELECT b.parent_branch_id, LEAST(chain.bound, b.fork_before_id)
     FROM chain JOIN conversation_branches b
@@ -419,12 +522,49 @@ SELECT m.item FROM chain JOIN messages m
 ORDER BY m.id
 """
 ).columns(item=JSONDocument)
+IS_EXPIRED = select(expired(bindparam("conversation_id")))
 TOUCH_CONVERSATION = (
     update(conversations)
     .where(conversations.c.id == bindparam("conversation_id"))
-    .values(updated_at=utcnow())
+    .values(updated_at=utcnow(), expires_at=_extended_expiry())
 )
 CLEAR = delete(messages).where(messages.c.conversation_id == bindparam("conversation_id"))
+
+
+def _trim_to_last_turns() -> Any:
+    """DELETE the messages before the conversation's newest ``turns`` user messages.
+
+    A turn starts at a user message; what came before the oldest kept one goes.
+    Fewer turns than that: the subquery is NULL and nothing is deleted.
+    """
+    oldest_kept = (
+        select(messages.c.id)
+        .where(
+            messages.c.conversation_id == bindparam("conversation_id"), messages.c.role == "user"
+        )
+        .order_by(messages.c.id.desc())
+        .offset(bindparam("turns_before", type_=Integer))
+        .limit(1)
+        .scalar_subquery()
+    )
+    return delete(messages).where(
+        messages.c.conversation_id == bindparam("conversation_id"), messages.c.id < oldest_kept
+    )
+
+
+TRIM_TO_LAST_TURNS = _trim_to_last_turns()
+PURGE_MESSAGES = delete(messages).where(messages.c.conversation_id == bindparam("conversation_id"))
+PURGE_BRANCHES = delete(branches).where(branches.c.conversation_id == bindparam("conversation_id"))
+PURGE_RUN_STATE = delete(run_states_table).where(
+    run_states_table.c.conversation_id == bindparam("conversation_id")
+)
+LOCK_IF_EXPIRED = (
+    select(conversations.c.id)
+    .where(
+        conversations.c.id == bindparam("conversation_id"), conversations.c.expires_at <= utcnow()
+    )
+    .with_for_update()
+)
 COUNT_MESSAGES = select(func.count()).where(
     messages.c.conversation_id == bindparam("conversation_id")
 )

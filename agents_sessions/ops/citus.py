@@ -40,13 +40,15 @@ DISTRIBUTION_COLUMNS = {
     "usage_logs": "conversation_id",
     "conversation_branches": "conversation_id",
     "append_keys": "conversation_id",
+    "run_states": "conversation_id",
 }
-#: Tenant policies (migrations 0003, 0005, 0007) Citus cannot distribute: they use a subquery.
+#: Tenant policies (migrations 0003, 0005-0007) Citus cannot distribute: they use a subquery.
 SUBQUERY_POLICIES = {
     "messages": "messages_tenant_isolation",
     "usage_logs": "usage_logs_tenant_isolation",
     "conversation_branches": "conversation_branches_tenant_isolation",
     "append_keys": "append_keys_tenant_isolation",
+    "run_states": "run_states_tenant_isolation",
 }
 
 

@@ -233,14 +233,18 @@ class _BatchResult:
 
 
 def _prune_batch(
-    connection: Connection, cutoff: datetime, after: tuple[str, bool] | None, batch_size: int
+    connection: Connection, deletable: Any, after: tuple[str, bool] | None, batch_size: int
 ) -> _BatchResult:
-    """One prune transaction's work (the caller commits)."""
+    """One prune transaction's work (the caller commits).
+
+    ``deletable`` is the condition that makes a conversation deletable (too old, or
+    expired): a SQL expression over ``conversations``, re-checked under the lock.
+    """
     # 1. The next old conversations in id order, locked, their age re-checked under
     #    the lock (READ COMMITTED re-evaluates the WHERE on the newest row version).
     #    SKIP LOCKED: a conversation a writer holds right now is skipped, not waited
     #    for -- it is being written, so it is not old anyway.
-    candidates = select(conversations.c.id).where(_old(cutoff))
+    candidates = select(conversations.c.id).where(deletable)
     if after is not None:
         start, inclusive = after
         candidates = candidates.where(
@@ -251,7 +255,7 @@ def _prune_batch(
     )
     if is_distributed(connection):
         locked = _lock_one_by_one(
-            connection, list(connection.execute(candidates).scalars()), cutoff
+            connection, list(connection.execute(candidates).scalars()), deletable
         )
     else:
         locked = list(connection.execute(candidates.with_for_update(skip_locked=True)).scalars())
@@ -259,7 +263,7 @@ def _prune_batch(
         return _BatchResult(locked, set(), 0, 0, [])
     # Every statement below repeats the age condition: it is what makes a row
     # deletable, so it is checked where the row is deleted.
-    still_old = select(conversations.c.id).where(conversations.c.id.in_(locked), _old(cutoff))
+    still_old = select(conversations.c.id).where(conversations.c.id.in_(locked), deletable)
     # 2. At most batch_size messages of those conversations, conversation by
     #    conversation and oldest first, so only the last one can be left half-done.
     doomed = (
@@ -279,7 +283,7 @@ def _prune_batch(
     # 3. The conversations this left empty: their usage rows, then their rows.
     emptied = and_(
         conversations.c.id.in_(locked),
-        _old(cutoff),
+        deletable,
         ~exists().where(messages.c.conversation_id == conversations.c.id),
     )
     usage_rows = connection.execute(
@@ -295,8 +299,8 @@ def _prune_batch(
     return _BatchResult(locked, set(touched), len(touched), int(usage_rows or 0), deleted)
 
 
-def _lock_one_by_one(connection: Connection, candidates: list[str], cutoff: datetime) -> list[str]:
-    """Lock ``candidates`` (still old, not held by a writer) one conversation at a time.
+def _lock_one_by_one(connection: Connection, candidates: list[str], deletable: Any) -> list[str]:
+    """Lock ``candidates`` (still deletable, not held by a writer) one conversation at a time.
 
     On a sharded cluster (Citus) ``FOR UPDATE`` must stay on one shard, so the
     batch's rows are locked by one single-shard statement each, in id order, with
@@ -306,7 +310,7 @@ def _lock_one_by_one(connection: Connection, candidates: list[str], cutoff: date
     for conversation_id in candidates:
         row = connection.execute(
             select(conversations.c.id)
-            .where(conversations.c.id == conversation_id, _old(cutoff))
+            .where(conversations.c.id == conversation_id, deletable)
             .with_for_update(skip_locked=True)
         ).scalar_one_or_none()
         if row is not None:
@@ -341,13 +345,21 @@ def prune(
     with store.read() as repos:
         require_unfiltered_access(repos.connection, "prune")
     summary = PruneSummary(cutoff=prune_cutoff(older_than, now=now), dry_run=False, batch_size=size)
+    return _prune_in_batches(store, _old(summary.cutoff), summary, progress)
+
+
+def _prune_in_batches(
+    store: SessionStore, deletable: Any, summary: PruneSummary, progress: Progress | None
+) -> PruneSummary:
+    """Delete the conversations matching ``deletable`` in batches of ``summary.batch_size``."""
+    size = summary.batch_size
     # Conversations partly deleted and not yet finished. Normally at most one (the
     # last of a batch); more only when the app wrote to one of them in between.
     unfinished: set[str] = set()
     after: tuple[str, bool] | None = None  # (id, inclusive): where the next batch starts
     while True:
         with store.transaction() as repos:
-            batch = _prune_batch(repos.connection, summary.cutoff, after, size)
+            batch = _prune_batch(repos.connection, deletable, after, size)
         if not batch.locked:
             break
         unfinished |= batch.touched
@@ -367,3 +379,95 @@ def prune(
     summary.interrupted = len(unfinished)
     summary.interrupted_ids = sorted(unfinished)[:MAX_LISTED_IDS]
     return summary
+
+
+# --------------------------------------------------------------------------------------
+# Retention by time-to-live (conversations.expires_at; see agents_sessions.expiry)
+# --------------------------------------------------------------------------------------
+
+
+def _expired(now: datetime) -> Any:
+    return conversations.c.expires_at <= now
+
+
+def prune_expired(
+    store: SessionStore,
+    *,
+    batch_size: int = DEFAULT_PRUNE_BATCH_SIZE,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> PruneSummary:
+    """Delete the conversations whose time-to-live has passed, in bounded batches.
+
+    The same batches, locks and guarantees as :func:`prune`: a conversation that is
+    written meanwhile gets a new expiry and is kept. Expired conversations already
+    read as empty; this reclaims their space (paused runs go by cascade).
+    ``summary.cutoff`` is the instant expiry was judged against.
+    """
+    size = validate_batch_size(batch_size)
+    instant = now or datetime.now(timezone.utc)
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=timezone.utc)
+    summary = PruneSummary(cutoff=instant, dry_run=dry_run, batch_size=size)
+    if dry_run:
+        with store.read() as repos:
+            counts = _counts_for(
+                repos.connection, select(conversations.c.id).where(_expired(instant))
+            )
+        summary.conversations = counts.conversations
+        summary.messages = counts.messages
+        summary.usage_rows = counts.usage_rows
+        return summary
+    return _prune_in_batches(store, _expired(instant), summary, progress)
+
+
+@dataclass
+class TrimSummary:
+    """What :func:`trim_turns` deleted: messages before each conversation's last turns."""
+
+    keep_last_turns: int
+    conversations_trimmed: int = 0
+    messages: int = 0
+    batches: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready data."""
+        return asdict(self)
+
+
+def trim_turns(
+    store: SessionStore,
+    keep_last_turns: int,
+    *,
+    batch_size: int = MAX_CONVERSATIONS_PER_BATCH,
+    progress: Progress | None = None,
+) -> TrimSummary:
+    """Keep only the newest ``keep_last_turns`` turns of every conversation.
+
+    Conversations are visited in id order, ``batch_size`` per short transaction; a
+    turn starts at a user message (as for a session's ``keep_last_turns``).
+    """
+    if not isinstance(keep_last_turns, int) or keep_last_turns < 1:
+        raise InvalidArgumentError("keep_last_turns must be a positive int")
+    size = validate_batch_size(batch_size)
+    summary = TrimSummary(keep_last_turns=keep_last_turns)
+    last: str | None = None
+    while True:
+        query = select(conversations.c.id).order_by(conversations.c.id).limit(size)
+        if last is not None:
+            query = query.where(conversations.c.id > last)
+        with store.transaction() as repos:
+            ids = list(repos.connection.execute(query).scalars())
+            deleted = 0
+            for conversation_id in ids:
+                trimmed = repos.messages.trim_to_last_turns(conversation_id, keep_last_turns)
+                deleted += trimmed
+                summary.conversations_trimmed += 1 if trimmed else 0
+        if not ids:
+            return summary
+        summary.batches += 1
+        summary.messages += deleted
+        if progress is not None:
+            progress(deleted)
+        last = ids[-1]

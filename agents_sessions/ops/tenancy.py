@@ -25,12 +25,13 @@ from sqlalchemy import Connection, text
 from ..errors import CitusError, ConfigurationError, RowLevelSecurityFilteredError
 from .citus import is_distributed
 
-#: The tables the tenant policies protect (migrations 0003, 0005 and 0007).
+#: The tables the tenant policies protect (migrations 0003, 0005, 0006 and 0007).
 PROTECTED_TABLES = (
     "conversations",
     "messages",
     "usage_logs",
     "conversation_branches",
+    "run_states",
     "append_keys",
 )
 

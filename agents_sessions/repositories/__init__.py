@@ -21,6 +21,8 @@ from .records import (
     UsageEntry,
     UsageTotals,
 )
+from .run_states import PendingApproval, RunStatePage, RunStateRepository, StoredRunState
+from .search import SearchHit, SearchPage
 from .usage import UsageRepository
 
 
@@ -33,6 +35,7 @@ class Repositories:
         self.messages = MessageRepository(connection)
         self.usage = UsageRepository(connection)
         self.branches = BranchRepository(connection)
+        self.run_states = RunStateRepository(connection)
 
 
 __all__ = [
@@ -41,8 +44,14 @@ __all__ = [
     "ConversationRecord",
     "ConversationRepository",
     "MessageRepository",
+    "PendingApproval",
     "Repositories",
+    "RunStatePage",
+    "RunStateRepository",
+    "SearchHit",
+    "SearchPage",
     "StoredMessage",
+    "StoredRunState",
     "UsageEntry",
     "UsageRepository",
     "UsageTotals",

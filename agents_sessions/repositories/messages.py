@@ -21,22 +21,30 @@ from ..db.statements import (
     DELETE_EXPIRED_APPEND_KEYS,
     ENSURE_CONVERSATION,
     INSERT_MESSAGE_ON_CURRENT_BRANCH,
+    IS_EXPIRED,
+    LOCK_IF_EXPIRED,
     POSTGRES_APPEND,
     POSTGRES_VIEW_ALL,
     POSTGRES_VIEW_LATEST,
+    PURGE_BRANCHES,
+    PURGE_MESSAGES,
+    PURGE_RUN_STATE,
     SELECT_BRANCH_ALL,
     SELECT_BRANCH_LATEST,
     SELECT_CURRENT_BRANCH_FORKED,
     SELECT_RECORDS,
     TOUCH_CONVERSATION,
+    TRIM_TO_LAST_TURNS,
     execute,
     violates_append_key,
 )
+from ..errors import InvalidArgumentError
 from ..items import EncodedItem, encode_items
 from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata
 from .branches import BranchRepository
 from .context import acting_tenant, in_driver_transaction
 from .records import StoredMessage
+from .search import SearchPage, search_messages
 
 #: How long an append's idempotency key is kept at least: a call repeated with the
 #: same key within this time stores its items once (see ``models.AppendKey``).
@@ -107,11 +115,15 @@ class MessageRepository:
         user_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        ttl_seconds: int | None = None,
     ) -> int:
         """:meth:`append` for items already passed through :func:`encode_items`.
 
         Arguments are trusted to be validated (the session facade validates them
-        before leaving the event loop).
+        before leaving the event loop). ``ttl_seconds`` sets the conversation to
+        expire that long from now (see :mod:`agents_sessions.expiry`). An expired
+        conversation starts afresh: its old messages and paused run are deleted
+        first, in the same transaction.
         """
         if not encoded:
             return 0
@@ -119,6 +131,8 @@ class MessageRepository:
             "conversation_id": conversation_id,
             "user_id": user_id or acting_tenant(self.connection),
             "metadata": metadata,
+            "ttl_seconds": ttl_seconds,
+            "restart_expired": True,
         }
         acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
         if self.connection.dialect.name == "postgresql" and not acting_for_tenant:
@@ -160,6 +174,12 @@ class MessageRepository:
         # BEGIN IMMEDIATE, the single write lock), so ids follow commit order, and
         # the key check below cannot race another writer of this conversation.
         dialect_name = self.connection.dialect.name
+        # (An expired conversation's row is locked just before, to purge it.)
+        if self.connection.execute(LOCK_IF_EXPIRED, {"conversation_id": conversation_id}).first():
+            # Expired: it starts afresh (the row stays locked until commit); the upsert
+            # below takes it back to main.
+            for purge in (PURGE_MESSAGES, PURGE_BRANCHES, PURGE_RUN_STATE):
+                self.connection.execute(purge, {"conversation_id": conversation_id})
         self.connection.execute(ENSURE_CONVERSATION[dialect_name], conversation)
         self.connection.execute(
             DELETE_EXPIRED_APPEND_KEYS,
@@ -265,7 +285,25 @@ class MessageRepository:
             for row in rows
         ]
 
-    def pop_latest(self, conversation_id: str) -> dict[str, Any] | None:
+    def trim_to_last_turns(self, conversation_id: str, turns: int) -> int:
+        """Delete what precedes the newest ``turns`` turns (a turn starts at a user message).
+
+        Returns how many messages were deleted; fewer turns than that deletes nothing.
+        """
+        validate_identifier(conversation_id)
+        count = validate_count(turns, name="turns")
+        if count < 1:
+            raise InvalidArgumentError("turns must be at least 1")
+        result = execute(
+            self.connection,
+            TRIM_TO_LAST_TURNS,
+            {"conversation_id": conversation_id, "turns_before": count - 1},
+        )
+        return int(result.rowcount or 0)
+
+    def pop_latest(
+        self, conversation_id: str, *, ttl_seconds: int | None = None
+    ) -> dict[str, Any] | None:
         """Remove and return the newest item of the current branch; ``None`` if there is none.
 
         Run it in a transaction (``store.transaction()``): it locks the conversation
@@ -273,7 +311,13 @@ class MessageRepository:
         exactly one caller. An item another branch shares stays in that branch.
         """
         validate_identifier(conversation_id)
-        return BranchRepository(self.connection).pop(conversation_id)
+        parameters: dict[str, Any] = {"conversation_id": conversation_id}
+        if self.connection.execute(IS_EXPIRED, parameters).scalar():
+            return None  # an expired conversation reads as empty: nothing to pop
+        item = BranchRepository(self.connection).pop(conversation_id)
+        if item is not None and ttl_seconds is not None:
+            self.connection.execute(TOUCH_CONVERSATION, {**parameters, "ttl_seconds": ttl_seconds})
+        return item
 
     def clear(self, conversation_id: str) -> int:
         """Delete every item of the conversation (it stays, with its metadata and usage).
@@ -292,6 +336,35 @@ class MessageRepository:
         # Every branch is empty now: back to main (used names stay reserved).
         BranchRepository(self.connection).reset(conversation_id)
         return int(deleted or 0)
+
+    def search(
+        self,
+        query: str,
+        *,
+        user_id: str | None = None,
+        conversation_id: str | None = None,
+        limit: int = 20,
+        since: datetime | None = None,
+        after: str | None = None,
+    ) -> SearchPage:
+        """Full-text search over the messages' readable text; best first, newest on ties.
+
+        ``query`` is plain words (all must occur, stemmed) and "quoted phrases"; it is
+        never SQL and never a syntax error. Narrow by owner (``user_id``), by
+        ``conversation_id`` and by age (``since``: stored at or after it). Returns
+        ``limit`` hits and a ``next_cursor`` to pass as ``after`` for the next page.
+        Expired conversations are not searched. See
+        :mod:`agents_sessions.repositories.search`.
+        """
+        return search_messages(
+            self.connection,
+            query,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            limit=limit,
+            since=since,
+            after=after,
+        )
 
     def count(self, conversation_id: str) -> int:
         """How many items the conversation holds."""

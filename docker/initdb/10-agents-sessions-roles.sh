@@ -15,7 +15,7 @@ LEAST_PRIVILEGE_SQL="${LEAST_PRIVILEGE_SQL:-/agents-sessions/least_privilege.sql
 
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
     -v owner=agents_owner -v app=agents_app -v schema=public -v database="$POSTGRES_DB" \
-    -v owner_login=true -v tables=conversations,messages,usage_logs \
+    -v owner_login=true -v tables=conversations,append_keys,conversation_branches,messages,run_states,usage_logs \
     -f "$LEAST_PRIVILEGE_SQL"
 
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" <<'SQL'

@@ -101,6 +101,7 @@ def test_the_distribution_the_guide_describes_is_the_one_the_command_does() -> N
         "usage_logs": "conversation_id",
         "conversation_branches": "conversation_id",
         "append_keys": "conversation_id",
+        "run_states": "conversation_id",
     }
     for table, column in DISTRIBUTION_COLUMNS.items():
         assert f"`{table}`" in PROSE and f"`{column}`" in PROSE

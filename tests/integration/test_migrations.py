@@ -36,7 +36,7 @@ from agents_sessions import (
 )
 from agents_sessions.db.engine import parse_database_url
 from agents_sessions.db.migrate import alembic_config, current_revision, head_revision
-from agents_sessions.db.models import Base, comparison_filter
+from agents_sessions.db.models import Base, comparison_filter, is_modelled
 from tests.conftest import PostgresServer
 
 # Migrations start from empty databases; on a cluster the fixtures hand out distributed ones.
@@ -48,7 +48,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = REPO_ROOT / "tests" / "support" / "migration_workers.py"
 
 EXPECTED_COLUMNS = {
-    "conversations": {"id", "user_id", "created_at", "updated_at", "metadata", "current_branch"},
+    "conversations": {
+        "id",
+        "user_id",
+        "created_at",
+        "updated_at",
+        "metadata",
+        "current_branch",
+        "expires_at",
+    },
     "messages": {
         "id",
         "conversation_id",
@@ -88,7 +96,7 @@ EXPECTED_COLUMNS = {
     },
 }
 NULLABLE_COLUMNS = {
-    "conversations": {"user_id", "current_branch"},
+    "conversations": {"user_id", "current_branch", "expires_at"},
     "messages": {"append_key"},
     "usage_logs": {
         "run_id",
@@ -244,6 +252,7 @@ def test_models_match_the_migrated_schema(fresh_database_url: FreshUrl) -> None:
             opts={
                 "compare_type": True,
                 "include_object": comparison_filter(connection.dialect.name),
+                "include_name": is_modelled,
             },
         )
         assert compare_metadata(context, Base.metadata) == []

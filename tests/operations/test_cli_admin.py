@@ -699,7 +699,7 @@ def test_doctor_checks_the_roles_privileges_and_gives_the_grants(
         connection.execute(
             text(
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON conversations, messages, "
-                f'conversation_branches TO "{role}"'
+                f'conversation_branches, run_states TO "{role}"'
             )
         )
         connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON append_keys TO "{role}"'))

@@ -42,6 +42,8 @@ STANDARD_TYPES: dict[str, tuple[type[BaseException], ...]] = {
     "CitusError": (RuntimeError,),
     "ConversationNotFoundError": (LookupError,),
     "ExportFormatError": (ValueError,),
+    "InvalidRunStateError": (ValueError,),
+    "RunStateVersionError": (ValueError,),
     "ExternalToolError": (RuntimeError,),
     "RestoreTargetNotEmptyError": (RuntimeError,),
     "AgentsSessionsError": (Exception,),

@@ -25,6 +25,7 @@ from sqlalchemy import cast as sql_cast
 from ...db.models import (
     conversations_table,
     messages_table,
+    run_states_table,
     usage_logs_table,
 )
 from ...errors import (
@@ -73,6 +74,16 @@ _USAGE_OF = (
     .where(usage_logs.c.conversation_id == bindparam("conversation_id"))
     .order_by(usage_logs.c.id)
 )
+
+# A paused run: its state document verbatim, like the items.
+_RUN_STATE_OF = select(
+    run_states_table.c.agent_name,
+    run_states_table.c.schema_version,
+    run_states_table.c.sdk_version,
+    run_states_table.c.approvals,
+    sql_cast(run_states_table.c.state, Text).label("state_json"),
+    run_states_table.c.created_at,
+).where(run_states_table.c.conversation_id == bindparam("conversation_id"))
 
 
 def _scope_query(conversation_ids: Sequence[str] | None, user_id: str | None) -> Any:
@@ -252,6 +263,20 @@ def _conversation_lines(
                 }
             )
             totals[2] += 1
+    paused = connection.execute(_RUN_STATE_OF, parameters).one_or_none()
+    if paused is not None:
+        yield encode_line(
+            {
+                "type": "run_state",
+                "conversation_id": row.id,
+                "agent_name": paused.agent_name,
+                "schema_version": paused.schema_version,
+                "sdk_version": paused.sdk_version,
+                "approvals": paused.approvals,
+                "state_json": paused.state_json,
+                "created_at": timestamp_text(paused.created_at),
+            }
+        )
 
 
 def export_conversations(

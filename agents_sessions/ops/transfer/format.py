@@ -6,6 +6,7 @@ The format (version 1), one JSON object per line, UTF-8::
     {"type":"conversation","id":"c1","user_id":"u1","created_at":...,"updated_at":...,"metadata":{...}}
     {"type":"message","conversation_id":"c1","position":0,"role":"user","content":"Hi","created_at":...,"append_key":null,"item_json":"{\\"role\\":\\"user\\",\\"content\\":\\"Hi\\"}"}
     {"type":"usage","conversation_id":"c1","run_id":null,"response_id":"resp_1","model":"gpt-4.1","requests":1,"prompt_tokens":12,"completion_tokens":30,"total_tokens":42,"timestamp":...}
+    {"type":"run_state","conversation_id":"c1","agent_name":"support","schema_version":"1.21","sdk_version":"0.24.0","approvals":[...],"state_json":"{...}","created_at":...}
     {"type":"end","conversations":1,"messages":1,"usage":1}
 
 * Each conversation line is followed by its messages (``position`` 0, 1, 2, ... in
@@ -16,6 +17,9 @@ The format (version 1), one JSON object per line, UTF-8::
 * ``append_key`` is the exactly-once key of the append call that wrote the row
   (on the first row of a keyed call; else null), kept so that a retried append
   still finds it after an import.
+* ``run_state`` (at most one per conversation, after its usage rows) is a paused
+  agent run awaiting approval: the SDK's ``RunState`` JSON as a string, verbatim.
+  Not counted in the ``end`` line, so files without paused runs are unchanged.
 * The ``end`` line carries the totals, so a truncated file is recognised and refused.
 """
 
@@ -141,12 +145,24 @@ class UsageLine:
 
 
 @dataclass(frozen=True)
+class RunStateLine:
+    line: int
+    conversation_id: str
+    agent_name: str
+    schema_version: str
+    sdk_version: str
+    approvals: list[dict[str, Any]]
+    state_json: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class EndLine:
     line: int
     counts: TransferCounts
 
 
-Line = HeaderLine | ConversationLine | MessageLine | UsageLine | EndLine
+Line = HeaderLine | ConversationLine | MessageLine | UsageLine | RunStateLine | EndLine
 
 _FIELDS = {
     "conversation": {"type", "id", "user_id", "created_at", "updated_at", "metadata"},
@@ -172,8 +188,51 @@ _FIELDS = {
         "total_tokens",
         "timestamp",
     },
+    "run_state": {
+        "type",
+        "conversation_id",
+        "agent_name",
+        "schema_version",
+        "sdk_version",
+        "approvals",
+        "state_json",
+        "created_at",
+    },
     "end": {"type", "conversations", "messages", "usage"},
 }
+
+_APPROVAL_FIELDS = {"tool_name", "arguments", "call_id"}
+
+
+def _run_state_line(number: int, record: Any, conversation_id: str) -> RunStateLine:
+    """A validated ``run_state`` record (see the module docstring)."""
+    approvals = record.data["approvals"]
+    if not isinstance(approvals, list) or not all(
+        isinstance(entry, dict)
+        and entry.keys() == _APPROVAL_FIELDS
+        and all(value is None or isinstance(value, str) for value in entry.values())
+        for entry in approvals
+    ):
+        raise ExportFormatError(
+            number, "run_state.approvals must be a list of {tool_name, arguments, call_id}"
+        )
+    state_json = cast(str, record.text("state_json"))
+    try:
+        state = json.loads(state_json, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        state = None
+    if not isinstance(state, dict):
+        raise ExportFormatError(number, "run_state.state_json is not a JSON object")
+    return RunStateLine(
+        line=number,
+        conversation_id=conversation_id,
+        agent_name=cast(str, record.text("agent_name")),
+        schema_version=cast(str, record.text("schema_version")),
+        sdk_version=cast(str, record.text("sdk_version")),
+        approvals=approvals,
+        state_json=state_json,
+        created_at=record.timestamp("created_at"),
+    )
 
 
 def _short(value: Any) -> str:
@@ -321,6 +380,7 @@ def parse_lines(lines: Iterable[bytes], *, max_item_bytes: int | None = None) ->
     """
     current: ConversationLine | None = None
     next_position = 0
+    run_state_seen = False
     # The current conversation's append keys (one per keyed append call: small).
     append_keys: set[str] = set()
     totals = [0, 0, 0]
@@ -363,6 +423,7 @@ def parse_lines(lines: Iterable[bytes], *, max_item_bytes: int | None = None) ->
                 metadata=record.metadata(),
             )
             next_position = 0
+            run_state_seen = False
             append_keys.clear()
             totals[0] += 1
             yield current
@@ -388,6 +449,14 @@ def parse_lines(lines: Iterable[bytes], *, max_item_bytes: int | None = None) ->
                 f"{record.kind} record of conversation {_short(conversation_id)} does not "
                 "follow that conversation's record",
             )
+        if record.kind == "run_state":
+            if run_state_seen:
+                raise ExportFormatError(
+                    number, f"a second run_state of conversation {_short(conversation_id)}"
+                )
+            run_state_seen = True
+            yield _run_state_line(number, record, conversation_id)
+            continue
         if record.kind == "message":
             position = record.count("position")
             if position != next_position:

@@ -12,8 +12,9 @@ but ``id``) are not inserted again.
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,11 +31,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ...db.models import (
     JSONDocument,
     conversations_table,
     messages_table,
+    run_states_table,
     stored_utc,
     usage_logs_table,
 )
@@ -54,6 +57,7 @@ from .format import (
     HeaderLine,
     MessageLine,
     Progress,
+    RunStateLine,
     UsageLine,
 )
 
@@ -82,6 +86,8 @@ class ImportSummary:
     messages_already_present: int = 0
     usage_imported: int = 0
     usage_already_present: int = 0
+    run_states_imported: int = 0
+    run_states_already_present: int = 0
     refused: list[RefusedConversation] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -92,6 +98,12 @@ class ImportSummary:
 # --------------------------------------------------------------------------------------
 # Import
 # --------------------------------------------------------------------------------------
+
+
+_INSERT_RUN_STATE: dict[str, Callable[..., Any]] = {
+    "postgresql": postgresql.insert,
+    "sqlite": sqlite.insert,
+}
 
 
 class _Refused(Exception):
@@ -360,6 +372,27 @@ class _ConversationImport:
         self.changed = True
         self._pending_usage = []
 
+    def add_run_state(self, entry: RunStateLine) -> bool:
+        """Store the paused run unless the conversation has one; True when stored."""
+        inserted = self.connection.execute(
+            _INSERT_RUN_STATE[self.connection.dialect.name](run_states_table)
+            .values(
+                conversation_id=self.entry.id,
+                agent_name=entry.agent_name,
+                schema_version=entry.schema_version,
+                sdk_version=entry.sdk_version,
+                approvals=json.dumps(entry.approvals),
+                state=entry.state_json,
+                state_bytes=len(entry.state_json.encode("utf-8", "surrogatepass")),
+                created_at=entry.created_at,
+            )
+            # A paused run already stored is the newer truth (or the same one).
+            .on_conflict_do_nothing()
+        ).rowcount
+        if inserted:
+            self.changed = True
+        return bool(inserted)
+
     def finish(self) -> None:
         self._flush_messages()
         self._flush_usage()
@@ -409,6 +442,12 @@ def import_export(
                 for entry in group:
                     if isinstance(entry, MessageLine):
                         work.add_message(entry)
+                    elif isinstance(entry, RunStateLine):
+                        work.finish()  # its conversation's messages first
+                        if work.add_run_state(entry):
+                            summary.run_states_imported += 1
+                        else:
+                            summary.run_states_already_present += 1
                     else:
                         work.add_usage(entry)
                 work.finish()
