@@ -305,6 +305,8 @@ def refuse_misspelt_parameters(url: URL) -> None:
     for name in url.query:
         if name in LIBPQ_PARAMETERS or name in _POOL_PARAMETERS:
             continue
+        if name.lower() in _SECRET_QUERY_PARAMETERS:
+            continue  # a password parameter in any letter case is taken (and masked) as such
         nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         if nearest:
             raise ConfigurationError(

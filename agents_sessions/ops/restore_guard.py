@@ -27,13 +27,14 @@ that has any.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..db.models import Base
 from ..errors import BackupFileError
 
 _COPY_FROM_STDIN = re.compile(rb"^COPY .* FROM stdin;\r?\n?$")
@@ -134,25 +135,47 @@ _SQLITE_BOOKKEEPING = {
 }
 
 
-def _our_sqlite_tables() -> set[str]:
-    return {*Base.metadata.tables, "alembic_version"}
+@functools.lru_cache(maxsize=1)
+def _our_sqlite_schema() -> frozenset[tuple[str, str, str | None]]:
+    """Every ``(type, name, sql)`` our migrations leave in a SQLite database.
+
+    Made once per process by migrating an empty temporary file to head: the
+    full-text table, its shadow tables and the triggers that keep it in step are
+    ours exactly as written there, and a trigger with one of their names but other
+    SQL is not.
+    """
+    from ..db.migrate import upgrade
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "schema.sqlite3"
+        upgrade(f"sqlite:///{path}")
+        connection = sqlite3.connect(path)
+        try:
+            rows = connection.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+        finally:
+            connection.close()
+    return frozenset((kind, name, sql) for kind, name, sql in rows)
 
 
 def foreign_sqlite_objects(connection: sqlite3.Connection) -> list[str]:
-    """Triggers, views, tables (and indexes on them) this package's schema does not define.
+    """Triggers, views, tables and indexes this package's migrations do not create.
 
-    SQLite's own bookkeeping tables (``sqlite_sequence``, ``sqlite_stat*``) and any
-    index on one of our tables are ours.
+    An object is ours only if a database migrated by this version holds the same
+    type, name and SQL. SQLite's own bookkeeping tables (``sqlite_sequence``,
+    ``sqlite_stat*``) and automatic indexes (no SQL) on our tables are ours too.
     """
-    ours = _our_sqlite_tables()
+    ours = _our_sqlite_schema()
+    our_tables = {name for kind, name, _ in ours if kind == "table"}
     foreign = []
     rows = connection.execute(
-        "SELECT type, name, tbl_name FROM sqlite_master ORDER BY type, name"
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
     ).fetchall()
-    for kind, name, table in rows:
-        if kind == "table" and (name in ours or name in _SQLITE_BOOKKEEPING):
+    for kind, name, table, sql in rows:
+        if (kind, name, sql) in ours:
             continue
-        if kind == "index" and table in ours:
+        if kind == "table" and name in _SQLITE_BOOKKEEPING:
+            continue
+        if kind == "index" and sql is None and table in our_tables:
             continue
         foreign.append(f"{kind} {name}")
     return foreign

@@ -96,7 +96,7 @@ def test_an_option_libpq_refuses_is_bad_configuration_not_an_unreachable_server(
 def test_an_unencoded_at_sign_in_the_password_says_to_percent_encode_it() -> None:
     result = run("--database-url", "postgresql://app:hun@ter:2x@db.internal:5432/agents", "stats")
     assert result.exit_code == ExitCode.CONFIGURATION, result.output
-    assert "percent-encoded" in result.stderr and "%40" in result.stderr
+    assert "percent-encode" in result.stderr and "%40" in result.stderr
     assert "ter:2x" not in result.output
 
 

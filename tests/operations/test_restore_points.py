@@ -146,8 +146,8 @@ def app_role(postgres_database: str, postgres_server: PostgresServer) -> Iterato
     with engine.begin() as connection:
         connection.execute(
             text(
-                "GRANT SELECT, INSERT, UPDATE, DELETE ON conversations, messages, usage_logs "
-                f'TO "{role}"'
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON conversations, messages, usage_logs, "
+                f'conversation_branches, run_states, append_keys TO "{role}"'
             )
         )
         connection.execute(text(f'GRANT SELECT ON alembic_version TO "{role}"'))
