@@ -1,4 +1,6 @@
-"""Worker processes for ``tests/integration/test_migrations.py`` (run as a script; pytest does not collect it).
+"""Worker processes for ``tests/integration/test_migrations.py``.
+
+Run as a script; pytest does not collect it.
 
 ``python tests/support/migration_workers.py DATABASE_URL N`` imports the package, prints
 ``ready``, waits for a line ``go`` on stdin (so the parent can release every worker at
