@@ -4,6 +4,9 @@
 #   make test    the test suite (PostgreSQL tests use $TEST_DATABASE_URL, or Docker)
 #   make test-pgbouncer  the core behaviour tests again, through a transaction-pooling
 #                PgBouncer in front of a throwaway server (needs pgbouncer + PostgreSQL binaries)
+#   make test-matrix  the core behaviour suite on the lowest declared dependency versions
+#                and on Python 3.10, 3.12 and 3.13 (.ci/matrix.py; venvs under .matrix/;
+#                MATRIX_LEGS="lowest py3.12" picks legs)
 #   make lint    ruff + mypy
 #   make migrate alembic upgrade head on $DATABASE_URL
 #   make db-up   PostgreSQL 16 + pgAdmin in Docker (docker/compose.yaml), then migrate;
@@ -20,7 +23,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer lint format migrate db-up db-down bench profile soak clean
+.PHONY: venv demo test test-pgbouncer test-matrix lint format migrate db-up db-down bench profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +51,18 @@ test: $(STAMP)
 # direct_connection_only are skipped there, with their reason.
 test-pgbouncer: $(STAMP)
 	AGENTS_SESSIONS_TEST_PGBOUNCER=1 $(BIN)/python -m pytest tests/integration -q
+
+# The supported-versions proof (.ci/matrix.py): each leg gets a virtualenv of its own under
+# .matrix/, made by uv (installed here on first use), and runs tests/unit + tests/integration.
+MATRIX_STAMP := $(VENV)/.installed-matrix
+MATRIX_LEGS ?=
+
+$(MATRIX_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet "uv>=0.5"
+	touch $(MATRIX_STAMP)
+
+test-matrix: $(MATRIX_STAMP)
+	$(BIN)/python .ci/matrix.py $(MATRIX_LEGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -84,4 +99,4 @@ soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .matrix build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
