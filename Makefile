@@ -1,7 +1,8 @@
 # agents_sessions — every target sets up its own virtualenv on first use.
 #   make demo    the main job: an agent conversation stored on the embedded SQLite file
 #                (or on $DATABASE_URL), then its history and token usage printed
-#   make test    the test suite (PostgreSQL tests use $TEST_DATABASE_URL, or Docker)
+#   make test    the test suite (PostgreSQL: $TEST_DATABASE_URL, else a local server found
+#                as libpq would, else Docker; one closing line says what was skipped)
 #   make test-pgbouncer  the core behaviour tests again, through a transaction-pooling
 #                PgBouncer in front of a throwaway server (needs pgbouncer + PostgreSQL binaries)
 #   make test-matrix  the core behaviour suite on the lowest declared dependency versions

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ DIRECT_DEPENDENCIES = (
     "hypothesis",
     "pyyaml",
 )
+
+
+_INSTALLING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,9 @@ def run_leg(leg: Leg) -> Outcome:
     log = MATRIX_DIRECTORY / f"{leg.name}.log"
     log.write_text("")
     try:
-        venv = prepare_environment(leg, python, log)
+        # One install at a time: editable installs of the same checkout build in its tree.
+        with _INSTALLING:
+            venv = prepare_environment(leg, python, log)
     except subprocess.CalledProcessError:
         return Outcome(leg, "FAILED", f"installing failed; see {log}", time.monotonic() - started)
     versions = installed_versions(venv)
