@@ -31,8 +31,9 @@ async def test_a_server_found_on_a_unix_socket_gets_a_url_the_whole_suite_can_us
         socket_directories=[str(throwaway_cluster.directory)], tcp_url=closed, docker=False
     )
 
+    # Found over the socket; the same server answers on 127.0.0.1, so its URL is a TCP one.
     assert found.how == (
-        f"{SUPERUSER}@{throwaway_cluster.directory}:{throwaway_cluster.port}/postgres, "
+        f"{SUPERUSER}@127.0.0.1:{throwaway_cluster.port}/postgres, "
         f"found via the Unix socket in {throwaway_cluster.directory}"
     )
     server = PostgresServer(found.url)

@@ -148,9 +148,17 @@ def _local_candidates(
 
 
 def _explicit_url(connection: Any) -> tuple[str, str]:
-    """The URL of the database ``connection`` reached, as libpq resolved it, and a safe label."""
+    """The URL of the database ``connection`` reached, as libpq resolved it, and a safe label.
+
+    A server reached over a Unix socket that also answers on 127.0.0.1 (same port, same
+    postmaster) gets its TCP URL: tests and tools that add a query string to a URL, or
+    read its host, expect one in that form.
+    """
     info = connection.info
     socket = info.host.startswith("/")
+    if socket and _same_server_over_tcp(connection):
+        socket = False
+        info = _TcpInfo(info)
     query = {"host": info.host, "port": str(info.port)} if socket else {}
     url = URL.create(
         "postgresql",
@@ -163,6 +171,42 @@ def _explicit_url(connection: Any) -> tuple[str, str]:
     )
     where = f"{info.user}@{info.host}:{info.port}/{info.dbname}"
     return url.render_as_string(hide_password=False), where
+
+
+class _TcpInfo:
+    """``connection.info``, as if the connection had gone to 127.0.0.1."""
+
+    def __init__(self, info: Any) -> None:
+        self.host = "127.0.0.1"
+        self.port = info.port
+        self.user = info.user
+        self.password = info.password
+        self.dbname = info.dbname
+
+
+def _same_server_over_tcp(connection: Any) -> bool:
+    info = connection.info
+    started = "SELECT pg_postmaster_start_time()::text"
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(started)
+            over_socket = cursor.fetchone()
+        tcp = psycopg2.connect(
+            host="127.0.0.1",
+            port=info.port,
+            user=info.user,
+            password=info.password or None,
+            dbname=info.dbname,
+            connect_timeout=CONNECT_TIMEOUT_S,
+        )
+    except psycopg2.Error:
+        return False
+    try:
+        with tcp.cursor() as cursor:
+            cursor.execute(started)
+            return bool(cursor.fetchone() == over_socket)
+    finally:
+        tcp.close()
 
 
 def _unusable(url: str) -> str | None:
