@@ -1,11 +1,15 @@
 # agents_sessions — every target sets up its own virtualenv on first use.
 #   make demo    the main job: an agent conversation stored on the embedded SQLite file
 #                (or on $DATABASE_URL), then its history and token usage printed
-#   make test    the test suite (PostgreSQL tests use $TEST_DATABASE_URL, or Docker)
+#   make test    the test suite (PostgreSQL: $TEST_DATABASE_URL, else a local server found
+#                as libpq would, else Docker; one closing line says what was skipped)
 #   make test-pgbouncer  the core behaviour tests again, through a transaction-pooling
 #                PgBouncer in front of a throwaway server (needs pgbouncer + PostgreSQL binaries)
 #   make test-citus  the core behaviour tests and tests/citus on a throwaway Citus cluster
 #                (needs the Citus extension installed into the local PostgreSQL)
+#   make test-matrix  the core behaviour suite on the lowest declared dependency versions
+#                and on Python 3.10, 3.12 and 3.13 (.ci/matrix.py; venvs under .matrix/;
+#                MATRIX_LEGS="lowest py3.12" picks legs)
 #   make lint    ruff + mypy + the import contract (lint-imports)
 #   make migrate alembic upgrade head on $DATABASE_URL
 #   make db-up   PostgreSQL 16 + pgAdmin in Docker (docker/compose.yaml), then migrate;
@@ -25,7 +29,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer test-citus lint format migrate db-up db-down bench bench-branching bench-search profile soak clean
+.PHONY: venv demo test test-pgbouncer test-citus test-matrix lint format migrate db-up db-down bench bench-branching bench-search profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +67,18 @@ test-pgbouncer: $(STAMP)
 # the local PostgreSQL: ../shared/citus/install-citus on this project's machines.
 test-citus: $(STAMP)
 	AGENTS_SESSIONS_TEST_CITUS=1 $(BIN)/python -m pytest tests/integration tests/citus -q
+
+# The supported-versions proof (.ci/matrix.py): each leg gets a virtualenv of its own under
+# .matrix/, made by uv (installed here on first use), and runs tests/unit + tests/integration.
+MATRIX_STAMP := $(VENV)/.installed-matrix
+MATRIX_LEGS ?=
+
+$(MATRIX_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet "uv>=0.5"
+	touch $(MATRIX_STAMP)
+
+test-matrix: $(MATRIX_STAMP)
+	$(BIN)/python .ci/matrix.py $(MATRIX_LEGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -110,4 +126,4 @@ soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .matrix build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

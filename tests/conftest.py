@@ -1,13 +1,20 @@
 """Test fixtures: a real PostgreSQL server and real SQLite files, fresh databases per run.
 
-Where PostgreSQL comes from, in order:
+Where PostgreSQL comes from (tests/support/postgres_discovery.py), in order:
 
 1. ``TEST_DATABASE_URL`` (any database on the server; the tests create their own
    databases next to it and drop them afterwards);
-2. testcontainers, when a Docker engine answers;
-3. nowhere: the PostgreSQL tests are skipped with a loud reason -- unless the run
-   demands PostgreSQL (``CI`` or ``AGENTS_SESSIONS_REQUIRE_POSTGRES`` set), in which
-   case they fail.
+2. a local server, found as libpq finds one (``PG*`` variables, the usual Unix sockets),
+   then ``postgresql://postgres@127.0.0.1:5432/postgres``;
+3. testcontainers, when a Docker engine answers;
+4. nowhere: the PostgreSQL tests are skipped with a loud reason and the command that would
+   run them -- unless the run demands PostgreSQL (``CI`` or
+   ``AGENTS_SESSIONS_REQUIRE_POSTGRES`` set), in which case they fail.
+
+The suite only ever creates and drops databases of its own (uniquely named
+``agents_sessions_test_<run>_<id>``). Throwaway servers, TLS, replicas and PgBouncer are
+found the same way (tests/support/prerequisites.py, where other suites register theirs), and
+the run ends with one line saying what was skipped and why.
 
 PgBouncer mode (``AGENTS_SESSIONS_TEST_PGBOUNCER=1``): instead, a throwaway server
 (tests/support/pgcluster.py) with a transaction-pooling PgBouncer in front of it; databases
@@ -37,6 +44,7 @@ from sqlalchemy.pool import NullPool
 
 from agents_sessions import dispose_all
 from agents_sessions.db.engine import parse_database_url
+from tests.support import prerequisites
 from tests.support.pgcluster import (
     CitusCluster,
     Cluster,
@@ -45,20 +53,16 @@ from tests.support.pgcluster import (
     ToolMissingError,
     check_citus_tools,
     check_server_tools,
+    pgbouncer_program,
     require_program,
+    server_bindir,
 )
+from tests.support.postgres_discovery import FoundServer, find_postgres
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
 # Offline runs: ScriptedModel needs no API key, and there is nowhere to export traces.
 set_tracing_disabled(True)
-
-
-def _postgres_required() -> bool:
-    return any(
-        os.environ.get(name, "").strip().lower() in _TRUTHY
-        for name in ("CI", "AGENTS_SESSIONS_REQUIRE_POSTGRES")
-    )
 
 
 #: ``AGENTS_SESSIONS_TEST_PGBOUNCER=1``: run the PostgreSQL tests through PgBouncer.
@@ -78,20 +82,21 @@ CITUS_MODE = os.environ.get("AGENTS_SESSIONS_TEST_CITUS", "").strip().lower() in
 CITUS_MODE_SHARD_COUNT = 4
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"agents_sessions: this run's databases are named agents_sessions_test_{RUN_TAG}_*"]
     if CITUS_MODE:
-        return (
+        lines.append(
             "agents_sessions: Citus mode (AGENTS_SESSIONS_TEST_CITUS): PostgreSQL tests run "
             "on a throwaway Citus cluster (coordinator + 2 workers), tables distributed "
             f"by conversation id in {CITUS_MODE_SHARD_COUNT} shards"
         )
     if PGBOUNCER_MODE:
-        return (
+        lines.append(
             "agents_sessions: PgBouncer mode (AGENTS_SESSIONS_TEST_PGBOUNCER): PostgreSQL "
             f"tests go through a transaction-pooling PgBouncer, {PGBOUNCER_MODE_POOL_SIZE} "
             "server connections per database"
         )
-    return None
+    return lines
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -123,15 +128,70 @@ def _skip_marked(items: list[pytest.Item], marker_name: str, mode: str) -> None:
             item.add_marker(pytest.mark.skip(reason=f"{mode}: {reason}"))
 
 
-def _docker_answers() -> bool:
-    try:
-        import docker
+# ---------------------------------------------------------------- prerequisites
+# What parts of the suite need, found once a run (tests/support/prerequisites.py): a
+# fixture calls `.require()`, which skips its tests with the reason (fails them in CI).
 
-        client = docker.from_env(timeout=3)
-        client.ping()
-        return True
-    except Exception:
-        return False
+
+def _throwaway_tools(*, tls: bool = False) -> str:
+    try:
+        check_server_tools(tls=tls)
+    except ToolMissingError as exc:
+        raise prerequisites.Unavailable(
+            str(exc), how="apt-get install postgresql" + (" openssl" if tls else "")
+        ) from None
+    return f"initdb in {server_bindir()}"
+
+
+def _pgbouncer() -> str:
+    try:
+        return pgbouncer_program()
+    except ToolMissingError as exc:
+        raise prerequisites.Unavailable(str(exc), how="apt-get install pgbouncer") from None
+
+
+#: The shared server of the run (tests/support/postgres_discovery.py).
+POSTGRES = prerequisites.register("PostgreSQL", find_postgres)
+#: `initdb`/`pg_ctl`/`pg_basebackup`: servers of the tests' own (faults, replicas, PgBouncer).
+THROWAWAY_SERVERS = prerequisites.register("throwaway servers", _throwaway_tools)
+#: Throwaway servers that speak TLS also need `openssl` for their certificates.
+TLS_SERVERS = prerequisites.register("TLS servers", lambda: _throwaway_tools(tls=True))
+PGBOUNCER = prerequisites.register("PgBouncer", _pgbouncer)
+
+
+def _citus_tools() -> str:
+    try:
+        check_citus_tools()
+    except ToolMissingError as exc:
+        raise prerequisites.Unavailable(
+            str(exc), how="../shared/citus/install-citus (or Citus's own packages)"
+        ) from None
+    return "Citus extension installed"
+
+
+def _pgbackrest() -> str:
+    try:
+        return require_program("pgbackrest", "install it (Debian: apt-get install pgbackrest)")
+    except ToolMissingError as exc:
+        raise prerequisites.Unavailable(str(exc), how="apt-get install pgbackrest") from None
+
+
+CITUS = prerequisites.register("Citus", _citus_tools)
+PGBACKREST = prerequisites.register("pgBackRest", _pgbackrest)
+
+#: Names every test database of this run: `agents_sessions_test_<RUN_TAG>_<id>`.
+RUN_TAG = uuid.uuid4().hex[:6]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # One line saying what this machine could not run, and why (issue: `make test` alone
+    # must either run everything or say so).
+    reasons: list[str] = []
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        if isinstance(longrepr, tuple) and len(longrepr) == 3:
+            reasons.append(str(longrepr[2]).removeprefix("Skipped: "))
+    terminalreporter.write_line(prerequisites.summary_line(reasons))
 
 
 class PostgresServer:
@@ -144,7 +204,7 @@ class PostgresServer:
 
     def create_database(self, prefix: str = "agents_sessions_test") -> str:
         """Create an empty database and return its URL (with the admin credentials)."""
-        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        name = f"{prefix}_{RUN_TAG}_{uuid.uuid4().hex[:10]}"
         with self._engine.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
         self._created.append(name)
@@ -193,11 +253,8 @@ def _pgbouncer_extra_settings(bouncer: PgBouncer, settings: dict[str, str]) -> N
 
 
 def _bounced_postgres_server() -> Iterator[PostgresServer]:
-    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL for PgBouncer mode")
-    _require_throwaway_tools(
-        lambda: require_program("pgbouncer", "install it (Debian: apt-get install pgbouncer)"),
-        "PgBouncer (AGENTS_SESSIONS_TEST_PGBOUNCER is set)",
-    )
+    THROWAWAY_SERVERS.require()
+    PGBOUNCER.require()
     with Cluster(name="bounced_suite", settings={"max_connections": "300"}) as cluster:
         bouncer = PgBouncer(
             cluster, pool_size=PGBOUNCER_MODE_POOL_SIZE, max_client_conn=2000, name="suite"
@@ -262,7 +319,8 @@ class CitusPostgresServer(PostgresServer):
 
 
 def _citus_postgres_server() -> Iterator[PostgresServer]:
-    _require_throwaway_tools(check_citus_tools, "a throwaway Citus cluster (Citus mode)")
+    THROWAWAY_SERVERS.require()
+    CITUS.require()
     with CitusCluster(workers=2, name="citus_suite") as cluster:
         server = CitusPostgresServer(cluster)
         try:
@@ -280,39 +338,14 @@ def postgres_server() -> Iterator[PostgresServer]:
     if PGBOUNCER_MODE:
         yield from _bounced_postgres_server()
         return
-    url = os.environ.get("TEST_DATABASE_URL", "").strip()
-    container = None
-    if not url:
-        if _docker_answers():
-            from testcontainers.postgres import PostgresContainer
-
-            container = PostgresContainer("postgres:16-alpine", driver="psycopg2")
-            container.start()
-            url = container.get_connection_url()
-        elif _postgres_required():
-            pytest.fail(
-                "PostgreSQL is required (CI / AGENTS_SESSIONS_REQUIRE_POSTGRES is set) but "
-                "TEST_DATABASE_URL is unset and no Docker engine answers",
-                pytrace=False,
-            )
-        else:
-            pytest.skip(
-                "PostgreSQL TESTS SKIPPED: set TEST_DATABASE_URL (e.g. "
-                "postgresql://postgres@127.0.0.1:5432/postgres) or start Docker",
-            )
-    server = PostgresServer(url)
+    found: FoundServer = POSTGRES.require()
+    server = PostgresServer(found.url)
     try:
-        with server._engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as exc:
-        message = f"cannot reach the PostgreSQL server at {make_url(url).render_as_string()}: {exc}"
-        if _postgres_required() or container is not None:
-            pytest.fail(message, pytrace=False)
-        pytest.skip("PostgreSQL TESTS SKIPPED: " + message)
-    yield server
-    server.drop_all()
-    if container is not None:
-        container.stop()
+        yield server
+    finally:
+        server.drop_all()
+        if found.container is not None:
+            found.container.stop()
 
 
 @pytest.fixture(scope="session")
@@ -386,20 +419,6 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 # the shared TEST_DATABASE_URL server is never restarted or reconfigured.
 
 
-def _require_throwaway_tools(check: Callable[[], object], what: str) -> None:
-    """Fail (CI / AGENTS_SESSIONS_REQUIRE_POSTGRES) or skip loudly when ``check`` finds
-    a missing program."""
-    try:
-        check()
-    except ToolMissingError as exc:
-        if _postgres_required():
-            pytest.fail(
-                f"{what} is required (CI / AGENTS_SESSIONS_REQUIRE_POSTGRES is set): {exc}",
-                pytrace=False,
-            )
-        pytest.skip(f"THROWAWAY-SERVER TESTS SKIPPED ({what} unavailable): {exc}")
-
-
 @pytest.fixture(scope="session")
 def tls_cluster() -> Iterator[Cluster]:
     """A throwaway server that accepts TCP connections only over TLS.
@@ -407,7 +426,7 @@ def tls_cluster() -> Iterator[Cluster]:
     Its CA certificate (for ``sslrootcert``) is ``tls_cluster.ca.cert``; the server
     certificate names ``localhost`` and ``127.0.0.1``.
     """
-    _require_throwaway_tools(lambda: check_server_tools(tls=True), "a throwaway TLS PostgreSQL")
+    TLS_SERVERS.require()
     with Cluster(tls=True, name="tls") as cluster:
         yield cluster
         dispose_all()  # our pools hold connections into it
@@ -416,7 +435,7 @@ def tls_cluster() -> Iterator[Cluster]:
 @pytest.fixture
 def throwaway_cluster() -> Iterator[Cluster]:
     """A PostgreSQL server of this test's own, to stop, crash and restart at will."""
-    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL")
+    THROWAWAY_SERVERS.require()
     with Cluster(name="throwaway") as cluster:
         yield cluster
         dispose_all()
@@ -427,7 +446,7 @@ def archiving_cluster() -> Iterator[Cluster]:
     """A throwaway server that archives its WAL (``archive_mode = on``) into
     ``archiving_cluster.archive_dir``: for base backups and point-in-time recovery
     (``Cluster.base_backup``, ``switch_wal``, ``recover``)."""
-    _require_throwaway_tools(check_server_tools, "a throwaway archiving PostgreSQL")
+    THROWAWAY_SERVERS.require()
     with Cluster(name="archiving", archive=True) as cluster:
         yield cluster
         dispose_all()
@@ -438,11 +457,8 @@ def pgbackrest_cluster() -> Iterator[tuple[Cluster, PgBackRest]]:
     """A throwaway server archiving through pgBackRest into a repository of its own
     (stanza ``main`` created); back it up with ``backrest.run("backup", "--type=full")``
     and restore with ``backrest.recover(...)``."""
-    _require_throwaway_tools(check_server_tools, "a throwaway archiving PostgreSQL")
-    _require_throwaway_tools(
-        lambda: require_program("pgbackrest", "install it (Debian: apt-get install pgbackrest)"),
-        "pgBackRest",
-    )
+    THROWAWAY_SERVERS.require()
+    PGBACKREST.require()
     cluster = Cluster(name="backrest", archive=True)
     try:
         backrest = PgBackRest(cluster)
@@ -461,7 +477,7 @@ def replica_pair() -> Iterator[tuple[Cluster, Cluster]]:
     Shared by a module's tests: create databases of your own on the primary, then
     ``pgcluster.wait_for_replay(primary, replica)`` before reading them on the replica.
     """
-    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL replica")
+    THROWAWAY_SERVERS.require()
     with Cluster(name="primary") as primary:
         replica = primary.make_replica()
         yield primary, replica
@@ -471,7 +487,7 @@ def replica_pair() -> Iterator[tuple[Cluster, Cluster]]:
 @pytest.fixture(scope="module")
 def pgbouncer_server() -> Iterator[Cluster]:
     """The throwaway server behind the ``pgbouncer`` fixture (shared by a module)."""
-    _require_throwaway_tools(check_server_tools, "a throwaway PostgreSQL for PgBouncer")
+    THROWAWAY_SERVERS.require()
     with Cluster(name="bounced") as cluster:
         yield cluster
         dispose_all()
@@ -485,10 +501,7 @@ def pgbouncer(pgbouncer_server: Cluster, request: pytest.FixtureRequest) -> Iter
     ``@pytest.mark.parametrize("pgbouncer", [{"pool_size": 3}], indirect=True)``;
     the keywords are :class:`pgcluster.PgBouncer`'s (default ``pool_size=2``).
     """
-    _require_throwaway_tools(
-        lambda: require_program("pgbouncer", "install it (Debian: apt-get install pgbouncer)"),
-        "PgBouncer",
-    )
+    PGBOUNCER.require()
     options: dict[str, Any] = dict(getattr(request, "param", {}))
     with PgBouncer(pgbouncer_server, **options) as bouncer:
         yield bouncer

@@ -348,17 +348,22 @@ def parse_database_url(raw_url: str | URL) -> DatabaseTarget:
         if not raw_url.strip():
             raise ConfigurationError("database URL is empty")
         _refuse_unencoded_at_sign(raw_url)
+        parsed: URL | None
         try:
-            url = make_url(raw_url)
+            parsed = make_url(raw_url)
         except (ArgumentError, ValueError):
-            # SQLAlchemy's message quotes the whole URL, password included (a bad port
-            # surfaces as a bare ValueError from int()).
+            parsed = None
+        if parsed is None:
+            # Raised outside the `except`: SQLAlchemy's message may quote the whole URL,
+            # password included (2.0.30's does; a bad port surfaces as a bare ValueError
+            # from int()), and `from None` would still keep it as `__context__`.
             raise ConfigurationError(
                 "database URL could not be parsed; expected e.g. "
                 "postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db "
                 "(special characters in the user name or password must be percent-encoded: "
                 "@ -> %40, : -> %3A, / -> %2F)"
-            ) from None
+            )
+        url = parsed
     else:
         url = raw_url
 

@@ -478,7 +478,15 @@ def test_the_wheel_ships_the_migrations_and_migrates_without_a_checkout(
         REPO_ROOT,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "tests", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+            ".git",
+            ".venv",
+            ".matrix",
+            "tests",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
         ),
     )
     wheels = tmp_path / "wheels"

@@ -118,6 +118,27 @@ def require_program(name: str, hint: str) -> str:
     return path
 
 
+#: Where Debian and others install ``pgbouncer`` (``/usr/sbin`` is not on a user's ``PATH``).
+PGBOUNCER_DIRECTORIES = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/opt/homebrew/bin")
+
+
+def pgbouncer_program() -> str:
+    """The path of ``pgbouncer``: on ``PATH``, else in :data:`PGBOUNCER_DIRECTORIES`.
+
+    Raises:
+        ToolMissingError: it is in neither.
+    """
+    found = shutil.which("pgbouncer") or shutil.which(
+        "pgbouncer", path=os.pathsep.join(PGBOUNCER_DIRECTORIES)
+    )
+    if found is None:
+        raise ToolMissingError(
+            f"'pgbouncer' not found on PATH nor in {', '.join(PGBOUNCER_DIRECTORIES)}; "
+            "install it (Debian: apt-get install pgbouncer)"
+        )
+    return found
+
+
 def check_server_tools(*, tls: bool = False) -> None:
     """Raise :class:`ToolMissingError` unless a throwaway cluster can be made here."""
     server_bindir()
@@ -919,9 +940,7 @@ class PgBouncer:
         ignore_startup_parameters: Sequence[str] = ("extra_float_digits",),
         name: str = "pgbouncer",
     ) -> None:
-        self.executable = require_program(
-            "pgbouncer", "install it (Debian: apt-get install pgbouncer)"
-        )
+        self.executable = pgbouncer_program()
         self.server = server
         self.pool_size = pool_size
         self.port = free_port()
