@@ -123,6 +123,13 @@ def upgrade() -> None:
                 f"CREATE POLICY {table}_tenant_isolation ON {table} "
                 f"USING ({condition}) WITH CHECK ({condition})"
             )
+            # Enforced at once where the operator enabled tenant isolation already
+            # (e.g. upgrading again after a downgrade below this revision).
+            op.execute(
+                "DO $$ BEGIN IF (SELECT relrowsecurity FROM pg_class "
+                "WHERE oid = 'conversations'::regclass) THEN "
+                f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY; END IF; END $$"
+            )
     op.create_index(
         "uq_usage_logs_conversation_id_run_id_request_index",
         "usage_logs",

@@ -241,7 +241,7 @@ async def test_prune_options_are_exclusive_and_trim_turns_from_the_cli(
     )
     assert both.exit_code == 2
     result = CliRunner().invoke(
-        cli, ["--database-url", url, "prune", "--keep-last-turns", "1", "--json"]
+        cli, ["--database-url", url, "prune", "--keep-last-turns", "1", "--yes", "--json"]
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["messages"] == 4

@@ -624,6 +624,9 @@ def test_distributable_keys_prepared_by_hand_without_blocking_writes_are_adopted
             "pk_messages",
             "ix_messages_created_at",
             "uq_messages_conversation_id_append_key",
+            # Later revisions' own: a branch's rows (0005) and the full-text index (0008).
+            "ix_messages_conversation_id_branch_id_id",
+            "ix_messages_content_search",
         }
     finally:
         engine.dispose()
