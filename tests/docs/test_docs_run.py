@@ -46,7 +46,7 @@ GUIDE = ROOT / "docs" / "03_deployment_guide.md"
 
 #: Blocks each document marks as not runnable here. Change these numbers only with a
 #: reason in the mark itself.
-EXPECTED_NOT_RUN = {"README.md": 10, "03_deployment_guide.md": 10}
+EXPECTED_NOT_RUN = {"README.md": 11, "03_deployment_guide.md": 10}
 
 SHELL = {"bash", "sh", "shell"}
 FENCE = re.compile(
