@@ -210,17 +210,19 @@ def _postgres_search(
     rows = connection.execute(
         select(best, snippet.label("snippet")).order_by(best.c.rank.desc(), best.c.id.desc())
     ).all()
-    return [
-        SearchHit(
-            conversation_id=row.conversation_id,
-            message_id=row.id,
-            role=row.role,
-            snippet=row.snippet,
-            rank=float(row.rank),
-            created_at=stored_utc(row.created_at),
-        )
-        for row in rows
-    ]
+    return [_hit(row) for row in rows]
+
+
+def _hit(row: Any) -> SearchHit:
+    """A result row (either dialect's statement) as a :class:`SearchHit`."""
+    return SearchHit(
+        conversation_id=row.conversation_id,
+        message_id=row.id,
+        role=row.role,
+        snippet=row.snippet,
+        rank=float(row.rank),
+        created_at=stored_utc(row.created_at),
+    )
 
 
 def _sqlite_search(
@@ -266,17 +268,7 @@ def _sqlite_search(
         clause = clause.bindparams(bindparam("since", since, type_=messages.c.created_at.type))
     statement = clause.columns(id=BigInteger(), created_at=messages.c.created_at.type, rank=Float())
     rows = connection.execute(statement, parameters).all()
-    return [
-        SearchHit(
-            conversation_id=row.conversation_id,
-            message_id=row.id,
-            role=row.role,
-            snippet=row.snippet,
-            rank=float(row.rank),
-            created_at=stored_utc(row.created_at),
-        )
-        for row in rows
-    ]
+    return [_hit(row) for row in rows]
 
 
 def search_messages(
