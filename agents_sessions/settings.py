@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 
 from .errors import ConfigurationError
 
@@ -242,7 +242,16 @@ class Settings(BaseSettings):
             )
         # Built, not formatted: a '?' or '%' in the path would otherwise be read as
         # the URL's query or an escape, and the database written somewhere else.
-        return URL.create("sqlite", database=str(self.sqlite_path)).render_as_string()
+        path = str(self.sqlite_path)
+        url = URL.create("sqlite", database=path).render_as_string()
+        if make_url(url).database != path:
+            # SQLAlchemy before 2.1 neither quotes nor unquotes a SQLite path in a URL.
+            raise ConfigurationError(
+                f"AGENTS_SESSIONS_SQLITE_PATH {path!r} holds '?', '%' or '#', which this "
+                "SQLAlchemy cannot carry in a database URL (the file would be written "
+                "elsewhere): choose another path, or use SQLAlchemy 2.1 or newer"
+            )
+        return url
 
     def resolved_migration_url(self) -> str:
         """The URL migrations run on: :attr:`migration_url`, else the database URL."""
