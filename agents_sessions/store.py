@@ -37,7 +37,9 @@ from . import settings as settings_module
 from .db import engine as engine_module
 from .db import migrate as migrate_module
 from .db.deadline import watchdog
+from .db.distribution_probe import citus_installed
 from .db.engine import (
+    DISTRIBUTED_OPTION,
     SQLITE_WRITE_OPTION,
     TENANT_OPTION,
     DatabaseTarget,
@@ -82,6 +84,8 @@ class _EngineState:
     unavailable_until: float = 0.0
     # Whether a tenant-scoped call has checked that isolation is really enforced.
     tenancy_checked: bool = False
+    # A Citus cluster: one-statement writes run statement by statement in a transaction.
+    distributed: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,10 +304,9 @@ class SessionStore:
             if state.schema_ready:
                 return
             ensure_schema_at_head(
-                state.engine,
-                auto_migrate=self.settings.auto_migrate,
-                settings=self.settings,
+                state.engine, auto_migrate=self.settings.auto_migrate, settings=self.settings
             )
+            state.distributed = self.dialect == "postgresql" and citus_installed(state.engine)
             state.schema_ready = True
 
     def _act_for(self, connection: Connection, tenant_id: str | None) -> None:
@@ -347,6 +350,8 @@ class SessionStore:
             self.engine.connect() as connection,
         ):
             self._act_for(connection, tenant_id)
+            if self._state.distributed:
+                connection.execution_options(**{DISTRIBUTED_OPTION: True})
             # Armed around the statements *and* the commit; disarmed before the
             # connection goes back to the pool.
             with self._response_deadline(connection.connection.dbapi_connection, bounded):
@@ -420,9 +425,9 @@ class SessionStore:
         SQLite, where the same operation takes several statements, it is a
         transaction (``BEGIN IMMEDIATE`` when ``write``).
         """
-        # Acting for a tenant, a write is several statements (see
+        # Acting for a tenant or on Citus, a write is several statements (see
         # MessageRepository.append_encoded), so it gets a real transaction; a read
-        # stays one autocommit round trip (the tenant rides along with it).
+        # stays one autocommit round trip (a tenant rides along with it).
         with self._single_statement(write=write, tenant_id=tenant_id) as repos:
             yield repos
 
@@ -430,7 +435,8 @@ class SessionStore:
     def _single_statement(
         self, *, write: bool, tenant_id: str | None = None, bounded: bool = False
     ) -> Iterator[Repositories]:
-        autocommit = self.dialect == "postgresql" and not (write and tenant_id is not None)
+        several = tenant_id is not None or self._state.distributed
+        autocommit = self.dialect == "postgresql" and not (write and several)
         with self._connection(
             write=write, autocommit=autocommit, tenant_id=tenant_id, bounded=bounded
         ) as connection:
@@ -575,11 +581,13 @@ class SessionStore:
             try:
                 # Every attempt's wait for the server is bounded (response_timeout):
                 # a frozen connection fails as lost instead of hanging the call.
+                self.ensure_schema()  # first: it learns whether Citus is there
                 if transaction:
                     with self._bounded_transaction(tenant_id) as repos:
                         sent = True
                         return work(repos)
-                if hot_path and tenant_id is None and self._driver_level_ok:
+                hot = hot_path and tenant_id is None and self._driver_level_ok
+                if hot and not (write and self._state.distributed):
                     with self._hot_statement() as repos:
                         sent = True
                         return work(repos)

@@ -44,6 +44,10 @@ SQLITE_WRITE_OPTION = "agents_sessions_sqlite_write"
 #: Execution option naming the user a connection acts for under row-level security.
 TENANT_OPTION = "agents_sessions_tenant_id"
 
+#: Execution option: the database is a Citus cluster, so writes that are one statement
+#: on PostgreSQL run statement by statement in a transaction (db.distribution_probe).
+DISTRIBUTED_OPTION = "agents_sessions_distributed"
+
 #: The PostgreSQL setting the row-level security policies read (migration 0003).
 TENANT_SETTING = "agents_sessions.tenant_id"
 

@@ -95,11 +95,6 @@ def expired(conversation_id: Any) -> Any:
     )
 
 
-def _extended_expiry() -> Any:
-    """A live conversation's expiry, extended by the TTL given (unchanged without one)."""
-    return func.coalesce(expiry_after(TTL_SECONDS), conversations.c.expires_at)
-
-
 def _new_expiry(excluded: Any) -> Any:
     """The expiry an upsert leaves: extended by a TTL, restarted, or unchanged.
 
@@ -216,22 +211,27 @@ def _postgres_append() -> Any:
     # An expired conversation starts afresh: its old messages and paused run go. The
     # deletes read `conversation`, so they run after its upsert locked the row (the
     # lock order of every writer). When nothing expired they are one-time-filtered.
-    restarted = select(conversation.c.id).where(conversation.c.id.in_(select(was_expired.c.id)))
+    # Each delete also names the conversation id parameter itself: a sharded cluster
+    # (Citus) then routes the whole statement to the one shard holding it.
+    conversation_id_parameter = bindparam("conversation_id", type_=Text)
+    restarted = exists(
+        select(conversation.c.id).where(conversation.c.id.in_(select(was_expired.c.id)))
+    )
     purged_messages = (
         delete(messages)
-        .where(messages.c.conversation_id.in_(restarted))
+        .where(messages.c.conversation_id == conversation_id_parameter, restarted)
         .returning(messages.c.id)
         .cte("purged_messages")
     )
     purged_branches = (
         delete(branches)
-        .where(branches.c.conversation_id.in_(restarted))
+        .where(branches.c.conversation_id == conversation_id_parameter, restarted)
         .returning(branches.c.conversation_id)
         .cte("purged_branches")
     )
     purged_run_state = (
         delete(run_states_table)
-        .where(run_states_table.c.conversation_id.in_(restarted))
+        .where(run_states_table.c.conversation_id == conversation_id_parameter, restarted)
         .returning(run_states_table.c.conversation_id)
         .cte("purged_run_state")
     )
@@ -239,7 +239,6 @@ def _postgres_append() -> Any:
         "new_items", role=("roles", Text), content=("contents", Text), document=("documents", Text)
     )
     append_key = bindparam("append_key", type_=Text)
-    conversation_id_parameter = bindparam("conversation_id", type_=Text)
     # The key is claimed in append_keys; only a call that claims it (or has none)
     # inserts items. A concurrent attempt holding the same key makes ON CONFLICT
     # wait for it, then do nothing: one of them stores the items, never both.
@@ -290,21 +289,6 @@ def _postgres_append() -> Any:
             ["conversation_id", "role", "content", "item", "append_key", "branch_id"], source
         )
         .add_cte(purged_messages, purged_branches, purged_run_state)
-    )
-
-
-def _append_key_seen(append_key: Any) -> Any:
-    """EXISTS: a message of this conversation carries ``append_key`` (false for NULL).
-
-    This check answers the common retry -- the first attempt committed, then its
-    connection died before the reply. Its snapshot may predate a first attempt
-    still committing concurrently; the partial unique index on
-    ``(conversation_id, append_key)`` turns that rare race into a unique violation,
-    which the caller reads as "already appended".
-    """
-    return exists().where(
-        messages.c.conversation_id == bindparam("conversation_id"),
-        messages.c.append_key == append_key,
     )
 
 
@@ -363,7 +347,6 @@ SELECT_BRANCH_ALL = (
     )
     .order_by(messages.c.id)
 )
-SELECT_APPEND_KEY_SEEN = select(_append_key_seen(bindparam("append_key", type_=Text)))
 # Statement by statement (SQLite; PostgreSQL under row-level security), after the
 # conversation's lock: claim the key (rowcount 0: an earlier attempt stored the call).
 CLAIM_APPEND_KEY = {
@@ -381,26 +364,6 @@ DELETE_EXPIRED_APPEND_KEYS = delete(append_keys).where(
     append_keys.c.created_at < bindparam("keys_expire_before"),
 )
 
-# An expired conversation reads as empty: one primary-key probe in the same statement.
-_LATEST = (
-    select(messages.c.id, messages.c.item)
-    .where(
-        messages.c.conversation_id == bindparam("conversation_id"),
-        ~expired(bindparam("conversation_id")),
-    )
-    .order_by(messages.c.id.desc())
-    .limit(bindparam("limit", type_=Integer))
-    .subquery("latest")
-)
-SELECT_LATEST = select(_LATEST.c.item).order_by(_LATEST.c.id)
-SELECT_ALL = (
-    select(messages.c.item)
-    .where(
-        messages.c.conversation_id == bindparam("conversation_id"),
-        ~expired(bindparam("conversation_id")),
-    )
-    .order_by(messages.c.id)
-)
 SELECT_RECORDS = select(
     messages.c.id,
     messages.c.conversation_id,
@@ -409,75 +372,6 @@ SELECT_RECORDS = select(
     messages.c.item,
     messages.c.created_at,
 ).where(messages.c.conversation_id == bindparam("conversation_id"))
-
-
-def _delete_newest(conversation_id: Any, *, after: Any = None) -> Any:
-    """DELETE the newest message of ``conversation_id`` RETURNING it.
-
-    DELETE ... RETURNING is the claim: of two concurrent pops that picked the same
-    newest row, only the one whose DELETE removes it gets the payload back.
-    ``after`` (an EXISTS over a CTE) makes the newest-id lookup wait for that CTE.
-    """
-    newest = (
-        select(messages.c.id)
-        # An expired conversation has nothing to pop.
-        .where(messages.c.conversation_id == conversation_id, ~expired(conversation_id))
-        .order_by(messages.c.id.desc())
-        .limit(1)
-    )
-    if after is not None:
-        newest = newest.where(after)
-    return (
-        delete(messages)
-        # conversation_id as well as id: the row is found through the history index,
-        # and a sharded messages table routes the statement to one shard.
-        .where(
-            messages.c.conversation_id == conversation_id,
-            messages.c.id == newest.scalar_subquery(),
-        )
-        .returning(messages.c.conversation_id, messages.c.item)
-    )
-
-
-# SQLite form: under BEGIN IMMEDIATE nothing can race it.
-DELETE_NEWEST = _delete_newest(bindparam("conversation_id"))
-
-
-def _postgres_pop() -> Any:
-    """One statement: lock the conversation, delete its newest item, touch ``updated_at``.
-
-    Lock order matters: every writer (append, pop, clear, delete) locks the
-    conversation row *before* any message row, so none can deadlock another. The
-    ``locked`` CTE takes that lock; the newest-id subquery depends on it (an
-    uncorrelated EXISTS over it runs first).
-
-    Every part filters on the conversation id parameter itself, never on a value
-    computed by another part: on a sharded cluster (Citus) the statement is then
-    routed whole to the one shard that holds the conversation.
-    """
-    conversation_id: Any = bindparam("conversation_id")
-    locked = (
-        select(conversations.c.id)
-        .where(conversations.c.id == conversation_id)
-        .with_for_update()
-        .cte("locked")
-    )
-    popped = _delete_newest(conversation_id, after=exists(select(locked.c.id))).cte("popped")
-    # A data-modifying CTE runs even though the outer query does not read it.
-    touched = (
-        update(conversations)
-        .where(conversations.c.id == conversation_id, exists(select(popped.c.conversation_id)))
-        .values(updated_at=utcnow(), expires_at=_extended_expiry())
-        .cte("touched")
-    )
-    return select(popped.c.item).add_cte(touched)
-
-
-POSTGRES_POP = _postgres_pop()
-HAS_MESSAGES = select(
-    exists().where(messages.c.conversation_id == bindparam("conversation_id"))
-    & ~expired(bindparam("conversation_id"))
-)
 
 
 # The current branch's history in one statement (PostgreSQL). The recursive CTE
@@ -523,11 +417,16 @@ ORDER BY m.id
 """
 ).columns(item=JSONDocument)
 IS_EXPIRED = select(expired(bindparam("conversation_id")))
+# Touch a conversation: its expiry is left as it is (TOUCH_CONVERSATION), or set to
+# now + ttl_seconds (EXTEND_CONVERSATION). Two statements rather than one with
+# COALESCE(now() + ttl, expires_at): Citus refuses a non-IMMUTABLE function inside
+# COALESCE or CASE on a distributed table.
 TOUCH_CONVERSATION = (
     update(conversations)
     .where(conversations.c.id == bindparam("conversation_id"))
-    .values(updated_at=utcnow(), expires_at=_extended_expiry())
+    .values(updated_at=utcnow())
 )
+EXTEND_CONVERSATION = TOUCH_CONVERSATION.values(expires_at=expiry_after(TTL_SECONDS))
 CLEAR = delete(messages).where(messages.c.conversation_id == bindparam("conversation_id"))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
-from ..db.engine import TENANT_OPTION
+from ..db.engine import DISTRIBUTED_OPTION, TENANT_OPTION
 from ..db.models import messages_table as messages
 from ..db.models import stored_utc
 from ..db.statements import (
@@ -20,6 +20,8 @@ from ..db.statements import (
     COUNT_MESSAGES,
     DELETE_EXPIRED_APPEND_KEYS,
     ENSURE_CONVERSATION,
+    EXTEND_CONVERSATION,
+    INSERT_MESSAGE,
     INSERT_MESSAGE_ON_CURRENT_BRANCH,
     IS_EXPIRED,
     LOCK_IF_EXPIRED,
@@ -31,6 +33,7 @@ from ..db.statements import (
     PURGE_RUN_STATE,
     SELECT_BRANCH_ALL,
     SELECT_BRANCH_LATEST,
+    SELECT_CURRENT_BRANCH,
     SELECT_CURRENT_BRANCH_FORKED,
     SELECT_RECORDS,
     TOUCH_CONVERSATION,
@@ -134,8 +137,10 @@ class MessageRepository:
             "ttl_seconds": ttl_seconds,
             "restart_expired": True,
         }
-        acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
-        if self.connection.dialect.name == "postgresql" and not acting_for_tenant:
+        options = self.connection.get_execution_options()
+        distributed = DISTRIBUTED_OPTION in options
+        one_statement = not (TENANT_OPTION in options or distributed)
+        if self.connection.dialect.name == "postgresql" and one_statement:
             # Inside a caller's transaction, a savepoint keeps the unique-violation
             # answer below from aborting the rest of that transaction. (In the
             # facade's autocommit statements there is no transaction to protect.)
@@ -167,9 +172,11 @@ class MessageRepository:
                     return 0
                 raise
             return int(result.rowcount)
-        # Statement by statement, in the caller's transaction: SQLite, and PostgreSQL
+        # Statement by statement, in the caller's transaction: SQLite, PostgreSQL
         # under row-level security (whose messages policy looks the conversation up
-        # and would not see one created by a CTE of the same statement).
+        # and would not see one created by a CTE of the same statement), and Citus
+        # (which runs the CTEs of one statement one after another, each with its own
+        # snapshot; see agents_sessions.db.distribution_probe).
         # The upsert comes first: it takes the conversation's lock (on SQLite, under
         # BEGIN IMMEDIATE, the single write lock), so ids follow commit order, and
         # the key check below cannot race another writer of this conversation.
@@ -193,21 +200,24 @@ class MessageRepository:
             ).rowcount
         ):
             return 0  # an earlier attempt of this call stored it
-        # The current branch is read in the INSERT, after the upsert above locked the
-        # conversation: no switch can slip in between.
-        self.connection.execute(
-            INSERT_MESSAGE_ON_CURRENT_BRANCH,
-            [
-                {
-                    "conversation_id": conversation_id,
-                    "role": item.role,
-                    "content": item.content,
-                    "document": item.document,
-                    "append_key": idempotency_key if position == 0 else None,
-                }
-                for position, item in enumerate(encoded)
-            ],
-        )
+        rows = [
+            {
+                "conversation_id": conversation_id,
+                "role": item.role,
+                "content": item.content,
+                "document": item.document,
+                "append_key": idempotency_key if position == 0 else None,
+            }
+            for position, item in enumerate(encoded)
+        ]
+        # The current branch is read after the upsert above locked the conversation:
+        # no switch can slip in between. Citus refuses a subquery in INSERT ... VALUES,
+        # so there it is read first; elsewhere inside the INSERT.
+        if distributed:
+            branch = self.connection.execute(SELECT_CURRENT_BRANCH, conversation).scalar_one()
+            self.connection.execute(INSERT_MESSAGE, [{**row, "branch_id": branch} for row in rows])
+            return len(encoded)
+        self.connection.execute(INSERT_MESSAGE_ON_CURRENT_BRANCH, rows)
         return len(encoded)
 
     def latest(self, conversation_id: str, limit: int) -> list[dict[str, Any]]:
@@ -316,7 +326,7 @@ class MessageRepository:
             return None  # an expired conversation reads as empty: nothing to pop
         item = BranchRepository(self.connection).pop(conversation_id)
         if item is not None and ttl_seconds is not None:
-            self.connection.execute(TOUCH_CONVERSATION, {**parameters, "ttl_seconds": ttl_seconds})
+            self.connection.execute(EXTEND_CONVERSATION, {**parameters, "ttl_seconds": ttl_seconds})
         return item
 
     def clear(self, conversation_id: str) -> int:

@@ -8,19 +8,25 @@ to several shards fails the test instead of running.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from agents import Agent, Runner, function_tool
 from agents.testing import ScriptedModel, assistant_message, function_call
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from agents_sessions import DatabaseError, PostgreSQLSession, UsageEntry, get_store
 
 
 def user(content: str) -> dict[str, str]:
     return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content}
 
 
 async def test_a_role_that_refuses_fan_out_cannot_list_every_conversation(
@@ -80,48 +86,82 @@ async def test_an_agent_turn_with_a_tool_runs_on_one_shard(strict_url: str) -> N
     session = PostgreSQLSession(f"conv-{uuid.uuid4()}", database_url=strict_url)
 
     result = await Runner.run(agent, "Weather in Paris?", session=session)
-    assert await session.record_usage(result, model="scripted") >= 1
+    # Both requests were recorded as the run went; naming their model adds no row.
+    assert await session.record_usage(result, model="scripted") == 0
+    usage = await session.get_session_usage()
+    assert usage is not None and usage["requests"] == 2
 
     types = [item.get("type", "message") for item in await session.get_items()]
     assert types == ["message", "function_call", "function_call_output", "message"]
 
 
-@pytest.mark.parametrize(
-    "statement",
-    ["append", "latest", "pop"],
+# The tables Citus distributes (agents_sessions.ops.citus.DISTRIBUTION_COLUMNS); a
+# statement that names none of them (alembic_version, SET) is not planned by Citus.
+_DISTRIBUTED = re.compile(
+    r"\b(conversations|messages|usage_logs|conversation_branches|append_keys|run_states)\b"
 )
-def test_each_hot_statement_plans_as_a_single_task(
-    statement: str, citus_url: str, admin_engine: Engine
-) -> None:
-    from agents_sessions.db import statements
 
-    prebuilt: dict[str, tuple[Any, dict[str, Any]]] = {
-        "append": (
-            statements.POSTGRES_APPEND,
-            {
-                "conversation_id": "c",
-                "user_id": None,
-                "metadata": None,
-                "append_key": None,
-                "roles": ["user"],
-                "contents": ["x"],
-                "documents": ['{"role": "user", "content": "x"}'],
-                "position_1": 1,
-            },
-        ),
-        "latest": (statements.SELECT_LATEST, {"conversation_id": "c", "limit": 20}),
-        "pop": (statements.POSTGRES_POP, {"conversation_id": "c", "param_1": 1}),
-    }
-    built, parameters = prebuilt[statement]
-    with admin_engine.connect() as connection:
-        sql = str(built.compile(dialect=connection.dialect))
-        connection.exec_driver_sql("BEGIN")
-        plan = "\n".join(
-            connection.exec_driver_sql("EXPLAIN (COSTS OFF) " + sql, parameters).scalars()
+
+def test_every_statement_a_session_sends_plans_as_a_single_task(
+    citus_url: str, admin_engine: Engine
+) -> None:
+    """EXPLAIN every statement the session calls really send: one task each, routed whole.
+
+    The statements are captured as sent (appends with and without a key or a
+    time-to-live, reads of a plain and of a forked branch, pop, usage, clear), so a
+    statement added later is covered without being listed here.
+    """
+    store = get_store(citus_url)
+    sent: list[tuple[str, Any]] = []
+
+    def remember(
+        connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        # (An executemany's parameters are a sequence: one set plans like the others.)
+        sent.append((statement, parameters[0] if isinstance(parameters, list) else parameters))
+
+    async def calls() -> None:
+        session = PostgreSQLSession(
+            f"conv-{uuid.uuid4()}", database_url=citus_url, user_id="ada", ttl=timedelta(hours=1)
         )
-        connection.exec_driver_sql("ROLLBACK")
-    counts = [line.split(":")[1].strip() for line in plan.splitlines() if "Task Count" in line]
-    assert counts and all(count == "1" for count in counts), plan
+        await session.add_items([user("one"), assistant("two")])
+        await session.add_items([user("three"), assistant("four")], idempotency_key="k-1")
+        await session.get_items(limit=2)
+        await session.get_items()
+        branch = await session.create_branch_from_turn(2)
+        await session.add_items([user("on the branch")])
+        await session.get_items(limit=3)
+        await session.get_items()
+        assert await session.pop_item() == user("on the branch")
+        await session.switch_to_branch("main")
+        # A Runner turn: its requests' usage is recorded with its items.
+        agent = Agent(name="assistant", model=ScriptedModel([[assistant_message("five")]]))
+        await Runner.run(agent, "six", session=session)
+        await session.delete_branch(branch)
+        await session.clear_session()
+
+    event.listen(store.engine, "before_cursor_execute", remember)
+    try:
+        asyncio.run(calls())
+    finally:
+        event.remove(store.engine, "before_cursor_execute", remember)
+
+    planned = [(sql, parameters) for sql, parameters in sent if _DISTRIBUTED.search(sql)]
+    assert len(planned) > 10, sent
+    with admin_engine.connect() as connection:
+        for sql, parameters in planned:
+            connection.exec_driver_sql("BEGIN")
+            plan = "\n".join(
+                connection.exec_driver_sql("EXPLAIN (COSTS OFF) " + sql, parameters).scalars()
+            )
+            connection.exec_driver_sql("ROLLBACK")
+            counts = [
+                line.split(":")[1].strip() for line in plan.splitlines() if "Task Count" in line
+            ]
+            assert counts and all(count == "1" for count in counts), f"{sql}\n{plan}"
+            # Routed whole: not split into sub-plans run one after another (each
+            # with a snapshot of its own), nor pulled through the coordinator.
+            assert "Subplan" not in plan and "pull to coordinator" not in plan, f"{sql}\n{plan}"
 
 
 async def test_concurrent_appends_keep_commit_order_and_stay_contiguous(citus_url: str) -> None:

@@ -209,6 +209,9 @@ async def test_paused_runs_travel_in_exports_and_import_idempotently(
 
 
 @pytest.mark.postgres_only
+@pytest.mark.not_on_citus(
+    "row-level security is refused on a distributed store (tests/citus checks the refusal)"
+)
 async def test_under_row_level_security_a_tenant_cannot_see_or_claim_anothers_paused_run(
     tenant_database: TenantDatabase,  # noqa: F811 - the imported fixture
 ) -> None:

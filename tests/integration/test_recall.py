@@ -88,6 +88,9 @@ def test_a_recall_tool_is_checked_when_made(database_url: str) -> None:
 
 
 @pytest.mark.postgres_only
+@pytest.mark.not_on_citus(
+    "row-level security is refused on a distributed store (tests/citus checks the refusal)"
+)
 async def test_under_row_level_security_recall_never_returns_another_tenants_text(
     tenant_database: TenantDatabase,  # noqa: F811 - the imported fixture
 ) -> None:

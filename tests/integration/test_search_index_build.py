@@ -13,7 +13,11 @@ from agents_sessions.db.engine import parse_database_url
 from agents_sessions.db.migrate import head_revision, upgrade
 from tests.conftest import PostgresServer
 
-pytestmark = [pytest.mark.postgres_only, pytest.mark.direct_connection_only("watches backends")]
+pytestmark = [
+    pytest.mark.postgres_only,
+    pytest.mark.direct_connection_only("watches backends"),
+    pytest.mark.not_on_citus("migrations run on empty databases; tests/citus migrates its own"),
+]
 
 INSERT = text(
     "INSERT INTO messages (conversation_id, role, content, item) "
