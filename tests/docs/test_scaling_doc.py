@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, inspect, text
 from agents_sessions.cli.main import cli
 from agents_sessions.db.migrate import alembic_config
 from agents_sessions.db.models import Base
-from agents_sessions.db.statements import SELECT_LATEST
+from agents_sessions.db.statements import POSTGRES_VIEW_LATEST
 from agents_sessions.ops.citus import DISTRIBUTION_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,9 +134,10 @@ def test_the_prepared_key_indexes_are_adopted_and_every_key_then_distributes(
         with engine.connect() as connection:
             connection.execute(text("SET enable_seqscan = off"))
             plan = connection.exec_driver_sql(
-                "EXPLAIN " + str(SELECT_LATEST.compile(dialect=engine.dialect)),
+                "EXPLAIN " + str(POSTGRES_VIEW_LATEST.compile(dialect=engine.dialect)),
                 {"conversation_id": "conv-x", "limit": 10},
             ).scalars()
-            assert "pk_messages" in "\n".join(plan)
+            # The history is read through an index that starts with the key's column.
+            assert "ix_messages_conversation_id_branch_id_id" in "\n".join(plan)
     finally:
         engine.dispose()

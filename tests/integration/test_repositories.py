@@ -323,19 +323,17 @@ def test_latest_items_is_an_index_scan_on_a_large_table(
             )
         )
         connection.execute(text("ANALYZE messages"))
-    from agents_sessions.db.statements import SELECT_LATEST as _SELECT_LATEST
+    from agents_sessions.db.statements import POSTGRES_VIEW_LATEST
 
-    compiled = _SELECT_LATEST.compile(
-        dialect=store.engine.dialect, compile_kwargs={"literal_binds": False}
-    )
+    compiled = POSTGRES_VIEW_LATEST.compile(dialect=store.engine.dialect)
     with store.engine.connect() as connection:
         plan = connection.exec_driver_sql(
             "EXPLAIN " + str(compiled), {"conversation_id": conversation_id, "limit": 20}
         ).scalars()
         plan_text = "\n".join(plan)
-    # The history index is the key's, (conversation_id, id).
-    assert "pk_messages" in plan_text
-    assert "Seq Scan" not in plan_text
+    # The history index, (conversation_id, branch_id, id), scanned backwards.
+    assert "ix_messages_conversation_id_branch_id_id" in plan_text, plan_text
+    assert "Seq Scan on messages" not in plan_text, plan_text
 
 
 def test_iterating_a_users_conversations_walks_every_page_once_and_stops(
