@@ -18,6 +18,7 @@
 #   make bench   side-by-side benchmark vs the Agents SDK backends (installs .[dev,bench]);
 #                BENCH_ARGS="--quick" for a smoke run; needs local PostgreSQL (+ Redis)
 #                then the explorer's page timings on 100,000 conversations (benchmarks/ui_pages.py)
+#   make bench-citus  the turn workload on a throwaway Citus cluster beside one server
 #   make bench-search  recall: search p50 on 1,000,000 messages, and the index's cost to
 #                add_items (also run by make bench; SEARCH_BENCH_ARGS="--quick")
 #   make profile our throughput workload under py-spy + pyinstrument -> benchmarks/results/
@@ -29,7 +30,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer test-citus test-matrix lint format migrate db-up db-down bench bench-branching bench-search profile soak clean
+.PHONY: venv demo test test-pgbouncer test-citus test-matrix lint format migrate db-up db-down bench bench-citus bench-branching bench-search profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +109,11 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.ui_pages $(UI_BENCH_ARGS)
 	$(BIN)/python -m benchmarks.search $(if $(findstring --quick,$(BENCH_ARGS)),--quick) $(SEARCH_BENCH_ARGS)
+
+# The turn workload on a throwaway Citus cluster (coordinator + 2 workers on this machine)
+# beside one server: a correctness-under-distribution figure, not a speed-up claim.
+bench-citus: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.bench --only agents_sessions,citus --workloads throughput $(BENCH_ARGS)
 
 # Branching a 10,000-item conversation, ours against the SDK's AdvancedSQLiteSession.
 bench-branching: $(BENCH_STAMP)

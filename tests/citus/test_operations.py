@@ -195,3 +195,25 @@ def test_backup_refuses_a_distributed_store_and_a_plain_backup_restores_into_a_c
     assert ok(target, "stats")["total_conversations"] == 5
     session = PostgreSQLSession("alice-2", database_url=target)
     assert asyncio.run(session.get_items()) == [user("alice 2 a"), user("alice 2 b")]
+
+
+def test_search_and_paused_runs_work_on_the_cluster(citus_url: str) -> None:
+    from tests.integration.test_paused_runs import paused_state
+
+    fill(citus_url)
+    session = PostgreSQLSession("carol-0", database_url=citus_url, user_id="carol")
+    asyncio.run(session.add_items([user("the quarterly budget for Lisbon")]))
+    asyncio.run(session.save_run_state(asyncio.run(paused_state(session))[1]))
+
+    # search fans out: every shard's text index answers, the coordinator merges.
+    hits = ok(citus_url, "search", "Lisbon budget")["hits"]
+    assert [hit["conversation_id"] for hit in hits] == ["carol-0"]
+    assert len(ok(citus_url, "search", "alice")["hits"]) == 6
+    assert ok(citus_url, "search", "alice", "--user", "bob")["hits"] == []
+
+    # Paused runs: listed across shards; shown and discarded on the conversation's shard.
+    [listed] = ok(citus_url, "runs", "list")["runs"]
+    assert listed["conversation_id"] == "carol-0" and listed["agent"] == "launcher"
+    assert ok(citus_url, "runs", "show", "carol-0")["conversation_id"] == "carol-0"
+    assert run(citus_url, "runs", "discard", "carol-0", "--yes").exit_code == 0
+    assert ok(citus_url, "runs", "list")["runs"] == []

@@ -5,12 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg2.extensions
+import pytest
 from sqlalchemy import event
 
 from agents_sessions import PostgreSQLSession, get_store
 from tests.conftest import PostgresServer
 
 
+@pytest.mark.not_on_citus(
+    "where Citus is installed an append is a transaction of single-shard statements "
+    "(tests/citus/test_single_shard.py checks those)"
+)
 def test_single_statement_calls_run_without_a_transaction_on_postgres(
     postgres_url: str, conversation_id: str
 ) -> None:
@@ -70,6 +75,10 @@ def test_schema_is_checked_once_per_engine(database_url: str, conversation_id: s
     assert len(reads) == 1, statements
 
 
+@pytest.mark.not_on_citus(
+    "where Citus is installed an append is a transaction of single-shard statements "
+    "(tests/citus/test_single_shard.py checks those)"
+)
 async def test_session_calls_skip_the_connection_wrapper_unless_someone_listens(
     postgres_server: PostgresServer, conversation_id: str
 ) -> None:
