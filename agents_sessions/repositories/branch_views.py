@@ -16,7 +16,7 @@ from ..db.models import branches_table as branches
 from ..db.models import conversations_table as conversations
 from ..db.models import messages_table as messages
 from ..db.models import stored_utc
-from ..db.statements import MAIN_BRANCH
+from ..db.statements import IS_EXPIRED, MAIN_BRANCH
 
 LIVE, DELETED, FROZEN = "live", "deleted", "frozen"
 # A chain longer than this is a cycle, which the operations here never create.
@@ -128,6 +128,10 @@ class BranchReader:
         """
         rows = self.rows(conversation_id) if rows is None else rows
         if self.state_of(rows, branch_id) != LIVE:
+            return []
+        # An expired conversation reads as empty on every branch, as its current one
+        # does (its rows stay until the next write or `prune` removes them).
+        if self.connection.execute(IS_EXPIRED, {"conversation_id": conversation_id}).scalar():
             return []
         found: list[ViewRow] = []
         for owner, bound in self.chain(rows, branch_id):

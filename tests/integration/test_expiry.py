@@ -88,13 +88,23 @@ async def test_an_expired_conversation_reads_as_empty_before_anything_deletes_it
         f"ttl-{uuid.uuid4()}", database_url=database_url, ttl=timedelta(hours=1)
     )
     await session.add_items([user(f"{word} one"), user(f"{word} two")])
+    await session.create_branch_from_turn(2, "alt")
+    await session.add_items([user(f"{word} three")])
+    assert len(await session.list_branches()) == 2
     expire_now(session)
     assert await session.get_items() == []
     assert await session.get_items(limit=1) == []
+    # Every branch of it, named or current, and every view built on them.
+    assert await session.get_items(branch_id="main") == []
+    assert await session.get_items(limit=1, branch_id="alt") == []
+    assert await session.get_conversation_turns() == []
+    assert await session.get_conversation_turns("main") == []
+    assert await session.list_branches() == []
+    assert await session.get_session_usage() is None
     assert await session.pop_item() is None
     with session.store.read() as repos:
         assert repos.messages.search(word).hits == []
-    assert stored_rows(session) == 2  # still there until pruned or restarted
+    assert stored_rows(session) == 3  # still there until pruned or restarted
 
 
 async def test_the_next_write_starts_an_expired_conversation_afresh(database_url: str) -> None:
