@@ -26,7 +26,6 @@ from ...db.models import (
     conversations_table,
     messages_table,
     run_states_table,
-    usage_logs_table,
 )
 from ...errors import (
     ConversationNotFoundError,
@@ -46,10 +45,10 @@ from .format import (
     encode_line,
     timestamp_text,
 )
+from .queries import BRANCHES_WITH_POSITIONS, USAGE_WITH_POSITIONS
 
 conversations = conversations_table
 messages = messages_table
-usage_logs = usage_logs_table
 
 
 # --------------------------------------------------------------------------------------
@@ -65,14 +64,10 @@ _MESSAGES_OF = (
         messages.c.created_at,
         messages.c.append_key,
         sql_cast(messages.c.item, Text).label("document"),
+        messages.c.branch_id,
     )
     .where(messages.c.conversation_id == bindparam("conversation_id"))
     .order_by(messages.c.id)
-)
-_USAGE_OF = (
-    select(usage_logs)
-    .where(usage_logs.c.conversation_id == bindparam("conversation_id"))
-    .order_by(usage_logs.c.id)
 )
 
 # A paused run: its state document verbatim, like the items.
@@ -220,6 +215,8 @@ def _conversation_lines(
             "created_at": timestamp_text(row.created_at),
             "updated_at": timestamp_text(row.updated_at),
             "metadata": dict(row.metadata or {}),
+            "current_branch": row.current_branch,
+            "expires_at": None if row.expires_at is None else timestamp_text(row.expires_at),
         }
     )
     totals[0] += 1
@@ -241,11 +238,25 @@ def _conversation_lines(
                     "created_at": timestamp_text(message.created_at),
                     "append_key": message.append_key,
                     "item_json": message.document,
+                    "branch_id": message.branch_id,
                 }
             )
             position += 1
     totals[1] += position
-    result = connection.execute(_USAGE_OF, parameters, execution_options=streaming)
+    # Branch rows are few per conversation (one per branch ever made).
+    for branch in connection.execute(BRANCHES_WITH_POSITIONS, parameters):
+        yield encode_line(
+            {
+                "type": "branch",
+                "conversation_id": row.id,
+                "branch_id": branch.branch_id,
+                "parent_branch_id": branch.parent_branch_id,
+                "fork_before_position": branch.fork_before_position,
+                "state": branch.state,
+                "created_at": timestamp_text(branch.created_at),
+            }
+        )
+    result = connection.execute(USAGE_WITH_POSITIONS, parameters, execution_options=streaming)
     for chunk in result.partitions(batch_size):
         for usage in chunk:
             yield encode_line(
@@ -260,6 +271,13 @@ def _conversation_lines(
                     "completion_tokens": usage.completion_tokens,
                     "total_tokens": usage.total_tokens,
                     "timestamp": timestamp_text(usage.timestamp),
+                    "branch_id": usage.branch_id,
+                    "turn_position": usage.turn_position,
+                    "request_index": usage.request_index,
+                    "cached_tokens": usage.cached_tokens,
+                    "reasoning_tokens": usage.reasoning_tokens,
+                    "input_tokens_details": usage.input_tokens_details,
+                    "output_tokens_details": usage.output_tokens_details,
                 }
             )
             totals[2] += 1
