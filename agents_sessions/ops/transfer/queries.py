@@ -56,6 +56,9 @@ USAGE_WITH_POSITIONS = (
 _BELOW_FORK = (
     select(func.count())
     .where(
+        # The conversation as a parameter here too, not only through the
+        # correlation: every table of the statement is filtered on one value.
+        messages.c.conversation_id == _CONVERSATION,
         messages.c.conversation_id == branches.c.conversation_id,
         messages.c.id < branches.c.fork_before_id,
     )

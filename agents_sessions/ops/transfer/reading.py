@@ -121,6 +121,20 @@ class _Record:
             raise self.fail(f"{self.kind}.{name} must be at most {maximum:,}, got {checked}")
         return checked
 
+    def request_index(self) -> int | None:
+        """Null, or a 32-bit integer (usage recorded from run totals has negative ones)."""
+        value = self.data["request_index"]
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not -_MAX_INT32 - 1 <= value <= _MAX_INT32
+        ):
+            raise self.fail(
+                f"usage.request_index must be null or an integer from -2**31 to 2**31-1, "
+                f"got {short(value)}"
+            )
+        return value
+
     def position(self, name: str, *, messages: int, bound: bool) -> int | None:
         """An optional message position: of a message, or of a bound (which may equal
         ``messages``, "after every message")."""
@@ -329,7 +343,7 @@ def _usage(record: _Record, block: ConversationBlock) -> UsageLine:
     }
     if block.version < 2:
         return UsageLine(**common)
-    request_index = record.count("request_index", optional=True, maximum=_MAX_INT32)
+    request_index = record.request_index()
     if run_id is not None and request_index is not None:
         # Unique per conversation in the database (a request is recorded once).
         if (run_id, request_index) in block.usage_keys:
