@@ -152,7 +152,7 @@ def _expiry(url: str, conversation_id: str) -> datetime | None:
         for row in _rows(url, conversations_table)
         if row.id == conversation_id  # one conversation per check: small tables
     ]
-    value = row.expires_at
+    value: datetime | None = row.expires_at
     if value is not None and value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value
@@ -342,7 +342,7 @@ def _small_file(version: int = 2) -> list[dict[str, Any]]:
             input_tokens_details={"cached_tokens": 2},
             output_tokens_details={"reasoning_tokens": 1},
         )
-    messages = []
+    messages: list[dict[str, Any]] = []
     for position, (branch, item) in enumerate(items[: 6 if version >= 2 else 4]):
         message = {
             "type": "message",
@@ -357,7 +357,7 @@ def _small_file(version: int = 2) -> list[dict[str, Any]]:
         if version >= 2:
             message["branch_id"] = branch
         messages.append(message)
-    branches = [
+    branches: list[dict[str, Any]] = [
         {
             "type": "branch",
             "conversation_id": "c",
@@ -377,7 +377,7 @@ def _small_file(version: int = 2) -> list[dict[str, Any]]:
             "created_at": at,
         },
     ]
-    header = {
+    header: dict[str, Any] = {
         "type": "header",
         "format": "agents-sessions-export",
         "version": version,
@@ -385,7 +385,7 @@ def _small_file(version: int = 2) -> list[dict[str, Any]]:
         "source": "sqlite",
         "scope": {"conversation_ids": None, "user_id": None},
     }
-    end = {"type": "end", "conversations": 1, "messages": len(messages), "usage": 1}
+    end: dict[str, Any] = {"type": "end", "conversations": 1, "messages": len(messages), "usage": 1}
     return [header, conversation, *messages, *(branches if version >= 2 else []), usage, end]
 
 
