@@ -40,6 +40,7 @@ from agents_sessions.ops.transfer import (
     export_conversations,
     import_export,
 )
+from tests.conftest import PostgresServer
 
 FreshUrl = Callable[[], str]
 CONVERSATION = "branched"
@@ -228,6 +229,26 @@ async def test_branches_expiry_and_usage_details_survive_export_and_import(
     )
 
 
+@pytest.mark.not_on_citus("moves between SQLite and PostgreSQL; the cluster runs the test above")
+@pytest.mark.parametrize("direction", ["sqlite-to-postgresql", "postgresql-to-sqlite"])
+async def test_branches_move_between_sqlite_and_postgresql(
+    direction: str, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    sqlite_url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    postgres_url = postgres_server.create_database()
+    source_url, target_url = (
+        (sqlite_url, postgres_url) if direction.startswith("sqlite") else (postgres_url, sqlite_url)
+    )
+    source = await _write_branched_conversation(source_url)
+    names = _branch_names(source_url)
+
+    _import(target_url, _export(source_url))
+
+    target = PostgreSQLSession(CONVERSATION, database_url=target_url)
+    assert await _api_view(target, names) == await _api_view(source, names)
+    assert _expiry(target_url, CONVERSATION) == _expiry(source_url, CONVERSATION)
+
+
 async def test_importing_a_version_2_file_twice_changes_nothing(
     fresh_database_url: FreshUrl,
 ) -> None:
@@ -294,6 +315,29 @@ async def test_a_stored_branch_that_differs_refuses_the_conversation(
 
     (refused,) = summary.refused
     assert "branch 'retry'" in refused.reason and "differs" in refused.reason
+    assert _everything(target_url) == after_change
+
+
+async def test_a_request_stored_with_other_usage_refuses_the_conversation(
+    fresh_database_url: FreshUrl,
+) -> None:
+    source_url, target_url = fresh_database_url(), fresh_database_url()
+    await _write_branched_conversation(source_url)
+    data = _export(source_url)
+    _import(target_url, data)
+    # The same request of the same run, counted differently in the database.
+    with get_store(target_url).transaction() as repos:
+        repos.connection.execute(
+            update(usage_logs_table)
+            .where(usage_logs_table.c.branch_id == "retry")
+            .values(prompt_tokens=usage_logs_table.c.prompt_tokens + 1)
+        )
+    after_change = _everything(target_url)
+
+    summary = _import(target_url, data)
+
+    (refused,) = summary.refused
+    assert "is stored with other usage" in refused.reason
     assert _everything(target_url) == after_change
 
 

@@ -135,8 +135,10 @@ class ExportFile:
     Use as a context manager (closes what it opened)::
 
         with ExportFile("backup.jsonl") as export:
-            print(export.counts)
+            print(export.version, export.counts)
             summary = import_export(store, export)
+
+    ``version`` is the file's format version (1 or 2), ``counts`` its totals.
 
     Raises:
         ExportFormatError: naming the first bad line.
@@ -172,7 +174,6 @@ class ExportFile:
             counts: TransferCounts | None = None
             for entry in parse_lines(self._lines(), max_item_bytes=self._max_item_bytes):
                 if isinstance(entry, HeaderLine):
-                    #: The file's format version (1 or 2).
                     self.version = entry.version
                 elif isinstance(entry, EndLine):
                     counts = entry.counts

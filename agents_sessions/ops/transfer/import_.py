@@ -91,9 +91,10 @@ def import_export(
     """Import a validated :class:`ExportFile` into ``store``; idempotent.
 
     Each conversation is imported in its own transaction: all of its new rows or
-    none. A conversation whose stored messages differ from the file's (or that
-    belongs to another user) is refused and listed in the summary; the others are
-    imported. ``progress(1)`` is called after each conversation.
+    none. A conversation whose stored messages or branches differ from the file's
+    (or that belongs to another user, or already holds a request of a run with
+    other usage) is refused and listed in the summary; the others are imported.
+    ``progress(1)`` is called after each conversation.
 
     Raises:
         DatabaseError: the database failed; the conversations before the failing
