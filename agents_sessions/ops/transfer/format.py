@@ -37,7 +37,8 @@ Records and fields:
   conversation continues on: null for ``main``, else the ``branch_id`` of one of its
   ``branch`` records in state ``live``; ``expires_at`` -- when its time-to-live
   ends (null: never); an import writes it as is, so a conversation past it
-  reads as empty.
+  reads as empty. Into a conversation already stored, an import writes both as it
+  writes ``metadata``: the file's values replace the stored ones.
 * ``message``: ``position``; ``role`` and ``content`` (informative: an import derives
   both from the item); ``created_at``; ``item_json``, the stored JSON document of the
   item **as a string**, verbatim: key order, number spelling and ``\\u0000`` escapes
@@ -51,8 +52,9 @@ Records and fields:
   conversation; ``main`` itself may have a record once it inherits from a frozen
   branch); ``parent_branch_id``, the branch it inherits from: null, ``main`` or the
   ``branch_id`` of another ``branch`` record of the conversation, never its own
-  ancestor; ``fork_before_position``, the bound of what it inherits: its parent's
-  messages at positions below it (null: no bound; at most the number of messages);
+  ancestor; ``fork_before_position``, the bound of what it inherits: the part of its
+  parent's history at positions below it (null: no bound; from 0 to the number of
+  messages; the message there may be gone, the bound stays);
   ``state``: ``live``, ``deleted`` (the name stays reserved; rows a child shares
   stay) or ``frozen`` (internal: rows a live branch gave up that a child still
   shares); ``created_at``. Names are checked as the branch API checks them.
@@ -62,9 +64,11 @@ Records and fields:
   (or null); ``turn_position``, the position of the user message that opened the
   request's turn (null: none, or that message no longer exists; a row whose turn
   message is gone counts in no turn, before or after an import); ``request_index``,
-  the request's index in its run (null, or unique with ``run_id`` in the
-  conversation); ``cached_tokens``, ``reasoning_tokens``; ``input_tokens_details``
-  and ``output_tokens_details``, the SDK's token details (an object or null).
+  the request's index in its run (null, or a 32-bit integer -- negative for a row of
+  a run's totals -- unique with ``run_id`` in the conversation); ``cached_tokens``,
+  ``reasoning_tokens``; ``input_tokens_details`` and ``output_tokens_details``, the
+  SDK's token details (an object or null). Counts are integers from 0 to 2**63-1
+  (``requests`` to 2**31-1).
 * ``run_state`` (at most one per conversation, last) is a paused agent run awaiting
   approval: the SDK's ``RunState`` JSON as a string (``state_json``), verbatim, with
   ``agent_name``, ``schema_version``, ``sdk_version``, ``approvals`` (a list of
