@@ -45,7 +45,7 @@ from .format import (
     encode_line,
     timestamp_text,
 )
-from .queries import BRANCHES_WITH_POSITIONS, USAGE_WITH_POSITIONS
+from .queries import BRANCHES_WITH_POSITIONS, TURN_MESSAGE_IDS, USAGE_OF, positions_of
 
 conversations = conversations_table
 messages = messages_table
@@ -256,7 +256,10 @@ def _conversation_lines(
                 "created_at": timestamp_text(branch.created_at),
             }
         )
-    result = connection.execute(USAGE_WITH_POSITIONS, parameters, execution_options=streaming)
+    # The usage rows name their turn's message by id: written as its position.
+    turns = connection.execute(TURN_MESSAGE_IDS, parameters).scalars().all()
+    positions = positions_of(connection, row.id, turns)
+    result = connection.execute(USAGE_OF, parameters, execution_options=streaming)
     for chunk in result.partitions(batch_size):
         for usage in chunk:
             yield encode_line(
@@ -272,7 +275,7 @@ def _conversation_lines(
                     "total_tokens": usage.total_tokens,
                     "timestamp": timestamp_text(usage.timestamp),
                     "branch_id": usage.branch_id,
-                    "turn_position": usage.turn_position,
+                    "turn_position": positions.get(usage.turn_message_id),
                     "request_index": usage.request_index,
                     "cached_tokens": usage.cached_tokens,
                     "reasoning_tokens": usage.reasoning_tokens,

@@ -9,9 +9,9 @@ on Citus each runs on the one worker holding that conversation.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
 
-from sqlalchemy import Text, bindparam, case, func, select
+from sqlalchemy import Connection, Text, bindparam, case, func, select
 
 from ...db.models import branches_table as branches
 from ...db.models import messages_table as messages
@@ -19,37 +19,84 @@ from ...db.models import usage_logs_table as usage_logs
 
 _CONVERSATION = bindparam("conversation_id", type_=Text)
 
-
-def _numbered() -> Any:
-    """The conversation's messages with their positions (``row_number`` in id order)."""
-    position = func.row_number().over(
-        # Partitioned by the distribution column: Citus pushes such a window down.
-        partition_by=messages.c.conversation_id,
-        order_by=messages.c.id,
-    )
-    return (
-        select(messages.c.conversation_id, messages.c.id, (position - 1).label("position"))
-        .where(messages.c.conversation_id == _CONVERSATION)
-        .subquery("numbered")
-    )
-
-
-_NUMBERED = _numbered()
-
-#: The conversation's ``usage_logs`` rows in id order, each with ``turn_position``:
-#: the position of its turn message (NULL when it has none or that message is gone).
-USAGE_WITH_POSITIONS = (
-    select(usage_logs, _NUMBERED.c.position.label("turn_position"))
-    .select_from(
-        usage_logs.outerjoin(
-            _NUMBERED,
-            (_NUMBERED.c.conversation_id == usage_logs.c.conversation_id)
-            & (_NUMBERED.c.id == usage_logs.c.turn_message_id),
-        )
-    )
+#: The conversation's ``usage_logs`` rows, in id order.
+USAGE_OF = (
+    select(usage_logs)
     .where(usage_logs.c.conversation_id == _CONVERSATION)
     .order_by(usage_logs.c.id)
 )
+
+#: The messages its usage rows name as their turn's, in id order.
+TURN_MESSAGE_IDS = (
+    select(usage_logs.c.turn_message_id)
+    .where(
+        usage_logs.c.conversation_id == _CONVERSATION,
+        usage_logs.c.turn_message_id.isnot(None),
+    )
+    .distinct()
+    .order_by(usage_logs.c.turn_message_id)
+)
+
+# Message ids a keyset page at a time: tiny rows, so big pages, and no cursor to
+# declare and close for the common short conversation.
+_ID_PAGE = 10_000
+_MESSAGE_IDS = (
+    select(messages.c.id)
+    .where(messages.c.conversation_id == _CONVERSATION, messages.c.id > bindparam("after_id"))
+    .order_by(messages.c.id)
+    .limit(_ID_PAGE)
+)
+
+
+def _message_ids(connection: Connection, conversation_id: str) -> Iterator[int]:
+    """The conversation's message ids in history order (position 0 first)."""
+    after_id = -1
+    while True:
+        parameters = {"conversation_id": conversation_id, "after_id": after_id}
+        page = connection.execute(_MESSAGE_IDS, parameters).scalars().all()
+        yield from page
+        if len(page) < _ID_PAGE:
+            return
+        after_id = page[-1]
+
+
+# Why one ordered walk over the ids rather than SQL: a join of usage rows to a
+# row_number() subquery re-numbers the messages for every usage row on SQLite (and
+# on PostgreSQL when it plans a cursor) -- quadratic in a long conversation. The
+# walk is linear on both, and keeps one entry per id or position asked for (one per
+# turn with usage, not one per message).
+
+
+def positions_of(
+    connection: Connection, conversation_id: str, ids: Iterable[int]
+) -> dict[int, int]:
+    """The positions of the messages ``ids`` in their conversation (absent: no such message)."""
+    wanted = set(ids)
+    found: dict[int, int] = {}
+    if wanted:
+        for position, message_id in enumerate(_message_ids(connection, conversation_id)):
+            if message_id in wanted:
+                found[message_id] = position
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
+def ids_at(
+    connection: Connection, conversation_id: str, positions: Iterable[int]
+) -> dict[int, int]:
+    """The ids of the messages at ``positions`` (absent: beyond the last message)."""
+    wanted = set(positions)
+    found: dict[int, int] = {}
+    if wanted:
+        last = max(wanted)
+        for position, message_id in enumerate(_message_ids(connection, conversation_id)):
+            if position in wanted:
+                found[position] = message_id
+            if position == last:
+                break
+    return found
+
 
 # How many of the conversation's messages lie below a branch's fork bound: the
 # bound as a position (it need not be the id of a message that still exists).
@@ -81,17 +128,14 @@ BRANCHES_WITH_POSITIONS = (
     .order_by(branches.c.created_at, branches.c.branch_id)
 )
 
-#: The ids of the messages at the given ``positions`` (an expanding parameter).
-IDS_AT_POSITIONS = select(_NUMBERED.c.position, _NUMBERED.c.id).where(
-    _NUMBERED.c.position.in_(bindparam("positions", expanding=True))
-)
-
 #: The conversation's highest message id (NULL when it has none).
 LAST_MESSAGE_ID = select(func.max(messages.c.id)).where(messages.c.conversation_id == _CONVERSATION)
 
 __all__ = [
     "BRANCHES_WITH_POSITIONS",
-    "IDS_AT_POSITIONS",
     "LAST_MESSAGE_ID",
-    "USAGE_WITH_POSITIONS",
+    "TURN_MESSAGE_IDS",
+    "USAGE_OF",
+    "ids_at",
+    "positions_of",
 ]

@@ -39,9 +39,10 @@ from ...db.models import (
 from ...db.statements import MAIN_BRANCH, unnested_rows
 from .queries import (
     BRANCHES_WITH_POSITIONS,
-    IDS_AT_POSITIONS,
     LAST_MESSAGE_ID,
-    USAGE_WITH_POSITIONS,
+    USAGE_OF,
+    ids_at,
+    positions_of,
 )
 from .records import (
     V1_USAGE_KEY_WIDTH,
@@ -318,15 +319,6 @@ class ConversationImport:
         self.changed = True
         self._pending_messages = []
 
-    def _ids_at(self, positions: set[int]) -> dict[int, int]:
-        """The ids of the stored messages at ``positions`` (every message written)."""
-        if not positions:
-            return {}
-        rows = self.connection.execute(
-            IDS_AT_POSITIONS, {**self._parameters, "positions": sorted(positions)}
-        )
-        return {int(row.position): int(row.id) for row in rows}
-
     def _bound_at(self, position: int | None) -> int | None:
         """A fork bound for ``position``: the id of the message there, or past the last.
 
@@ -336,7 +328,7 @@ class ConversationImport:
         """
         if position is None:
             return None
-        found = self._ids_at({position})
+        found = ids_at(self.connection, self.entry.id, {position})
         if position in found:
             return found[position]
         last = self.connection.execute(LAST_MESSAGE_ID, self._parameters).scalar()
@@ -390,8 +382,12 @@ class ConversationImport:
             # A multiset: two identical usage rows in the file are two rows; each
             # matches at most one stored row.
             self._usage_present = Counter()
-            for row in self.connection.execute(USAGE_WITH_POSITIONS, self._parameters):
-                self._usage_present[usage_key(row, row.turn_position)[:width]] += 1
+            rows = self.connection.execute(USAGE_OF, self._parameters).all()
+            turns = [row.turn_message_id for row in rows if row.turn_message_id is not None]
+            positions = positions_of(self.connection, self.entry.id, turns)
+            for row in rows:
+                key = usage_key(row, positions.get(row.turn_message_id))
+                self._usage_present[key[:width]] += 1
                 if row.run_id is not None and row.request_index is not None:
                     self._usage_requests.add((row.run_id, row.request_index))
         key = entry.key()[:width]
@@ -417,7 +413,7 @@ class ConversationImport:
         if not self._pending_usage:
             return
         turns = {entry.turn_position for entry in self._pending_usage}
-        ids = self._ids_at({position for position in turns if position is not None})
+        ids = ids_at(self.connection, self.entry.id, {p for p in turns if p is not None})
         self.connection.execute(
             insert(usage_logs),
             [
