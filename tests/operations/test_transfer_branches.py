@@ -420,6 +420,16 @@ def _small_file(version: int = 2) -> list[dict[str, Any]]:
             "state": "deleted",
             "created_at": at,
         },
+        {
+            # Forked after main's last message (a bound past every message).
+            "type": "branch",
+            "conversation_id": "c",
+            "branch_id": "b3",
+            "parent_branch_id": "main",
+            "fork_before_position": 6,
+            "state": "live",
+            "created_at": at,
+        },
     ]
     header: dict[str, Any] = {
         "type": "header",
@@ -450,7 +460,7 @@ async def test_a_small_version_2_file_imports_to_the_views_it_describes(
 ) -> None:
     url = fresh_database_url()
     summary = _import(url, _encode(_small_file()))
-    assert summary.refused == [] and summary.branches_imported == 2
+    assert summary.refused == [] and summary.branches_imported == 3
 
     session = PostgreSQLSession("c", database_url=url)
     q1, a1 = {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}
@@ -472,6 +482,12 @@ async def test_a_small_version_2_file_imports_to_the_views_it_describes(
         "output_tokens_details": {"reasoning_tokens": 1},
     }
     assert _expiry(url, "c") == datetime(2099, 1, 1, tzinfo=timezone.utc)
+    # b3 inherits all of main as it was; what main gains later is not b3's.
+    main = await session.get_items(branch_id="main")
+    assert await session.get_items(branch_id="b3") == main
+    await session.switch_to_branch("main")
+    await session.add_items([{"role": "user", "content": "q3"}])
+    assert await session.get_items(branch_id="b3") == main
 
 
 def _set(kind: str, match: dict[str, Any], **values: Any) -> Callable[[list[dict[str, Any]]], int]:
@@ -521,6 +537,11 @@ def _usage_first(records: list[dict[str, Any]]) -> int:
         (_set("usage", {}, request_index=2**31), "usage.request_index must be null or"),
         (_set("usage", {}, input_tokens_details=[1]), "input_tokens_details must be null or"),
         (_usage_first, "a branch record after conversation 'c''s usage records"),
+        (_set("branch", {"branch_id": "b2"}, branch_id="b1"), "branch 'b1' appears twice"),
+        (
+            _set("branch", {"branch_id": "b2"}, branch_id="main", parent_branch_id=None),
+            "main is always live",
+        ),
     ],
     ids=[
         "unknown-state",
@@ -535,6 +556,8 @@ def _usage_first(records: list[dict[str, Any]]) -> int:
         "request-index-beyond-32-bits",
         "details-not-an-object",
         "out-of-order",
+        "branch-twice",
+        "main-deleted",
     ],
 )
 def test_a_malformed_version_2_file_is_refused_naming_the_line_and_nothing_is_written(

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any, cast
 
+from ...db.statements import MAIN_BRANCH
 from ...errors import (
     AgentsSessionsError,
     ExportFormatError,
@@ -310,6 +311,8 @@ def _branch(record: _Record, block: ConversationBlock) -> BranchLine:
         raise record.fail(
             f"branch.state {short(state)} is not one of {', '.join(sorted(BRANCH_STATES))}"
         )
+    if name == MAIN_BRANCH and state != "live":
+        raise record.fail(f"branch.state of main is {short(state)}: main is always live")
     fork = record.position("fork_before_position", messages=block.messages, bound=True)
     branch = BranchLine(
         line=record.line,
