@@ -421,11 +421,12 @@ def _small_file(version: int = 2) -> list[dict[str, Any]]:
             "created_at": at,
         },
         {
-            # Forked after main's last message (a bound past every message).
+            # Forked after b1's last message, the conversation's last (a bound
+            # past every message).
             "type": "branch",
             "conversation_id": "c",
             "branch_id": "b3",
-            "parent_branch_id": "main",
+            "parent_branch_id": "b1",
             "fork_before_position": 6,
             "state": "live",
             "created_at": at,
@@ -482,12 +483,11 @@ async def test_a_small_version_2_file_imports_to_the_views_it_describes(
         "output_tokens_details": {"reasoning_tokens": 1},
     }
     assert _expiry(url, "c") == datetime(2099, 1, 1, tzinfo=timezone.utc)
-    # b3 inherits all of main as it was; what main gains later is not b3's.
-    main = await session.get_items(branch_id="main")
-    assert await session.get_items(branch_id="b3") == main
-    await session.switch_to_branch("main")
+    # b3 inherits all of b1 as it was; what b1 gains later is not b3's.
+    assert await session.get_items(branch_id="b3") == b1
     await session.add_items([{"role": "user", "content": "q3"}])
-    assert await session.get_items(branch_id="b3") == main
+    assert len(await session.get_items(branch_id="b1")) == 5
+    assert await session.get_items(branch_id="b3") == b1
 
 
 def _set(kind: str, match: dict[str, Any], **values: Any) -> Callable[[list[dict[str, Any]]], int]:
