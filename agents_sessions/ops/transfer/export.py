@@ -1,9 +1,11 @@
 """Export: conversations to JSON Lines, streamed from one snapshot.
 
-Export streams with constant memory: conversations in keyset batches by id, each
-conversation's messages through a server-side cursor (``stream_results``), all in
-one snapshot (``REPEATABLE READ, READ ONLY`` on PostgreSQL; one read transaction on
-SQLite), so the file is a consistent picture even while the app writes.
+Export streams: conversations in keyset batches by id, each conversation's messages
+and usage rows through a server-side cursor (``stream_results``), all in one snapshot
+(``REPEATABLE READ, READ ONLY`` on PostgreSQL; one read transaction on SQLite), so
+the file is a consistent picture even while the app writes. Memory never grows with
+the messages: per conversation it holds its branch rows and the position of each
+message that opened a turn with usage.
 """
 
 from __future__ import annotations

@@ -401,8 +401,8 @@ def _run_state(record: _Record, block: ConversationBlock) -> RunStateLine:
 def parse_lines(lines: Iterable[bytes], *, max_item_bytes: int | None = None) -> Iterator[Line]:
     """Parse and validate an export, line by line; the file's structure too.
 
-    Raises :class:`ExportFormatError` at the first problem. Memory is bounded by one
-    conversation's small state (:class:`ConversationBlock`), never by its messages.
+    Raises :class:`ExportFormatError` at the first problem. Memory holds one
+    conversation's keys and branches (:class:`ConversationBlock`), never its messages.
     """
     version = 0
     block: ConversationBlock | None = None

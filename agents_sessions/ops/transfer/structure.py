@@ -24,8 +24,8 @@ def short(value: Any) -> str:
 class ConversationBlock:
     """What the structure rules need of the conversation being read.
 
-    Small whatever the conversation's length: counters, its append keys and usage
-    keys, its branch records and the names of the branches its messages belong to.
+    Never its messages: counters, its append keys and (run, request) keys, its
+    branch records and the names of the branches its messages belong to.
     """
 
     def __init__(self, entry: ConversationLine, version: int) -> None:
