@@ -50,9 +50,9 @@ Records and fields:
   ``branch_id`` of one of the conversation's ``branch`` records.
 * ``branch`` (one per ``conversation_branches`` row): ``branch_id`` (unique in the
   conversation; ``main`` itself may have a record, always ``live``, once it inherits
-  from a frozen branch); ``parent_branch_id``, the branch it inherits from: null, ``main`` or the
-  ``branch_id`` of another ``branch`` record of the conversation, never its own
-  ancestor; ``fork_before_position``, the bound of what it inherits: the part of its
+  from a frozen branch); ``parent_branch_id``, the branch it inherits from: null,
+  ``main`` or the ``branch_id`` of another ``branch`` record of the conversation,
+  never its own ancestor; ``fork_before_position``, the bound of what it inherits: the part of its
   parent's history at positions below it (null: no bound; from 0 to the number of
   messages; the message there may be gone, the bound stays);
   ``state``: ``live``, ``deleted`` (the name stays reserved; rows a child shares
