@@ -74,8 +74,9 @@ def export_command(
     batch_size: int,
     as_json: bool,
 ) -> None:
-    """Export conversations with their messages and usage to JSON Lines.
+    """Export conversations with their messages, branches, usage and paused runs to JSON Lines.
 
+    Writes export format version 2 (current branches and expiry included).
     Everything by default; --user for one user's conversations, --conversation for
     chosen ones (both: the chosen ones of that user). Streams with constant memory
     from one consistent snapshot; items are written exactly as stored.
@@ -153,7 +154,8 @@ def import_command(context: CliContext, source: str, batch_size: int, as_json: b
     The whole file is validated first: a bad line is reported with its number and
     nothing is written. Then each conversation is imported in its own transaction.
     Importing the same file again changes nothing. A conversation whose stored
-    messages differ from the file's is refused (exit status 1), never merged.
+    messages or branches differ from the file's is refused (exit status 1), never
+    merged. Reads export format versions 1 and 2.
     Into a PostgreSQL database that already holds conversations, a named restore
     point is created first and its name printed (stderr; "restore_point" in --json).
     """
@@ -196,6 +198,10 @@ def _report_import(
     click.echo(
         f"  messages: {summary.messages_imported} imported, "
         f"{summary.messages_already_present} already present"
+    )
+    click.echo(
+        f"  branches: {summary.branches_imported} imported, "
+        f"{summary.branches_already_present} already present"
     )
     click.echo(
         f"  usage rows: {summary.usage_imported} imported, "

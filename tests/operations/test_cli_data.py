@@ -232,7 +232,7 @@ def test_export_then_import_into_a_fresh_database_keeps_every_row(
     assert (header["type"], header["format"], header["version"]) == (
         "header",
         "agents-sessions-export",
-        1,
+        2,
     )
 
     imported = import_file(target, path)
@@ -397,9 +397,9 @@ def test_a_corrupt_line_is_rejected_with_its_number_and_nothing_is_written(
         (lambda lines: lines[:-1], 4, "ends without its end record"),
         (lambda lines: [b"{}", *lines[1:]], 1, "not an agents-sessions export"),
         (
-            lambda lines: [lines[0].replace(b'"version":1', b'"version":2'), *lines[1:]],
+            lambda lines: [lines[0].replace(b'"version":2', b'"version":3'), *lines[1:]],
             1,
-            "version 2 is not supported",
+            "version 3 is not supported",
         ),
         (
             lambda lines: [*lines[:-1], b'{"type":"end","conversations":1,"messages":9,"usage":0}'],

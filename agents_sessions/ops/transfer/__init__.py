@@ -1,10 +1,15 @@
 """Export and import conversations as versioned, self-describing JSON Lines.
 
-* :mod:`.format` -- the file format: its records, writing lines, validating a file
-  (:class:`ExportFile`);
+* :mod:`.format` -- the file format's specification (its docstring), writing lines,
+  opening a file for import (:class:`ExportFile`);
+* :mod:`.records` -- the records of a file and each format version's fields;
+* :mod:`.reading` and :mod:`.structure` -- validating a file, line by line and per
+  conversation;
+* :mod:`.queries` -- statements export and import share (message references as
+  positions);
 * :mod:`.export` -- a database's conversations to a file, from one snapshot;
-* :mod:`.import_` -- a validated file into a database, atomic per conversation and
-  idempotent.
+* :mod:`.import_` and :mod:`.writing` -- a validated file into a database, atomic
+  per conversation and idempotent.
 """
 
 from ...errors import ConversationNotFoundError, ExportFormatError
@@ -13,6 +18,7 @@ from .format import (
     DEFAULT_BATCH_SIZE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     ExportFile,
     TransferCounts,
 )
@@ -22,6 +28,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "ConversationNotFoundError",
     "ExportFile",
     "ExportFormatError",

@@ -1,9 +1,11 @@
 """Export: conversations to JSON Lines, streamed from one snapshot.
 
-Export streams with constant memory: conversations in keyset batches by id, each
-conversation's messages through a server-side cursor (``stream_results``), all in
-one snapshot (``REPEATABLE READ, READ ONLY`` on PostgreSQL; one read transaction on
-SQLite), so the file is a consistent picture even while the app writes.
+Export streams: conversations in keyset batches by id, each conversation's messages
+and usage rows through a server-side cursor (``stream_results``), all in one snapshot
+(``REPEATABLE READ, READ ONLY`` on PostgreSQL; one read transaction on SQLite), so
+the file is a consistent picture even while the app writes. Memory never grows with
+the messages: per conversation it holds its branch rows and the position of each
+message that opened a turn with usage.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from ...db.models import (
     conversations_table,
     messages_table,
     run_states_table,
-    usage_logs_table,
 )
 from ...errors import (
     ConversationNotFoundError,
@@ -46,10 +47,10 @@ from .format import (
     encode_line,
     timestamp_text,
 )
+from .queries import BRANCHES_WITH_POSITIONS, TURN_MESSAGE_IDS, USAGE_OF, positions_of
 
 conversations = conversations_table
 messages = messages_table
-usage_logs = usage_logs_table
 
 
 # --------------------------------------------------------------------------------------
@@ -65,14 +66,10 @@ _MESSAGES_OF = (
         messages.c.created_at,
         messages.c.append_key,
         sql_cast(messages.c.item, Text).label("document"),
+        messages.c.branch_id,
     )
     .where(messages.c.conversation_id == bindparam("conversation_id"))
     .order_by(messages.c.id)
-)
-_USAGE_OF = (
-    select(usage_logs)
-    .where(usage_logs.c.conversation_id == bindparam("conversation_id"))
-    .order_by(usage_logs.c.id)
 )
 
 # A paused run: its state document verbatim, like the items.
@@ -220,6 +217,8 @@ def _conversation_lines(
             "created_at": timestamp_text(row.created_at),
             "updated_at": timestamp_text(row.updated_at),
             "metadata": dict(row.metadata or {}),
+            "current_branch": row.current_branch,
+            "expires_at": None if row.expires_at is None else timestamp_text(row.expires_at),
         }
     )
     totals[0] += 1
@@ -241,11 +240,28 @@ def _conversation_lines(
                     "created_at": timestamp_text(message.created_at),
                     "append_key": message.append_key,
                     "item_json": message.document,
+                    "branch_id": message.branch_id,
                 }
             )
             position += 1
     totals[1] += position
-    result = connection.execute(_USAGE_OF, parameters, execution_options=streaming)
+    # Branch rows are few per conversation (one per branch ever made).
+    for branch in connection.execute(BRANCHES_WITH_POSITIONS, parameters):
+        yield encode_line(
+            {
+                "type": "branch",
+                "conversation_id": row.id,
+                "branch_id": branch.branch_id,
+                "parent_branch_id": branch.parent_branch_id,
+                "fork_before_position": branch.fork_before_position,
+                "state": branch.state,
+                "created_at": timestamp_text(branch.created_at),
+            }
+        )
+    # The usage rows name their turn's message by id: written as its position.
+    turns = connection.execute(TURN_MESSAGE_IDS, parameters).scalars().all()
+    positions = positions_of(connection, row.id, turns)
+    result = connection.execute(USAGE_OF, parameters, execution_options=streaming)
     for chunk in result.partitions(batch_size):
         for usage in chunk:
             yield encode_line(
@@ -260,6 +276,13 @@ def _conversation_lines(
                     "completion_tokens": usage.completion_tokens,
                     "total_tokens": usage.total_tokens,
                     "timestamp": timestamp_text(usage.timestamp),
+                    "branch_id": usage.branch_id,
+                    "turn_position": positions.get(usage.turn_message_id),
+                    "request_index": usage.request_index,
+                    "cached_tokens": usage.cached_tokens,
+                    "reasoning_tokens": usage.reasoning_tokens,
+                    "input_tokens_details": usage.input_tokens_details,
+                    "output_tokens_details": usage.output_tokens_details,
                 }
             )
             totals[2] += 1

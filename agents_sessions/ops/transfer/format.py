@@ -1,26 +1,86 @@
-"""The export file format: versioned, self-describing JSON Lines, written and validated.
+"""The export file format: versioned, self-describing JSON Lines -- its specification.
 
-The format (version 1), one JSON object per line, UTF-8::
+This docstring is the format's specification. Version 2, one JSON object per line,
+UTF-8 (shown wrapped here; each record is one line)::
 
-    {"type":"header","format":"agents-sessions-export","version":1,"exported_at":...,"source":...,"scope":...}
-    {"type":"conversation","id":"c1","user_id":"u1","created_at":...,"updated_at":...,"metadata":{...}}
-    {"type":"message","conversation_id":"c1","position":0,"role":"user","content":"Hi","created_at":...,"append_key":null,"item_json":"{\\"role\\":\\"user\\",\\"content\\":\\"Hi\\"}"}
-    {"type":"usage","conversation_id":"c1","run_id":null,"response_id":"resp_1","model":"gpt-4.1","requests":1,"prompt_tokens":12,"completion_tokens":30,"total_tokens":42,"timestamp":...}
-    {"type":"run_state","conversation_id":"c1","agent_name":"support","schema_version":"1.21","sdk_version":"0.24.0","approvals":[...],"state_json":"{...}","created_at":...}
+    {"type":"header","format":"agents-sessions-export","version":2,"exported_at":...,"source":...,"scope":...}
+    {"type":"conversation","id":"c1","user_id":"u1","created_at":...,"updated_at":...,"metadata":{...},
+     "current_branch":"retry","expires_at":"2026-12-30T08:00:00.000000+00:00"}
+    {"type":"message","conversation_id":"c1","position":0,"role":"user","content":"Hi","created_at":...,
+     "append_key":null,"item_json":"{\\"role\\":\\"user\\",\\"content\\":\\"Hi\\"}","branch_id":"main"}
+    {"type":"branch","conversation_id":"c1","branch_id":"retry","parent_branch_id":"main",
+     "fork_before_position":2,"state":"live","created_at":...}
+    {"type":"usage","conversation_id":"c1","run_id":"run_1","response_id":"resp_1","model":"gpt-4.1","requests":1,
+     "prompt_tokens":12,"completion_tokens":30,"total_tokens":42,"timestamp":...,"branch_id":"retry",
+     "turn_position":3,"request_index":0,"cached_tokens":0,"reasoning_tokens":4,
+     "input_tokens_details":{"cached_tokens":0},"output_tokens_details":{"reasoning_tokens":4}}
+    {"type":"run_state","conversation_id":"c1","agent_name":"support","schema_version":"1.21","sdk_version":"0.24.0",
+     "approvals":[...],"state_json":"{...}","created_at":...}
     {"type":"end","conversations":1,"messages":1,"usage":1}
 
-* Each conversation line is followed by its messages (``position`` 0, 1, 2, ... in
-  history order) and its usage rows. Timestamps are ISO 8601 in UTC.
-* ``item_json`` is the stored JSON document of the item **as a string**, verbatim:
-  key order, number spelling and ``\\u0000`` escapes survive the round trip
-  byte for byte (see :class:`agents_sessions.db.models.JSONDocument`).
-* ``append_key`` is the exactly-once key of the append call that wrote the row
-  (on the first row of a keyed call; else null), kept so that a retried append
-  still finds it after an import.
-* ``run_state`` (at most one per conversation, after its usage rows) is a paused
-  agent run awaiting approval: the SDK's ``RunState`` JSON as a string, verbatim.
-  Not counted in the ``end`` line, so files without paused runs are unchanged.
-* The ``end`` line carries the totals, so a truncated file is recognised and refused.
+Structure:
+
+* Each conversation line is followed by its records in this order: its messages
+  (``position`` 0, 1, 2, ... in history order: ``messages.id`` order across all of
+  its branches), its branches, its usage rows, at most one paused run. Timestamps
+  are ISO 8601 with a UTC offset (written in UTC).
+* Database ids do not survive an import, so a reference to a message is written as
+  the message's ``position`` in its conversation.
+* The ``end`` line carries the totals of conversations, messages and usage rows, so
+  a truncated file is recognised and refused (branches and paused runs are not
+  counted).
+
+Records and fields:
+
+* ``conversation``: ``id``, ``user_id`` (null: no owner), ``created_at``,
+  ``updated_at``, ``metadata`` (an object); ``current_branch`` -- the branch the
+  conversation continues on: null for ``main``, else the ``branch_id`` of one of its
+  ``branch`` records in state ``live``; ``expires_at`` -- when its time-to-live
+  ends (null: never); an import writes it as is, so a conversation past it
+  reads as empty. Into a conversation already stored, an import writes both as it
+  writes ``metadata``: the file's values replace the stored ones.
+* ``message``: ``position``; ``role`` and ``content`` (informative: an import derives
+  both from the item); ``created_at``; ``item_json``, the stored JSON document of the
+  item **as a string**, verbatim: key order, number spelling and ``\\u0000`` escapes
+  survive the round trip byte for byte (see
+  :class:`agents_sessions.db.models.JSONDocument`); ``append_key``, the exactly-once
+  key of the append call that wrote the row (on the first row of a keyed call; else
+  null; unique in a conversation), kept so that a retried append still finds it after
+  an import; ``branch_id``, the branch that owns the row: ``main`` or the
+  ``branch_id`` of one of the conversation's ``branch`` records.
+* ``branch`` (one per ``conversation_branches`` row): ``branch_id`` (unique in the
+  conversation; ``main`` itself may have a record, always ``live``, once it inherits
+  from a frozen branch); ``parent_branch_id``, the branch it inherits from: null,
+  ``main`` or the ``branch_id`` of another ``branch`` record of the conversation,
+  never its own ancestor; ``fork_before_position``, the bound of what it inherits: the part of its
+  parent's history at positions below it (null: no bound; from 0 to the number of
+  messages; the message there may be gone, the bound stays);
+  ``state``: ``live``, ``deleted`` (the name stays reserved; rows a child shares
+  stay) or ``frozen`` (internal: rows a live branch gave up that a child still
+  shares); ``created_at``. Names are checked as the branch API checks them.
+* ``usage`` (one per ``usage_logs`` row): ``run_id`` and ``response_id`` (or null),
+  ``model``, ``requests``, ``prompt_tokens``, ``completion_tokens``,
+  ``total_tokens``, ``timestamp``; ``branch_id``, the branch the request was made on
+  (or null); ``turn_position``, the position of the user message that opened the
+  request's turn (null: none, or that message no longer exists; a row whose turn
+  message is gone counts in no turn, before or after an import); ``request_index``,
+  the request's index in its run (null, or a 32-bit integer -- negative for a row of
+  a run's totals -- unique with ``run_id`` in the conversation); ``cached_tokens``,
+  ``reasoning_tokens``; ``input_tokens_details`` and ``output_tokens_details``, the
+  SDK's token details (an object or null). Counts are integers from 0 to 2**63-1
+  (``requests`` to 2**31-1).
+* ``run_state`` (at most one per conversation, last) is a paused agent run awaiting
+  approval: the SDK's ``RunState`` JSON as a string (``state_json``), verbatim, with
+  ``agent_name``, ``schema_version``, ``sdk_version``, ``approvals`` (a list of
+  ``{tool_name, arguments, call_id}``) and ``created_at``.
+
+Version 1, which this package still reads, is version 2 without the ``branch``
+records and without ``current_branch``, ``expires_at``, ``message.branch_id`` and the
+usage fields after ``timestamp``; its records of a conversation may come in any
+order after it, and it reads as everything on ``main``, no expiry, no usage
+details. An import of a version-1 file changes neither the current branch nor the
+expiry of a conversation already stored, and matches stored messages on their
+document alone.
 """
 
 from __future__ import annotations
@@ -29,49 +89,35 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
-from ...db.models import (
-    stored_utc,
-)
-from ...errors import (
-    AgentsSessionsError,
-    ExportFormatError,
-    InvalidItemError,
-    ItemTypeError,
-)
-from ...items import MAX_NESTING_DEPTH, encode_items, utf8_safe_json
-from ...validation import (
-    validate_count,
-    validate_identifier,
-    validate_metadata,
-    validate_text,
+from ...db.models import stored_utc
+from ...errors import ExportFormatError
+from ...items import utf8_safe_json
+from .reading import parse_lines
+from .records import (
+    DEFAULT_BATCH_SIZE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    BranchLine,
+    ConversationLine,
+    EndLine,
+    HeaderLine,
+    Line,
+    MessageLine,
+    Progress,
+    RunStateLine,
+    TransferCounts,
+    UsageLine,
 )
 
-FORMAT_NAME = "agents-sessions-export"
 #: The longest line read when no ``max_item_bytes`` is given (64 MiB); with one,
 #: 12 bytes per item byte plus 64 KiB for the record's other fields.
 MAX_LINE_BYTES = 64 << 20
-#: The format version this module writes (and the only one it reads).
-FORMAT_VERSION = 1
-
-#: Rows per batch: conversations per keyset page on export, rows per INSERT on import.
-DEFAULT_BATCH_SIZE = 500
-
-Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class TransferCounts:
-    """How many rows an export holds."""
-
-    conversations: int
-    messages: int
-    usage_rows: int
 
 
 def timestamp_text(value: datetime) -> str:
@@ -84,437 +130,6 @@ def encode_line(record: dict[str, Any]) -> bytes:
     return utf8_safe_json(text, record, **options).encode("utf-8") + b"\n"
 
 
-# --------------------------------------------------------------------------------------
-# Reading and validating a file
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeaderLine:
-    line: int
-    version: int
-
-
-@dataclass(frozen=True)
-class ConversationLine:
-    line: int
-    id: str
-    user_id: str | None
-    created_at: datetime
-    updated_at: datetime
-    metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class MessageLine:
-    line: int
-    conversation_id: str
-    position: int
-    role: str
-    content: str
-    created_at: datetime
-    append_key: str | None
-    document: str
-
-
-@dataclass(frozen=True)
-class UsageLine:
-    line: int
-    conversation_id: str
-    run_id: str | None
-    response_id: str | None
-    model: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    timestamp: datetime
-
-    def key(self) -> tuple[Any, ...]:
-        """Every column but ``id``: what makes two usage rows the same row."""
-        return (
-            self.run_id,
-            self.response_id,
-            self.model,
-            self.requests,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.total_tokens,
-            self.timestamp,
-        )
-
-
-@dataclass(frozen=True)
-class RunStateLine:
-    line: int
-    conversation_id: str
-    agent_name: str
-    schema_version: str
-    sdk_version: str
-    approvals: list[dict[str, Any]]
-    state_json: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class EndLine:
-    line: int
-    counts: TransferCounts
-
-
-Line = HeaderLine | ConversationLine | MessageLine | UsageLine | RunStateLine | EndLine
-
-_FIELDS = {
-    "conversation": {"type", "id", "user_id", "created_at", "updated_at", "metadata"},
-    "message": {
-        "type",
-        "conversation_id",
-        "position",
-        "role",
-        "content",
-        "created_at",
-        "append_key",
-        "item_json",
-    },
-    "usage": {
-        "type",
-        "conversation_id",
-        "run_id",
-        "response_id",
-        "model",
-        "requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "timestamp",
-    },
-    "run_state": {
-        "type",
-        "conversation_id",
-        "agent_name",
-        "schema_version",
-        "sdk_version",
-        "approvals",
-        "state_json",
-        "created_at",
-    },
-    "end": {"type", "conversations", "messages", "usage"},
-}
-
-_APPROVAL_FIELDS = {"tool_name", "arguments", "call_id"}
-
-
-def _run_state_line(number: int, record: Any, conversation_id: str) -> RunStateLine:
-    """A validated ``run_state`` record (see the module docstring)."""
-    approvals = record.data["approvals"]
-    if not isinstance(approvals, list) or not all(
-        isinstance(entry, dict)
-        and entry.keys() == _APPROVAL_FIELDS
-        and all(value is None or isinstance(value, str) for value in entry.values())
-        for entry in approvals
-    ):
-        raise ExportFormatError(
-            number, "run_state.approvals must be a list of {tool_name, arguments, call_id}"
-        )
-    state_json = cast(str, record.text("state_json"))
-    try:
-        state = json.loads(state_json, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        state = None
-    if not isinstance(state, dict):
-        raise ExportFormatError(number, "run_state.state_json is not a JSON object")
-    return RunStateLine(
-        line=number,
-        conversation_id=conversation_id,
-        agent_name=cast(str, record.text("agent_name")),
-        schema_version=cast(str, record.text("schema_version")),
-        sdk_version=cast(str, record.text("sdk_version")),
-        approvals=approvals,
-        state_json=state_json,
-        created_at=record.timestamp("created_at"),
-    )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _nesting_exceeds(value: Any, limit: int) -> bool:
-    stack = [(value, 0)]
-    while stack:
-        current, depth = stack.pop()
-        if isinstance(current, dict | list):
-            if depth >= limit:
-                return True
-            children = current.values() if isinstance(current, dict) else current
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-class _Record:
-    """One parsed line, with typed accessors that name the line and field on error."""
-
-    def __init__(self, line: int, data: dict[str, Any]) -> None:
-        self.line = line
-        self.data = data
-        self.kind = data.get("type")
-
-    def fail(self, message: str) -> ExportFormatError:
-        return ExportFormatError(self.line, message)
-
-    def check_fields(self) -> None:
-        expected = _FIELDS[cast(str, self.kind)]
-        missing = sorted(expected - self.data.keys())
-        if missing:
-            raise self.fail(f"{self.kind} record lacks {', '.join(missing)}")
-        unknown = sorted(self.data.keys() - expected)
-        if unknown:
-            raise self.fail(f"{self.kind} record has unknown field(s) {', '.join(unknown)}")
-
-    def _wrap(self, check: Callable[[], Any]) -> Any:
-        try:
-            return check()
-        except (AgentsSessionsError, ValueError, TypeError) as exc:
-            raise self.fail(f"{self.kind}.{exc}") from None
-
-    def identifier(self, name: str, *, optional: bool = False) -> Any:
-        value = self.data[name]
-        if value is None and optional:
-            return None
-        return self._wrap(lambda: validate_identifier(value, name=name))
-
-    def text(self, name: str, *, optional: bool = False) -> Any:
-        value = self.data[name]
-        return self._wrap(lambda: validate_text(value, name=name, optional=optional))
-
-    def count(self, name: str) -> int:
-        value = self.data[name]
-        return cast(int, self._wrap(lambda: validate_count(value, name=name)))
-
-    def timestamp(self, name: str) -> datetime:
-        value = self.data[name]
-        if not isinstance(value, str):
-            raise self.fail(f"{self.kind}.{name} must be an ISO 8601 timestamp string")
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise self.fail(
-                f"{self.kind}.{name} is not an ISO 8601 timestamp: {_short(value)}"
-            ) from None
-        if parsed.tzinfo is None:
-            raise self.fail(f"{self.kind}.{name} has no UTC offset: {_short(value)}")
-        try:
-            return parsed.astimezone(timezone.utc)
-        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
-            raise self.fail(f"{self.kind}.{name} is out of range in UTC: {_short(value)}") from None
-
-    def metadata(self) -> dict[str, Any]:
-        value = self.data["metadata"]
-        if not isinstance(value, dict):
-            raise self.fail("conversation.metadata must be a JSON object")
-        checked = self._wrap(lambda: validate_metadata(value))
-        return cast(dict[str, Any], checked)
-
-    def document(self, max_item_bytes: int | None) -> tuple[str, str, str]:
-        """The item's stored JSON text (verbatim), and its role and content derived
-        from the item as the session derives them (the file's are not trusted)."""
-        value = self.data["item_json"]
-        if not isinstance(value, str):
-            raise self.fail("message.item_json must be a string holding the item's JSON text")
-        try:
-            value.encode("utf-8")
-            item = json.loads(value, parse_constant=_reject_constant)
-        except UnicodeEncodeError:
-            raise self.fail("message.item_json is not valid Unicode text") from None
-        except RecursionError:
-            raise self.fail("message.item_json is nested too deeply") from None
-        except ValueError as exc:
-            raise self.fail(f"message.item_json is not valid JSON ({exc})") from None
-        if not isinstance(item, dict):
-            raise self.fail("message.item_json must hold a JSON object (an item)")
-        if _nesting_exceeds(item, MAX_NESTING_DEPTH):
-            raise self.fail(f"message.item_json is nested deeper than {MAX_NESTING_DEPTH} levels")
-        # What add_items would refuse, import refuses too (1e999 reads as infinity,
-        # an item above max_item_bytes, a surrogate pair as two code points...).
-        try:
-            (encoded,) = encode_items([item], max_item_bytes=None)
-        except (ItemTypeError, InvalidItemError) as exc:
-            raise self.fail(f"message.item_json: {exc}".replace("items[0]", "the item")) from None
-        if max_item_bytes is not None and len(value.encode("utf-8")) > max_item_bytes:
-            raise self.fail(
-                f"message.item_json is larger than max_item_bytes ({max_item_bytes:,} bytes), "
-                "which the session refuses too"
-            )
-        return value, encoded.role, encoded.content
-
-
-def _parse_line(number: int, raw: bytes) -> _Record:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ExportFormatError(number, f"not UTF-8 text ({exc.reason})") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ExportFormatError(number, "nested too deeply") from None
-    except ValueError as exc:
-        raise ExportFormatError(number, f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ExportFormatError(number, "not a JSON object")
-    record = _Record(number, data)
-    if number > 1 and record.kind not in _FIELDS:
-        raise ExportFormatError(number, f"unknown record type {_short(record.kind)}")
-    return record
-
-
-def parse_lines(lines: Iterable[bytes], *, max_item_bytes: int | None = None) -> Iterator[Line]:
-    """Parse and validate an export, line by line; the file's structure too.
-
-    Raises :class:`ExportFormatError` at the first problem. Constant memory: only
-    the current conversation's id and counters are kept.
-    """
-    current: ConversationLine | None = None
-    next_position = 0
-    run_state_seen = False
-    # The current conversation's append keys (one per keyed append call: small).
-    append_keys: set[str] = set()
-    totals = [0, 0, 0]
-    end: EndLine | None = None
-    number = 0
-    for number, raw in enumerate(lines, start=1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        if end is not None:
-            if raw.strip():
-                raise ExportFormatError(number, "text after the end record")
-            continue
-        if not raw.strip():
-            raise ExportFormatError(number, "empty line")
-        record = _parse_line(number, raw)
-        data = record.data
-        if number == 1:
-            if record.kind != "header" or data.get("format") != FORMAT_NAME:
-                raise ExportFormatError(
-                    1, f"not an agents-sessions export (no {FORMAT_NAME!r} header)"
-                )
-            if data.get("version") != FORMAT_VERSION:
-                raise ExportFormatError(
-                    1,
-                    f"format version {_short(data.get('version'))} is not supported "
-                    f"(this version of agents_sessions reads version {FORMAT_VERSION})",
-                )
-            yield HeaderLine(line=1, version=FORMAT_VERSION)
-            continue
-        record.check_fields()
-        if record.kind == "conversation":
-            current = ConversationLine(
-                line=number,
-                id=record.identifier("id"),
-                user_id=record.identifier("user_id", optional=True),
-                created_at=record.timestamp("created_at"),
-                updated_at=record.timestamp("updated_at"),
-                metadata=record.metadata(),
-            )
-            next_position = 0
-            run_state_seen = False
-            append_keys.clear()
-            totals[0] += 1
-            yield current
-            continue
-        if record.kind == "end":
-            counts = TransferCounts(
-                record.count("conversations"), record.count("messages"), record.count("usage")
-            )
-            if counts != TransferCounts(*totals):
-                raise ExportFormatError(
-                    number,
-                    f"the end record announces {counts.conversations} conversations, "
-                    f"{counts.messages} messages and {counts.usage_rows} usage rows, but the "
-                    f"file holds {totals[0]}, {totals[1]} and {totals[2]}",
-                )
-            end = EndLine(line=number, counts=counts)
-            yield end
-            continue
-        conversation_id = record.identifier("conversation_id")
-        if current is None or conversation_id != current.id:
-            raise ExportFormatError(
-                number,
-                f"{record.kind} record of conversation {_short(conversation_id)} does not "
-                "follow that conversation's record",
-            )
-        if record.kind == "run_state":
-            if run_state_seen:
-                raise ExportFormatError(
-                    number, f"a second run_state of conversation {_short(conversation_id)}"
-                )
-            run_state_seen = True
-            yield _run_state_line(number, record, conversation_id)
-            continue
-        if record.kind == "message":
-            position = record.count("position")
-            if position != next_position:
-                raise ExportFormatError(
-                    number,
-                    f"message position {position} where {next_position} was expected "
-                    "(a message is missing or out of order)",
-                )
-            next_position += 1
-            totals[1] += 1
-            append_key = record.text("append_key", optional=True)
-            if append_key is not None:
-                # Unique per conversation in the database (exactly-once appends).
-                if append_key in append_keys:
-                    raise ExportFormatError(
-                        number,
-                        f"message.append_key {_short(append_key)} appears twice in "
-                        f"conversation {_short(conversation_id)}",
-                    )
-                append_keys.add(append_key)
-            record.text("role")  # checked for the format, then derived from the item
-            record.text("content")
-            document, role, content = record.document(max_item_bytes)
-            yield MessageLine(
-                line=number,
-                conversation_id=conversation_id,
-                position=position,
-                role=role,
-                content=content,
-                created_at=record.timestamp("created_at"),
-                append_key=append_key,
-                document=document,
-            )
-        else:
-            model = cast(str, record.text("model"))
-            if not model:
-                raise ExportFormatError(number, "usage.model must not be empty")
-            totals[2] += 1
-            yield UsageLine(
-                line=number,
-                conversation_id=conversation_id,
-                run_id=record.text("run_id", optional=True),
-                response_id=record.text("response_id", optional=True),
-                model=model,
-                requests=record.count("requests"),
-                prompt_tokens=record.count("prompt_tokens"),
-                completion_tokens=record.count("completion_tokens"),
-                total_tokens=record.count("total_tokens"),
-                timestamp=record.timestamp("timestamp"),
-            )
-    if number == 0:
-        raise ExportFormatError(1, "the file is empty")
-    if end is None:
-        raise ExportFormatError(
-            number + 1, "the file ends without its end record (truncated export?)"
-        )
-
-
 class ExportFile:
     """An export file opened for import: validated completely on opening.
 
@@ -524,8 +139,10 @@ class ExportFile:
     Use as a context manager (closes what it opened)::
 
         with ExportFile("backup.jsonl") as export:
-            print(export.counts)
+            print(export.version, export.counts)
             summary = import_export(store, export)
+
+    ``version`` is the file's format version (1 or 2), ``counts`` its totals.
 
     Raises:
         ExportFormatError: naming the first bad line.
@@ -560,9 +177,11 @@ class ExportFile:
             self._start = stream.tell()
             counts: TransferCounts | None = None
             for entry in parse_lines(self._lines(), max_item_bytes=self._max_item_bytes):
-                if isinstance(entry, EndLine):
+                if isinstance(entry, HeaderLine):
+                    self.version = entry.version
+                elif isinstance(entry, EndLine):
                     counts = entry.counts
-            assert counts is not None  # _entries raises when the end record is missing
+            assert counts is not None  # parse_lines raises when the end record is missing
             self.counts = counts
         except BaseException:
             self.close()
@@ -596,3 +215,25 @@ class ExportFile:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_LINE_BYTES",
+    "READABLE_VERSIONS",
+    "BranchLine",
+    "ConversationLine",
+    "EndLine",
+    "ExportFile",
+    "HeaderLine",
+    "Line",
+    "MessageLine",
+    "Progress",
+    "RunStateLine",
+    "TransferCounts",
+    "UsageLine",
+    "encode_line",
+    "timestamp_text",
+]
