@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .db.hot_path import HotMessages
+from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
 from .errors import ConnectionLostError, InvalidArgumentError
 from .expiry import retention_options
 from .history import HistoryManagementMixin, validate_branch_name
@@ -418,6 +420,12 @@ class PostgreSQLSession(HistoryManagementMixin):
         return await self._mutate(self._pop_item, tenant)
 
     def _pop_item(self, tenant: str | None) -> Any | None:
+        if tenant is None and self._store.dialect == "sqlite":
+            with suppress(NotOnTheHotPath):  # raised for a conversation with branches
+                return run_on_sqlite(
+                    self._store,
+                    lambda hot: hot.pop_latest(self.session_id, ttl_seconds=self._ttl_seconds),
+                )
         # A transaction: the pop locks the conversation, finds the newest item of the
         # current branch, and keeps it for any other branch that shares it.
         return self._store.run_transaction(

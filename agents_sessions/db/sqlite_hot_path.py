@@ -1,0 +1,414 @@
+"""The session's hot calls on a SQLite file, on the pooled ``sqlite3`` connection itself.
+
+On SQLite a call's database work is small and local (no round trips), so
+SQLAlchemy's ``Connection`` around it -- execution context, compiled-cache lookup,
+result objects, the ``begin`` event, reset on return -- costs several times the
+statements. The calls the session facade makes every turn therefore run here on the
+DBAPI connection the pool hands out (``pool.connect()``, as :mod:`.hot_path` does for
+psycopg2), with SQL compiled once from the same Core statements the repositories use.
+Each method is a whole transaction:
+
+* :meth:`SQLiteHotMessages.latest` / :meth:`~SQLiteHotMessages.all`: **one** SELECT in
+  autocommit mode. A single statement is its own read transaction in SQLite, so the
+  current branch and its items are read from one snapshot without a BEGIN.
+* :meth:`SQLiteHotMessages.append_encoded` and :meth:`SQLiteHotMessages.pop_latest`:
+  several statements between ``BEGIN IMMEDIATE`` and ``COMMIT``. The write lock is
+  taken up front, so writers in several processes queue (``busy_timeout``) instead of
+  deadlocking on a read-to-write lock upgrade, and each call's items are contiguous.
+
+What needs more than this -- a branch that inherits from a parent, a pop on a
+conversation that has branches -- raises :class:`NotOnTheHotPath` before writing
+anything, and the store runs the call on the general path instead.
+
+Writers of one file in one process also take a process-local lock before ``BEGIN
+IMMEDIATE``: SQLite's busy handler waits by sleeping (1, 2, 5, 10... ms), so threads of
+one process queueing on the file's lock would sleep past the moment it is free; the
+process lock hands over at once, and only writers of *other* processes meet the busy
+handler. The lock is replaced in a forked child (a lock held by a parent's thread at
+fork time would stay held forever).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar, cast
+
+from sqlalchemy import Engine, Integer, bindparam, exists, func, select, true
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import sqlite
+
+from ..errors import translate_database_errors
+from ..items import EncodedItem
+from .engine import DatabaseTarget
+from .models import branches_table as branches
+from .models import conversations_table as conversations
+from .models import messages_table as messages
+from .models import utcnow
+from .statements import (
+    CLAIM_APPEND_KEY,
+    DELETE_EXPIRED_APPEND_KEYS,
+    ENSURE_CONVERSATION,
+    LOCK_IF_EXPIRED,
+    MAIN_BRANCH,
+    PURGE_BRANCHES,
+    PURGE_MESSAGES,
+    PURGE_RUN_STATE,
+    TOUCH_CONVERSATION,
+    keys_expire_before,
+)
+
+_T = TypeVar("_T")
+
+
+class NotOnTheHotPath(Exception):
+    """The call needs the general path (branches are involved); nothing was written."""
+
+
+# ----------------------------------------------------------------------------- SQL
+
+# sqlite3 takes named parameters (":name") from a dict: the statements are compiled
+# once for that paramstyle, with the same SQLite SQL the engine's dialect renders.
+_DIALECT = sqlite.dialect(paramstyle="named")
+
+
+class _Compiled:
+    """A prebuilt statement's SQL, its literal parameters, and its bind processors."""
+
+    __slots__ = ("defaults", "processors", "sql")
+
+    def __init__(self, statement: Any) -> None:
+        compiled = statement.compile(dialect=_DIALECT)
+        self.sql = str(compiled)
+        binds = [(compiled.bind_names[bind], bind) for bind in compiled.binds.values()]
+        # The values of literal binds (e.g. the 'main' in COALESCE(..., 'main')).
+        self.defaults = {name: bind.effective_value for name, bind in binds}
+        # How SQLAlchemy would bind each value on SQLite (bool -> 0/1, datetime -> text,
+        # JSON -> text), applied to the parameters a call gives.
+        processors = {}
+        for name, bind in binds:
+            processor = bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+            if processor is not None:
+                processors[name] = processor
+        self.processors = processors
+
+    def parameters(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        values = {**self.defaults, **given}
+        for name, process in self.processors.items():
+            if values[name] is not None:
+                values[name] = process(values[name])
+        return values
+
+
+def _current_branch_items() -> Any:
+    """One SELECT: whether the current branch inherits, and its newest ``limit`` items.
+
+    A row per item, oldest first (``forked`` repeated on each); one row with a NULL
+    item when the branch holds none; no row when the conversation does not exist or
+    has expired (it reads as empty). ``limit`` -1 is SQLite's "no limit".
+    """
+    branch = func.coalesce(conversations.c.current_branch, MAIN_BRANCH)
+    current = (
+        select(
+            branch.label("branch_id"),
+            exists()
+            .where(
+                branches.c.conversation_id == conversations.c.id,
+                branches.c.branch_id == branch,
+                branches.c.parent_branch_id.isnot(None),
+            )
+            .label("forked"),
+        )
+        .where(
+            conversations.c.id == bindparam("conversation_id"),
+            (conversations.c.expires_at.is_(None)) | (conversations.c.expires_at > utcnow()),
+        )
+        .cte("current_view")
+    )
+    latest = (
+        select(messages.c.id, messages.c.item)
+        .where(
+            messages.c.conversation_id == bindparam("conversation_id"),
+            messages.c.branch_id == select(current.c.branch_id).scalar_subquery(),
+        )
+        .order_by(messages.c.id.desc())
+        .limit(bindparam("limit", type_=Integer))
+        .subquery("latest")
+    )
+    return (
+        select(current.c.forked, latest.c.item)
+        .select_from(current.outerjoin(latest, true()))
+        .order_by(latest.c.id)
+    )
+
+
+def _conversation_branches() -> Any:
+    """The current branch, whether the conversation expired, whether it has branches."""
+    return select(
+        func.coalesce(conversations.c.current_branch, MAIN_BRANCH),
+        conversations.c.expires_at <= utcnow(),
+        exists().where(branches.c.conversation_id == conversations.c.id),
+    ).where(conversations.c.id == bindparam("conversation_id"))
+
+
+_READ = _Compiled(_current_branch_items())
+_LOCK_IF_EXPIRED = _Compiled(LOCK_IF_EXPIRED)
+_PURGES = tuple(_Compiled(purge) for purge in (PURGE_MESSAGES, PURGE_BRANCHES, PURGE_RUN_STATE))
+# The upsert locks nothing more on SQLite (BEGIN IMMEDIATE holds the file's write lock);
+# it returns the current branch, which the rows below are appended to.
+_ENSURE = _Compiled(ENSURE_CONVERSATION["sqlite"].returning(conversations.c.current_branch))
+_DELETE_EXPIRED_KEYS = _Compiled(DELETE_EXPIRED_APPEND_KEYS)
+_CLAIM_KEY = _Compiled(CLAIM_APPEND_KEY["sqlite"])
+_INSERT = (
+    "INSERT INTO messages (conversation_id, role, content, item, append_key, branch_id) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_POP_CHECK = _Compiled(_conversation_branches())
+_DELETE_NEWEST = (
+    "DELETE FROM messages WHERE id = (SELECT id FROM messages WHERE conversation_id = ? "
+    "AND branch_id = ? ORDER BY id DESC LIMIT 1) RETURNING item"
+)
+_TOUCH = _Compiled(TOUCH_CONVERSATION)
+
+
+def parse_documents(documents: Sequence[str]) -> list[Any]:
+    """Stored JSON documents, parsed in one call (one array) rather than one by one."""
+    if not documents:
+        return []
+    return list(json.loads(f"[{','.join(documents)}]"))
+
+
+# ----------------------------------------------------------------------------- locks
+
+_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_write_locks_guard = threading.Lock()
+
+
+def _write_lock(engine: Engine) -> threading.Lock:
+    lock = _write_locks.get(engine)
+    if lock is None:
+        with _write_locks_guard:
+            lock = _write_locks.setdefault(engine, threading.Lock())
+    return lock
+
+
+def _reset_after_fork() -> None:
+    global _write_locks_guard
+    _write_locks_guard = threading.Lock()
+    _write_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+class SQLiteHotMessages:
+    """The session facade's message calls on one pooled ``sqlite3`` connection.
+
+    Structurally a :class:`~agents_sessions.db.hot_path.HotMessages`, plus
+    :meth:`pop_latest`. The connection is in the driver's autocommit mode (the engine's
+    connect hook sets ``isolation_level = None``): transactions are spelled out here.
+    """
+
+    def __init__(self, driver: sqlite3.Connection, write_lock: threading.Lock) -> None:
+        self._driver = driver
+        self._write_lock = write_lock
+
+    def _execute(self, statement: _Compiled, parameters: Mapping[str, Any]) -> sqlite3.Cursor:
+        return self._driver.execute(statement.sql, statement.parameters(parameters))
+
+    def latest(self, conversation_id: str, limit: int) -> list[Any]:
+        """The newest ``limit`` items of the current branch, oldest first."""
+        rows = self._driver.execute(
+            _READ.sql, {**_READ.defaults, "conversation_id": conversation_id, "limit": limit}
+        ).fetchall()
+        if rows and rows[0][0]:
+            raise NotOnTheHotPath  # the branch inherits: read up its chain
+        return parse_documents([row[1] for row in rows if row[1] is not None])
+
+    def all(self, conversation_id: str) -> list[Any]:
+        """Every item of the current branch, oldest first."""
+        return self.latest(conversation_id, -1)
+
+    @contextmanager
+    def _write_transaction(self) -> Iterator[None]:
+        with self._write_lock:
+            self._driver.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._driver.rollback()
+                raise
+            self._driver.execute("COMMIT")
+
+    def append_encoded(
+        self,
+        conversation_id: str,
+        encoded: Sequence[EncodedItem],
+        *,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        ttl_seconds: int | None = None,
+    ) -> int:
+        """Append encoded items in one ``BEGIN IMMEDIATE`` transaction; how many were written.
+
+        The same statements, in the same order, as ``MessageRepository.append_encoded``
+        on SQLite: an expired conversation is purged, the conversation upserted, the
+        key claimed (none claimed: an earlier attempt stored the call, nothing is
+        written), the rows inserted on the current branch.
+        """
+        if not encoded:
+            return 0
+        parameters = {"conversation_id": conversation_id}
+        with self._write_transaction():
+            if self._execute(_LOCK_IF_EXPIRED, parameters).fetchone() is not None:
+                for purge in _PURGES:
+                    self._execute(purge, parameters)
+            row = self._execute(
+                _ENSURE,
+                {
+                    "conversation_id": conversation_id,
+                    "user_id": user_id,
+                    "metadata": metadata,
+                    "ttl_seconds": ttl_seconds,
+                    "restart_expired": True,
+                },
+            ).fetchone()
+            branch_id = (row[0] if row is not None else None) or MAIN_BRANCH
+            if idempotency_key is not None:
+                self._execute(
+                    _DELETE_EXPIRED_KEYS,
+                    {
+                        "conversation_id": conversation_id,
+                        "keys_expire_before": keys_expire_before(),
+                    },
+                )
+                claimed = self._execute(
+                    _CLAIM_KEY, {"conversation_id": conversation_id, "append_key": idempotency_key}
+                ).rowcount
+                if not claimed:
+                    return 0  # an earlier attempt of this call stored it
+            self._driver.executemany(
+                _INSERT,
+                [
+                    (
+                        conversation_id,
+                        item.role,
+                        item.content,
+                        item.document,
+                        idempotency_key if position == 0 else None,
+                        branch_id,
+                    )
+                    for position, item in enumerate(encoded)
+                ],
+            )
+        return len(encoded)
+
+    def pop_latest(self, conversation_id: str, *, ttl_seconds: int | None = None) -> Any | None:
+        """Remove and return the newest item of a conversation without branches.
+
+        Under ``BEGIN IMMEDIATE`` no other writer runs, so the newest row read is the
+        one deleted. A conversation with branch rows raises :class:`NotOnTheHotPath`
+        (an item may be shared with another branch).
+        """
+        parameters = {"conversation_id": conversation_id}
+        with self._write_transaction():
+            found = self._execute(_POP_CHECK, parameters).fetchone()
+            if found is None or found[1]:
+                return None  # no conversation, or expired: it reads as empty
+            branch_id, _, has_branches = found
+            if has_branches or branch_id != MAIN_BRANCH:
+                raise NotOnTheHotPath
+            row = self._driver.execute(_DELETE_NEWEST, (conversation_id, branch_id)).fetchone()
+            # As BranchRepository.lock does: the conversation is touched even when empty;
+            # the expiry is extended only when an item was popped.
+            self._execute(
+                _TOUCH,
+                {
+                    "conversation_id": conversation_id,
+                    "ttl_seconds": ttl_seconds if row is not None else None,
+                },
+            )
+        return None if row is None else json.loads(row[0])
+
+
+@contextmanager
+def sqlite_messages(engine: Engine) -> Iterator[SQLiteHotMessages]:
+    """:class:`SQLiteHotMessages` on a pooled connection, returned to the pool afterwards.
+
+    Driver errors come out as SQLAlchemy's ``DBAPIError`` kinds (as from a
+    ``Connection``), so the store's error translation sees the same thing.
+    """
+    dialect = engine.dialect
+    dbapi = dialect.loaded_dbapi
+    try:
+        pooled = engine.pool.connect()
+    except dbapi.Error as exc:
+        raise sa_exc.DBAPIError.instance(None, None, exc, dbapi.Error, dialect=dialect) from exc
+    try:
+        yield SQLiteHotMessages(
+            cast(sqlite3.Connection, pooled.dbapi_connection), _write_lock(engine)
+        )
+    except dbapi.Error as exc:
+        lost = dialect.is_disconnect(exc, pooled.dbapi_connection, None)
+        if lost:
+            pooled.invalidate(exc)
+        raise sa_exc.DBAPIError.instance(
+            None, None, exc, dbapi.Error, connection_invalidated=lost, dialect=dialect
+        ) from exc
+    finally:
+        pooled.close()
+
+
+class EmbeddedStore(Protocol):
+    """What :func:`run_on_sqlite` needs of the store (``agents_sessions.store.SessionStore``)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def target(self) -> DatabaseTarget: ...
+
+    @property
+    def replica(self) -> Any: ...
+
+    settings: Any
+
+    def ensure_schema(self) -> None: ...
+
+
+def run_on_sqlite(store: EmbeddedStore, work: Callable[[SQLiteHotMessages], _T]) -> _T:
+    """Run ``work`` here, errors translated as the store's are.
+
+    Raises :class:`NotOnTheHotPath` (nothing written) where this path does not apply:
+    not SQLite, SQL echo on, something else listening to the engine's statements
+    (tracing, e.g. OpenTelemetry's SQLAlchemy instrumentation, which this path would
+    bypass), a replica configured -- or the call needs the general path. No retries:
+    a SQLite connection is a local file handle, never lost around a commit, so a
+    call's outcome is always known.
+    """
+    engine = store.engine
+    dispatch = engine.dispatch
+    if (
+        engine.dialect.name != "sqlite"
+        or store.settings.echo
+        or dispatch.before_cursor_execute
+        or dispatch.after_cursor_execute
+        or store.replica is not None
+    ):
+        raise NotOnTheHotPath
+    store.ensure_schema()
+    with (
+        translate_database_errors(store.target.pool.describe()),
+        sqlite_messages(engine) as hot,
+    ):
+        return work(hot)
