@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Engine, Integer, bindparam, exists, func, select, true
+from sqlalchemy import Engine, Integer, bindparam, case, exists, func, null, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite
 
@@ -59,6 +59,7 @@ from .statements import (
     PURGE_BRANCHES,
     PURGE_MESSAGES,
     PURGE_RUN_STATE,
+    SELECT_CURRENT_BRANCH_FORKED,
     TOUCH_CONVERSATION,
     keys_expire_before,
 )
@@ -106,44 +107,36 @@ class _Compiled:
 
 
 def _current_branch_items() -> Any:
-    """One SELECT: whether the current branch inherits, and its newest ``limit`` items.
+    """One SELECT: the newest ``limit`` items of the current branch, newest first.
 
-    A row per item, oldest first (``forked`` repeated on each); one row with a NULL
-    item when the branch holds none; no row when the conversation does not exist or
-    has expired (it reads as empty). ``limit`` -1 is SQLite's "no limit".
+    The branch is read in the same statement (one snapshot). It reads as NULL --
+    no rows -- when the conversation does not exist, has expired, or its current
+    branch inherits from a parent (whose items this statement does not read): an
+    empty answer is therefore checked again (:meth:`SQLiteHotMessages.latest`).
+    ``limit`` -1 is SQLite's "no limit".
     """
     branch = func.coalesce(conversations.c.current_branch, MAIN_BRANCH)
-    current = (
-        select(
-            branch.label("branch_id"),
-            exists()
-            .where(
-                branches.c.conversation_id == conversations.c.id,
-                branches.c.branch_id == branch,
-                branches.c.parent_branch_id.isnot(None),
-            )
-            .label("forked"),
-        )
+    forked = exists().where(
+        branches.c.conversation_id == conversations.c.id,
+        branches.c.branch_id == branch,
+        branches.c.parent_branch_id.isnot(None),
+    )
+    own_branch = (
+        select(case((forked, null()), else_=branch))
         .where(
             conversations.c.id == bindparam("conversation_id"),
             (conversations.c.expires_at.is_(None)) | (conversations.c.expires_at > utcnow()),
         )
-        .cte("current_view")
+        .scalar_subquery()
     )
-    latest = (
-        select(messages.c.id, messages.c.item)
+    return (
+        select(messages.c.item)
         .where(
             messages.c.conversation_id == bindparam("conversation_id"),
-            messages.c.branch_id == select(current.c.branch_id).scalar_subquery(),
+            messages.c.branch_id == own_branch,
         )
         .order_by(messages.c.id.desc())
         .limit(bindparam("limit", type_=Integer))
-        .subquery("latest")
-    )
-    return (
-        select(current.c.forked, latest.c.item)
-        .select_from(current.outerjoin(latest, true()))
-        .order_by(latest.c.id)
     )
 
 
@@ -157,6 +150,7 @@ def _conversation_branches() -> Any:
 
 
 _READ = _Compiled(_current_branch_items())
+_CURRENT_BRANCH = _Compiled(SELECT_CURRENT_BRANCH_FORKED)
 _LOCK_IF_EXPIRED = _Compiled(LOCK_IF_EXPIRED)
 _PURGES = tuple(_Compiled(purge) for purge in (PURGE_MESSAGES, PURGE_BRANCHES, PURGE_RUN_STATE))
 # The upsert locks nothing more on SQLite (BEGIN IMMEDIATE holds the file's write lock);
@@ -227,12 +221,23 @@ class SQLiteHotMessages:
 
     def latest(self, conversation_id: str, limit: int) -> list[Any]:
         """The newest ``limit`` items of the current branch, oldest first."""
-        rows = self._driver.execute(
-            _READ.sql, {**_READ.defaults, "conversation_id": conversation_id, "limit": limit}
-        ).fetchall()
-        if rows and rows[0][0]:
-            raise NotOnTheHotPath  # the branch inherits: read up its chain
-        return parse_documents([row[1] for row in rows if row[1] is not None])
+        parameters = {**_READ.defaults, "conversation_id": conversation_id, "limit": limit}
+        documents = [row[0] for row in self._driver.execute(_READ.sql, parameters)]
+        if not documents:
+            # No conversation, an expired one, an empty branch -- or a branch that
+            # inherits. Which one, and its items, from one snapshot (a transaction).
+            self._driver.execute("BEGIN")
+            try:
+                found = self._execute(_CURRENT_BRANCH, {"conversation_id": conversation_id})
+                current = found.fetchone()
+                if current is not None and current[1]:
+                    raise NotOnTheHotPath  # it inherits: read up its chain
+                if current is not None:
+                    documents = [row[0] for row in self._driver.execute(_READ.sql, parameters)]
+            finally:
+                self._driver.execute("COMMIT")  # a read: nothing to keep or undo
+        documents.reverse()
+        return parse_documents(documents)
 
     def all(self, conversation_id: str) -> list[Any]:
         """Every item of the current branch, oldest first."""
