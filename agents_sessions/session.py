@@ -25,6 +25,7 @@ from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
 from .errors import ConnectionLostError, InvalidArgumentError
 from .expiry import retention_options
 from .history import HistoryManagementMixin, validate_branch_name
+from .idempotency import new_append_key
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
 from .repositories.usage import UNKNOWN_MODEL
@@ -353,7 +354,8 @@ class PostgreSQLSession(HistoryManagementMixin):
         user_id, metadata = self._owner(tenant)
         # One key for every attempt of this call: a retry after an unknown commit
         # outcome finds the key if the first attempt committed, and writes nothing.
-        key = idempotency_key or uuid.uuid4().hex
+        # SQLite needs none: its commit is local, its outcome known (never retried).
+        key = idempotency_key or (None if self._store.dialect == "sqlite" else new_append_key())
         try:
             if usage:
 
