@@ -36,7 +36,7 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine, Integer, bindparam, case, exists, func, null, select
@@ -177,24 +177,127 @@ def parse_documents(documents: Sequence[str]) -> list[Any]:
     return list(json.loads(f"[{','.join(documents)}]"))
 
 
-# ----------------------------------------------------------------------------- locks
-
-_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
-_write_locks_guard = threading.Lock()
+# ----------------------------------------------------------------------------- writers
 
 
-def _write_lock(engine: Engine) -> threading.Lock:
-    lock = _write_locks.get(engine)
-    if lock is None:
-        with _write_locks_guard:
-            lock = _write_locks.setdefault(engine, threading.Lock())
-    return lock
+class _Write:
+    """One call's write, queued for the process's writer; its outcome once done."""
+
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
+        self.work = work
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class WriteQueue:
+    """The writers of one SQLite file in this process: one transaction at a time, shared.
+
+    SQLite has one writer per file. Threads of this process queue here rather than on
+    the file lock: SQLite's busy handler waits by sleeping (1, 2, 5, 10... ms) past
+    the moment the lock is free, where this lock hands over at once; only writers of
+    other processes meet the busy handler.
+
+    Group commit: the thread that takes the lock runs every write queued by then in
+    one ``BEGIN IMMEDIATE`` transaction and commits once. A call's statements run
+    together (its items stay contiguous) and all or nothing: should one call's work
+    fail, the whole transaction is rolled back and each call runs again in a
+    transaction of its own, so only the failing call fails. A failed BEGIN or COMMIT
+    fails every call of the batch, none of which is then stored. Every caller
+    returns only after the COMMIT that stored its call. The commit -- the WAL pages,
+    the full-text index's new segment -- is paid once per batch, not once per call.
+    """
+
+    def __init__(self) -> None:
+        self._writer = threading.Lock()
+        self._queued: list[_Write] = []
+        self._queue_lock = threading.Lock()
+
+    @property
+    def queued(self) -> int:
+        """How many calls wait for the next batch (for monitoring and tests)."""
+        return len(self._queued)
+
+    def run(self, driver: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work(connection)`` in a write transaction; its result, or its error.
+
+        ``work`` may run on another caller's connection (whoever leads the batch), and
+        more than once (again alone, when another call of its batch failed): it must
+        use only the connection it is given, and be repeatable until committed.
+        """
+        write = _Write(work)
+        with self._queue_lock:
+            self._queued.append(write)
+        with self._writer:
+            if not write.done:  # not taken by an earlier batch: lead the next one
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                _commit_batch(driver, batch)
+        if write.error is not None:
+            raise write.error
+        return cast(_T, write.result)
+
+
+def _commit_batch(driver: sqlite3.Connection, batch: list[_Write]) -> None:
+    """Run ``batch`` in one transaction; should a call fail, each call in one of its own."""
+    try:
+        if len(batch) == 1 or not _all_in_one(driver, batch):
+            for write in batch:
+                _all_in_one(driver, [write])
+    finally:
+        for write in batch:
+            write.done = True
+
+
+def _all_in_one(driver: sqlite3.Connection, batch: list[_Write]) -> bool:
+    """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` for every call of ``batch``.
+
+    ``False`` when a call's own work failed (all rolled back: the caller runs each call
+    alone, so that only the failing one fails). A failed BEGIN or COMMIT fails every
+    call (trying them one by one would only wait for the same lock again).
+    """
+    current: _Write | None = None
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+        for current in batch:
+            current.result = current.work(driver)
+        current = None
+        driver.execute("COMMIT")
+        return True
+    except BaseException as exc:
+        if driver.in_transaction:
+            # If even this fails, the pool's reset on return rolls back (or discards).
+            with suppress(sqlite3.Error):
+                driver.rollback()
+        if current is not None and len(batch) > 1 and isinstance(exc, Exception):
+            return False
+        for write in batch:  # nothing of the batch is stored
+            write.error = exc
+            write.result = None
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: the leader's own
+        return True
+
+
+_queues: weakref.WeakKeyDictionary[Engine, WriteQueue] = weakref.WeakKeyDictionary()
+_queues_guard = threading.Lock()
+
+
+def _write_queue(engine: Engine) -> WriteQueue:
+    queue = _queues.get(engine)
+    if queue is None:
+        with _queues_guard:
+            queue = _queues.setdefault(engine, WriteQueue())
+    return queue
 
 
 def _reset_after_fork() -> None:
-    global _write_locks_guard
-    _write_locks_guard = threading.Lock()
-    _write_locks.clear()
+    # A lock held by a parent's thread at fork time would stay held in the child.
+    global _queues_guard
+    _queues_guard = threading.Lock()
+    _queues.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -202,6 +305,12 @@ if hasattr(os, "register_at_fork"):
 
 
 # ----------------------------------------------------------------------------- calls
+
+
+def _execute(
+    driver: sqlite3.Connection, statement: _Compiled, parameters: Mapping[str, Any]
+) -> sqlite3.Cursor:
+    return driver.execute(statement.sql, statement.parameters(parameters))
 
 
 class SQLiteHotMessages:
@@ -212,12 +321,9 @@ class SQLiteHotMessages:
     connect hook sets ``isolation_level = None``): transactions are spelled out here.
     """
 
-    def __init__(self, driver: sqlite3.Connection, write_lock: threading.Lock) -> None:
+    def __init__(self, driver: sqlite3.Connection, writes: WriteQueue) -> None:
         self._driver = driver
-        self._write_lock = write_lock
-
-    def _execute(self, statement: _Compiled, parameters: Mapping[str, Any]) -> sqlite3.Cursor:
-        return self._driver.execute(statement.sql, statement.parameters(parameters))
+        self._writes = writes
 
     def latest(self, conversation_id: str, limit: int) -> list[Any]:
         """The newest ``limit`` items of the current branch, oldest first."""
@@ -228,7 +334,9 @@ class SQLiteHotMessages:
             # inherits. Which one, and its items, from one snapshot (a transaction).
             self._driver.execute("BEGIN")
             try:
-                found = self._execute(_CURRENT_BRANCH, {"conversation_id": conversation_id})
+                found = _execute(
+                    self._driver, _CURRENT_BRANCH, {"conversation_id": conversation_id}
+                )
                 current = found.fetchone()
                 if current is not None and current[1]:
                     raise NotOnTheHotPath  # it inherits: read up its chain
@@ -243,17 +351,6 @@ class SQLiteHotMessages:
         """Every item of the current branch, oldest first."""
         return self.latest(conversation_id, -1)
 
-    @contextmanager
-    def _write_transaction(self) -> Iterator[None]:
-        with self._write_lock:
-            self._driver.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._driver.rollback()
-                raise
-            self._driver.execute("COMMIT")
-
     def append_encoded(
         self,
         conversation_id: str,
@@ -264,7 +361,7 @@ class SQLiteHotMessages:
         idempotency_key: str | None = None,
         ttl_seconds: int | None = None,
     ) -> int:
-        """Append encoded items in one ``BEGIN IMMEDIATE`` transaction; how many were written.
+        """Append encoded items in a ``BEGIN IMMEDIATE`` transaction; how many were written.
 
         The same statements, in the same order, as ``MessageRepository.append_encoded``
         on SQLite: an expired conversation is purged, the conversation upserted, the
@@ -273,12 +370,14 @@ class SQLiteHotMessages:
         """
         if not encoded:
             return 0
-        parameters = {"conversation_id": conversation_id}
-        with self._write_transaction():
-            if self._execute(_LOCK_IF_EXPIRED, parameters).fetchone() is not None:
+
+        def append(driver: sqlite3.Connection) -> int:
+            parameters = {"conversation_id": conversation_id}
+            if _execute(driver, _LOCK_IF_EXPIRED, parameters).fetchone() is not None:
                 for purge in _PURGES:
-                    self._execute(purge, parameters)
-            row = self._execute(
+                    _execute(driver, purge, parameters)
+            row = _execute(
+                driver,
                 _ENSURE,
                 {
                     "conversation_id": conversation_id,
@@ -290,19 +389,16 @@ class SQLiteHotMessages:
             ).fetchone()
             branch_id = (row[0] if row is not None else None) or MAIN_BRANCH
             if idempotency_key is not None:
-                self._execute(
+                expire_before = keys_expire_before()
+                _execute(
+                    driver,
                     _DELETE_EXPIRED_KEYS,
-                    {
-                        "conversation_id": conversation_id,
-                        "keys_expire_before": keys_expire_before(),
-                    },
+                    {"conversation_id": conversation_id, "keys_expire_before": expire_before},
                 )
-                claimed = self._execute(
-                    _CLAIM_KEY, {"conversation_id": conversation_id, "append_key": idempotency_key}
-                ).rowcount
-                if not claimed:
+                claim = {"conversation_id": conversation_id, "append_key": idempotency_key}
+                if not _execute(driver, _CLAIM_KEY, claim).rowcount:
                     return 0  # an earlier attempt of this call stored it
-            self._driver.executemany(
+            driver.executemany(
                 _INSERT,
                 [
                     (
@@ -310,13 +406,16 @@ class SQLiteHotMessages:
                         item.role,
                         item.content,
                         item.document,
+                        # The key also rides on the call's first row (exports carry it).
                         idempotency_key if position == 0 else None,
                         branch_id,
                     )
                     for position, item in enumerate(encoded)
                 ],
             )
-        return len(encoded)
+            return len(encoded)
+
+        return self._writes.run(self._driver, append)
 
     def pop_latest(self, conversation_id: str, *, ttl_seconds: int | None = None) -> Any | None:
         """Remove and return the newest item of a conversation without branches.
@@ -325,25 +424,30 @@ class SQLiteHotMessages:
         one deleted. A conversation with branch rows raises :class:`NotOnTheHotPath`
         (an item may be shared with another branch).
         """
-        parameters = {"conversation_id": conversation_id}
-        with self._write_transaction():
-            found = self._execute(_POP_CHECK, parameters).fetchone()
+
+        def pop(driver: sqlite3.Connection) -> Any | None:
+            parameters = {"conversation_id": conversation_id}
+            found = _execute(driver, _POP_CHECK, parameters).fetchone()
             if found is None or found[1]:
                 return None  # no conversation, or expired: it reads as empty
             branch_id, _, has_branches = found
             if has_branches or branch_id != MAIN_BRANCH:
                 raise NotOnTheHotPath
-            row = self._driver.execute(_DELETE_NEWEST, (conversation_id, branch_id)).fetchone()
+            row = driver.execute(_DELETE_NEWEST, (conversation_id, branch_id)).fetchone()
             # As BranchRepository.lock does: the conversation is touched even when empty;
             # the expiry is extended only when an item was popped.
-            self._execute(
+            _execute(
+                driver,
                 _TOUCH,
                 {
                     "conversation_id": conversation_id,
                     "ttl_seconds": ttl_seconds if row is not None else None,
                 },
             )
-        return None if row is None else json.loads(row[0])
+            return None if row is None else row[0]
+
+        document = self._writes.run(self._driver, pop)
+        return None if document is None else json.loads(document)
 
 
 @contextmanager
@@ -361,7 +465,7 @@ def sqlite_messages(engine: Engine) -> Iterator[SQLiteHotMessages]:
         raise sa_exc.DBAPIError.instance(None, None, exc, dbapi.Error, dialect=dialect) from exc
     try:
         yield SQLiteHotMessages(
-            cast(sqlite3.Connection, pooled.dbapi_connection), _write_lock(engine)
+            cast(sqlite3.Connection, pooled.dbapi_connection), _write_queue(engine)
         )
     except dbapi.Error as exc:
         lost = dialect.is_disconnect(exc, pooled.dbapi_connection, None)
