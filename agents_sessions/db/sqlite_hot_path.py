@@ -183,13 +183,16 @@ def parse_documents(documents: Sequence[str]) -> list[Any]:
 class _Write:
     """One call's write, queued for the process's writer; its outcome once done."""
 
-    __slots__ = ("done", "error", "result", "work")
+    __slots__ = ("done", "error", "result", "wake", "work")
 
     def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
         self.work = work
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
+        # Held until the call is done or its thread is asked to lead the next batch.
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class WriteQueue:
@@ -197,11 +200,12 @@ class WriteQueue:
 
     SQLite has one writer per file. Threads of this process queue here rather than on
     the file lock: SQLite's busy handler waits by sleeping (1, 2, 5, 10... ms) past
-    the moment the lock is free, where this lock hands over at once; only writers of
+    the moment the lock is free, where this queue hands over at once; only writers of
     other processes meet the busy handler.
 
-    Group commit: the thread that takes the lock runs every write queued by then in
-    one ``BEGIN IMMEDIATE`` transaction and commits once. A call's statements run
+    Group commit: one thread at a time leads. It runs every write queued by then in
+    one ``BEGIN IMMEDIATE`` transaction and commits once, wakes each of their callers,
+    and hands the lead to the first write queued meanwhile. A call's statements run
     together (its items stay contiguous) and all or nothing: should one call's work
     fail, the whole transaction is rolled back and each call runs again in a
     transaction of its own, so only the failing call fails. A failed BEGIN or COMMIT
@@ -211,9 +215,9 @@ class WriteQueue:
     """
 
     def __init__(self) -> None:
-        self._writer = threading.Lock()
+        self._lock = threading.Lock()  # guards the two fields below
         self._queued: list[_Write] = []
-        self._queue_lock = threading.Lock()
+        self._leading = False
 
     @property
     def queued(self) -> int:
@@ -228,16 +232,31 @@ class WriteQueue:
         use only the connection it is given, and be repeatable until committed.
         """
         write = _Write(work)
-        with self._queue_lock:
+        with self._lock:
             self._queued.append(write)
-        with self._writer:
-            if not write.done:  # not taken by an earlier batch: lead the next one
-                with self._queue_lock:
-                    batch, self._queued = self._queued, []
-                _commit_batch(driver, batch)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            write.wake.acquire()  # done by a leader, or handed the lead
+        if not write.done:
+            self._lead(driver)
         if write.error is not None:
             raise write.error
         return cast(_T, write.result)
+
+    def _lead(self, driver: sqlite3.Connection) -> None:
+        with self._lock:
+            batch, self._queued = self._queued, []
+        try:
+            _commit_batch(driver, batch)
+        finally:
+            for write in batch:
+                write.wake.release()
+            with self._lock:
+                if self._queued:
+                    self._queued[0].wake.release()  # the next batch's leader
+                else:
+                    self._leading = False
 
 
 def _commit_batch(driver: sqlite3.Connection, batch: list[_Write]) -> None:
