@@ -40,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import (
+from .tables import (
     JSONDocument,
     append_keys_table,
     branches_table,

@@ -12,8 +12,6 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..db.engine import TENANT_OPTION
-from ..db.models import messages_table as messages
-from ..db.models import stored_utc
 from ..db.statements import (
     APPEND_KEY_RETENTION,
     CLAIM_APPEND_KEY,
@@ -40,6 +38,8 @@ from ..db.statements import (
     keys_expire_before,
     violates_append_key,
 )
+from ..db.tables import messages_table as messages
+from ..db.tables import stored_utc
 from ..errors import InvalidArgumentError
 from ..items import EncodedItem, encode_items
 from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata

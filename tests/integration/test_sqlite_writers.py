@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agents_sessions.db.sqlite_hot_path import WriteQueue
+from agents_sessions.db.sqlite_writers import WriteQueue
 
 
 def _connect(path: Path) -> sqlite3.Connection:
