@@ -28,10 +28,9 @@ committed together (group commit).
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine, Integer, bindparam, case, exists, func, null, select
 from sqlalchemy import exc as sa_exc
@@ -58,6 +57,9 @@ from .tables import branches_table as branches
 from .tables import conversations_table as conversations
 from .tables import messages_table as messages
 from .tables import utcnow
+
+if TYPE_CHECKING:
+    import sqlite3  # loaded by the engine's driver when a SQLite file is used
 
 _T = TypeVar("_T")
 
@@ -333,7 +335,7 @@ def sqlite_messages(engine: Engine) -> Iterator[SQLiteHotMessages]:
         raise sa_exc.DBAPIError.instance(None, None, exc, dbapi.Error, dialect=dialect) from exc
     try:
         yield SQLiteHotMessages(
-            cast(sqlite3.Connection, pooled.dbapi_connection), write_queue(engine)
+            cast("sqlite3.Connection", pooled.dbapi_connection), write_queue(engine)
         )
     except dbapi.Error as exc:
         lost = dialect.is_disconnect(exc, pooled.dbapi_connection, None)

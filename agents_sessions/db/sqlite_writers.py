@@ -8,14 +8,16 @@ held by a parent's thread at fork time would stay held there forever.
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import weakref
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import Engine
+
+if TYPE_CHECKING:
+    import sqlite3  # loaded by the engine's driver when a SQLite file is used
 
 _T = TypeVar("_T")
 
@@ -128,7 +130,7 @@ def _all_in_one(driver: sqlite3.Connection, batch: list[_Write]) -> bool:
     except BaseException as exc:
         if driver.in_transaction:
             # If even this fails, the pool's reset on return rolls back (or discards).
-            with suppress(sqlite3.Error):
+            with suppress(Exception):  # sqlite3.Error, without importing sqlite3 here
                 driver.rollback()
         if current is not None and len(batch) > 1 and isinstance(exc, Exception):
             return False
