@@ -5,16 +5,17 @@ SQLAlchemy's ``Connection`` around it -- execution context, compiled-cache looku
 result objects, the ``begin`` event, reset on return -- costs several times the
 statements. The calls the session facade makes every turn therefore run here on the
 DBAPI connection the pool hands out (``pool.connect()``, as :mod:`.hot_path` does for
-psycopg2), with SQL compiled once from the same Core statements the repositories use.
-Each method is a whole transaction:
+psycopg2), with SQL compiled once from the same Core statements the repositories use:
 
 * :meth:`SQLiteHotMessages.latest` / :meth:`~SQLiteHotMessages.all`: **one** SELECT in
   autocommit mode. A single statement is its own read transaction in SQLite, so the
   current branch and its items are read from one snapshot without a BEGIN.
 * :meth:`SQLiteHotMessages.append_encoded` and :meth:`SQLiteHotMessages.pop_latest`:
-  several statements between ``BEGIN IMMEDIATE`` and ``COMMIT``. The write lock is
-  taken up front, so writers in several processes queue (``busy_timeout``) instead of
-  deadlocking on a read-to-write lock upgrade, and each call's items are contiguous.
+  a few statements, run together between ``BEGIN IMMEDIATE`` and ``COMMIT``. The write
+  lock is taken up front, so writers in several processes queue (``busy_timeout``)
+  instead of deadlocking on a read-to-write lock upgrade, and each call's items are
+  contiguous. The transaction may be shared with other writes of this process (see
+  below); each call is still all or nothing.
 
 What needs more than this -- a branch that inherits from a parent, a pop on a
 conversation that has branches -- raises :class:`NotOnTheHotPath` before writing
