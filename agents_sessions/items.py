@@ -94,6 +94,46 @@ def _exactness_problem(item: Any) -> tuple[str, bool] | None:
     return None
 
 
+def _plainly_exact(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is made only of JSON's own types, which JSON gives back equal.
+
+    The common case, and what the SDK produces: exact ``dict`` (string keys),
+    ``list``, ``str``, ``int``, ``bool``, ``None`` and finite ``float``, nested less
+    than :data:`MAX_NESTING_DEPTH` deep. Checked without building the paths and the
+    bookkeeping :func:`_exactness_problem` needs to *describe* a problem; anything
+    else (a subclass, a tuple, NaN, a cycle...) answers ``False``, and that walk
+    decides.
+    """
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_NESTING_DEPTH:
+            return False
+        for key, child in value.items():
+            if type(key) is not str:
+                return False
+            child_kind = type(child)
+            if child_kind is str or child_kind is int or child_kind is bool or child is None:
+                continue
+            if not _plainly_exact(child, depth + 1):
+                return False
+        return True
+    if kind is list:
+        if depth >= MAX_NESTING_DEPTH:
+            return False
+        for child in value:
+            child_kind = type(child)
+            if child_kind is str or child_kind is int or child_kind is bool or child is None:
+                continue
+            if not _plainly_exact(child, depth + 1):
+                return False
+        return True
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    return False
+
+
 def _is_circular(item: Any) -> bool:
     try:
         json.dumps(item, default=str)
@@ -106,6 +146,9 @@ def _is_circular(item: Any) -> bool:
 
 _SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 
+# Made once: json.dumps() with options builds a new encoder on every call.
+_COMPACT_UTF8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
 
 def encode_document(item: Any, *, where: str) -> str:
     """Serialize ``item`` to JSON text that parses back to an equal value.
@@ -116,13 +159,17 @@ def encode_document(item: Any, *, where: str) -> str:
         InvalidItemError: a value JSON cannot represent (NaN, infinity, a cycle,
             nesting deeper than the serializer can follow).
     """
-    problem = _exactness_problem(item)
+    try:
+        plain = _plainly_exact(item)
+    except RecursionError:  # the caller's stack was already deep: the iterative walk
+        plain = False
+    problem = None if plain else _exactness_problem(item)
     if problem is not None:
         message, is_type_problem = problem
         error = ItemTypeError if is_type_problem else InvalidItemError
         raise error(f"{where}: {message}; nothing was written")
     try:
-        document = json.dumps(item, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        document = _COMPACT_UTF8.encode(item)
     except RecursionError:
         raise InvalidItemError(
             f"{where} is nested too deeply to serialize; nothing was written"
@@ -130,24 +177,27 @@ def encode_document(item: Any, *, where: str) -> str:
     except (TypeError, ValueError) as exc:
         error = ItemTypeError if isinstance(exc, TypeError) else InvalidItemError
         raise error(f"{where} cannot be stored as JSON: {exc}; nothing was written") from exc
-    if not document.isascii():
-        try:
-            document.encode("utf-8")
-        except UnicodeEncodeError:
-            # A surrogate pair written as two code points ("\\ud83d\\ude00") would be
-            # escaped exactly like the one character it encodes, and come back as
-            # that character: not equal. Refused rather than changed.
-            pair = _SURROGATE_PAIR.search(document)
-            if pair is not None:
-                codes = " ".join(f"U+{ord(c):04X}" for c in pair.group())
-                raise InvalidItemError(
-                    f"{where} holds a surrogate pair written as two code points ({codes}); "
-                    "JSON would read it back as one character, so it cannot come back "
-                    "equal. Join it first (text.encode('utf-16', 'surrogatepass')"
-                    ".decode('utf-16')); nothing was written"
-                ) from None
+    if document.isascii():
+        return document
+    try:
+        document.encode("utf-8")
+        return document
+    except UnicodeEncodeError:
+        pass
+    # A surrogate pair written as two code points ("\\ud83d\\ude00") would be
+    # escaped exactly like the one character it encodes, and come back as that
+    # character: not equal. Refused rather than changed.
+    pair = _SURROGATE_PAIR.search(document)
+    if pair is not None:
+        codes = " ".join(f"U+{ord(c):04X}" for c in pair.group())
+        raise InvalidItemError(
+            f"{where} holds a surrogate pair written as two code points ({codes}); "
+            "JSON would read it back as one character, so it cannot come back "
+            "equal. Join it first (text.encode('utf-16', 'surrogatepass')"
+            ".decode('utf-16')); nothing was written"
+        )
     # A lone surrogate: valid in a Python str, impossible in UTF-8; see utf8_safe_json.
-    return utf8_safe_json(document, item, separators=(",", ":"), allow_nan=False)
+    return json.dumps(item, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
 def utf8_safe_json(rendered: str, value: Any, **dumps_options: Any) -> str:
@@ -257,14 +307,13 @@ def encode_items(items: Sequence[Any], *, max_item_bytes: int | None = None) -> 
         raise ItemTypeError(f"items must be a list of dicts, got {type(items).__name__}")
     encoded: list[EncodedItem] = []
     for index, item in enumerate(items):
-        where = f"items[{index}]"
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):
             raise ItemTypeError(
-                f"{where} must be a dict, got {type(item).__name__}; nothing was written"
+                f"items[{index}] must be a dict, got {type(item).__name__}; nothing was written"
             )
-        document = encode_document(item, where=where)
-        if max_item_bytes is not None:
-            _check_size(document, where=where, max_item_bytes=max_item_bytes)
+        document = encode_document(item, where=f"items[{index}]")
+        if max_item_bytes is not None and len(document) * 4 > max_item_bytes:
+            _check_size(document, where=f"items[{index}]", max_item_bytes=max_item_bytes)
         encoded.append(
             EncodedItem(
                 role=item_role(item),

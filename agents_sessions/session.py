@@ -16,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .db.hot_path import HotMessages
+from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
 from .errors import ConnectionLostError, InvalidArgumentError
 from .expiry import retention_options
 from .history import HistoryManagementMixin, validate_branch_name
+from .idempotency import new_append_key
 from .items import encode_items
 from .repositories import Repositories, UsageEntry
 from .repositories.usage import UNKNOWN_MODEL
@@ -351,7 +354,8 @@ class PostgreSQLSession(HistoryManagementMixin):
         user_id, metadata = self._owner(tenant)
         # One key for every attempt of this call: a retry after an unknown commit
         # outcome finds the key if the first attempt committed, and writes nothing.
-        key = idempotency_key or uuid.uuid4().hex
+        # SQLite needs none: its commit is local, its outcome known (never retried).
+        key = idempotency_key or (None if self._store.dialect == "sqlite" else new_append_key())
         try:
             if usage:
 
@@ -418,6 +422,12 @@ class PostgreSQLSession(HistoryManagementMixin):
         return await self._mutate(self._pop_item, tenant)
 
     def _pop_item(self, tenant: str | None) -> Any | None:
+        if tenant is None and self._store.dialect == "sqlite":
+            with suppress(NotOnTheHotPath):  # raised for a conversation with branches
+                return run_on_sqlite(
+                    self._store,
+                    lambda hot: hot.pop_latest(self.session_id, ttl_seconds=self._ttl_seconds),
+                )
         # A transaction: the pop locks the conversation, finds the newest item of the
         # current branch, and keeps it for any other branch that shares it.
         return self._store.run_transaction(

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -51,6 +51,7 @@ from .db.engine import (
 from .db.failures import connection_lost, replica_unreachable, transient_connect_failure
 from .db.hot_path import HotMessages, driver_autocommit, driver_connection
 from .db.migrate import ensure_schema_at_head
+from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
 from .db.tenancy_probe import warn_if_tenancy_not_enforced
 from .errors import (
     ConfigurationError,
@@ -504,9 +505,13 @@ class SessionStore:
         ``work`` gets only :class:`~agents_sessions.db.hot_path.HotMessages` -- the
         calls that are one statement on PostgreSQL -- so on PostgreSQL with
         psycopg2 (no tenant, no statement listeners) it runs on the pooled driver
-        connection directly; elsewhere as :meth:`single_statement`. Retries as
-        :meth:`run_write` (``write=True``) or :meth:`run_read` say.
+        connection directly; on SQLite on its driver connection too
+        (:mod:`agents_sessions.db.sqlite_hot_path`); elsewhere as :meth:`single_statement`.
+        Retries as :meth:`run_write` (``write=True``) or :meth:`run_read` say.
         """
+        if tenant_id is None and self.dialect == "sqlite":
+            with suppress(NotOnTheHotPath):  # e.g. a branch that inherits: the path below
+                return run_on_sqlite(self, work)
         return self._run(
             lambda repos: work(repos.messages),
             write=write,

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from .db.models import MAX_ID_LENGTH
+from .db.tables import MAX_ID_LENGTH
 from .errors import (
     InvalidArgumentError,
     InvalidConversationIdError,

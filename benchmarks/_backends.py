@@ -9,6 +9,9 @@ same size:
   pool from the URL's ``?pool_size=&max_overflow=``.
 * ``sqlalchemy`` -- the SDK's ``SQLAlchemySession`` on ``postgresql+asyncpg``,
   ``create_tables=True``, one shared ``AsyncEngine`` with the same pool settings.
+* ``agents_sessions_sqlite`` -- :class:`agents_sessions.PostgreSQLSession` on a
+  SQLite file, as the embedded default runs it (``sqlite:///<file>``, the default
+  pool): compared with ``sqlite``, the SDK's backend on a file of its own.
 * ``sqlite`` -- the SDK's ``SQLiteSession`` on one file (no pool: a connection per
   thread per session object, as the SDK does it).
 * ``redis`` -- the SDK's ``RedisSession``, one shared client whose blocking pool
@@ -31,7 +34,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-BACKENDS = ("agents_sessions", "sqlalchemy", "sqlite", "redis", "floor", "floor_psycopg2")
+BACKENDS = (
+    "agents_sessions",
+    "sqlalchemy",
+    "agents_sessions_sqlite",
+    "sqlite",
+    "redis",
+    "floor",
+    "floor_psycopg2",
+)
 #: Run only when named in ``--only``: ``citus`` is agents_sessions on a throwaway Citus
 #: cluster (a coordinator and two workers on this machine, tables distributed), which
 #: needs the Citus extension installed. On one machine its nodes share the client's
@@ -41,6 +52,7 @@ OPTIONAL_BACKENDS = ("citus",)
 LABELS = {
     "agents_sessions": "agents_sessions",
     "sqlalchemy": "SDK SQLAlchemy",
+    "agents_sessions_sqlite": "agents_sessions on SQLite",
     "sqlite": "SDK SQLite",
     "redis": "SDK Redis",
     "floor": "asyncpg floor",
@@ -70,7 +82,8 @@ class BackendConfig:
         backend: One of :data:`BACKENDS`.
         postgres_url: ``postgresql://user@host:port/db`` of the benchmark database
             (PostgreSQL backends), without a driver or pool parameters.
-        sqlite_path: The SQLite file (``sqlite``).
+        sqlite_path: The SQLite file (``sqlite``, ``agents_sessions_sqlite``); the
+            processes of a multi-process run share it.
         redis_url: ``redis://host:port/db`` (``redis``).
         pool_size: Connections kept open.
         max_overflow: Extra connections allowed under load.
@@ -326,6 +339,22 @@ async def _open_agents_sessions(config: BackendConfig) -> Backend:
     return Backend("agents_sessions", make, close)
 
 
+async def _open_agents_sessions_sqlite(config: BackendConfig) -> Backend:
+    from agents_sessions import PostgreSQLSession
+    from agents_sessions.store import dispose_all
+
+    # No pool parameters: the embedded default's own pool, as an app without a URL gets it.
+    url = f"sqlite:///{config.sqlite_path}"
+
+    def make(conversation_id: str) -> BenchSession:
+        return PostgreSQLSession(conversation_id, database_url=url)
+
+    async def close() -> None:
+        dispose_all()
+
+    return Backend("agents_sessions_sqlite", make, close)
+
+
 async def _open_sqlalchemy(config: BackendConfig) -> Backend:
     from agents.extensions.memory import SQLAlchemySession
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -409,6 +438,7 @@ async def _open_floor_psycopg2(config: BackendConfig) -> Backend:
 _OPENERS: dict[str, Callable[[BackendConfig], Awaitable[Backend]]] = {
     "agents_sessions": _open_agents_sessions,
     "sqlalchemy": _open_sqlalchemy,
+    "agents_sessions_sqlite": _open_agents_sessions_sqlite,
     "sqlite": _open_sqlite,
     "redis": _open_redis,
     "floor": _open_floor,

@@ -11,6 +11,8 @@ from typing import Any
 from benchmarks._backends import LABELS
 
 OURS = "agents_sessions"
+#: agents_sessions on a SQLite file, compared with the SDK's SQLiteSession ("sqlite").
+EMBEDDED = "agents_sessions_sqlite"
 
 LATENCY_ROWS = (
     ("add_items_2", "add_items (2 items)"),
@@ -357,6 +359,30 @@ def render_report(document: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 + _table(["", *(LABELS[name] for name in others)], table_rows)
             )
 
+    # embedded default -------------------------------------------------------------------
+    if EMBEDDED in backends and "sqlite" in backends:
+        rows = []
+        derived_embedded: dict[str, float | None] = {}
+        for label, ours, sdk, faster in _embedded_pairs(results):
+            speedup = _ratio(sdk, ours) if faster == "time" else _ratio(ours, sdk)
+            derived_embedded[label] = speedup
+            rows.append([label, _fmt(ours), _fmt(sdk), _fmt_ratio(speedup)])
+        ratios["embedded"] = derived_embedded
+        out.append(
+            "\n## 7. The embedded default: agents_sessions on a SQLite file vs the SDK's "
+            "SQLiteSession on a file\n\n"
+            "Both on a file of their own in the same temporary directory; 3 processes share "
+            "one file per backend. Speed-up: the SDK's time ÷ ours (latency p50), ours ÷ the "
+            "SDK's (turns/s): **higher is better**, target ≥ 1.2x."
+        )
+        out.append(
+            "\n"
+            + _table(
+                ["", LABELS[EMBEDDED], LABELS["sqlite"], "speed-up"],
+                rows,
+            )
+        )
+
     # failures ---------------------------------------------------------------------------
     for name in backends:
         for workload, message in (_get(results, name, "failures") or {}).items():
@@ -373,6 +399,29 @@ def render_report(document: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     )
     out.append("")
     return "\n".join(out), {"ratios": ratios, "targets": targets}
+
+
+def _embedded_pairs(results: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
+    """(label, ours, the SDK's, "time" or "rate") for the embedded default's comparison."""
+    pairs: list[tuple[str, Any, Any, str]] = [
+        (
+            f"{label} p50 ms",
+            _get(results, EMBEDDED, "latency", key, "p50_ms"),
+            _get(results, "sqlite", "latency", key, "p50_ms"),
+            "time",
+        )
+        for key, label in LATENCY_ROWS
+    ]
+    for workload, label in (("throughput", "1 process"), ("throughput_3p", "3 processes")):
+        pairs.append(
+            (
+                f"{label}: turns/s",
+                _get(results, EMBEDDED, workload, "turns_per_s"),
+                _get(results, "sqlite", workload, "turns_per_s"),
+                "rate",
+            )
+        )
+    return pairs
 
 
 def _targets(results: dict[str, Any], depths: list[int]) -> list[dict[str, Any]]:
@@ -440,6 +489,13 @@ def _targets(results: dict[str, Any], depths: list[int]) -> list[dict[str, Any]]
                 _get(results, OURS, "depth", str(depths[0]), "p50_ms"),
             ),
             lambda v: v <= 1.2,
+            "x",
+        )
+    for label, ours, sdk, faster in _embedded_pairs(results):
+        check(
+            f"on SQLite, {label.replace(' ms', '')} ≥ 1.2x SDK SQLiteSession",
+            _ratio(sdk, ours) if faster == "time" else _ratio(ours, sdk),
+            lambda v: v >= 1.2,
             "x",
         )
     scale = _get(results, OURS, "scale")

@@ -6,6 +6,8 @@ Usage (``make bench`` installs the comparison backends and runs this)::
     python -m benchmarks.bench --quick               # a smoke run, ~3 minutes
     python -m benchmarks.bench --only agents_sessions,floor
     python -m benchmarks.bench --profile             # our throughput under py-spy + pyinstrument
+    python -m benchmarks.bench --profile --profile-backend agents_sessions_sqlite
+                                                     # the same, on the embedded SQLite file
     python -m benchmarks.bench --only agents_sessions,citus --workloads throughput
                                                      # the same turns on a Citus cluster
 
@@ -717,7 +719,7 @@ class Orchestrator:
             "py-spy"
         )
         pyspy_args = self.args.pyspy_args.split()
-        with self.backend_resources("agents_sessions") as config:
+        with self.backend_resources(self.args.profile_backend) as config:
             base = {"backend": asdict(config)}
             self.run_children([{**base, "workload": "prepare"}])
             recorder: list[subprocess.Popen[bytes]] = []
@@ -771,7 +773,7 @@ class Orchestrator:
             str(path.relative_to(REPO)) for path in RESULTS.glob(f"profile-{self.stamp}-*")
         )
         sections = [
-            "# Profile: agents_sessions, throughput workload",
+            f"# Profile: {LABELS[self.args.profile_backend]}, throughput workload",
             "",
             f"{params['conversations']} conversations, turns of get_items(limit=20) + "
             f"add_items(2 items), {params['duration_s']:g} s window after "
@@ -1003,6 +1005,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only profile our throughput workload (py-spy + pyinstrument) into "
         "benchmarks/results/",
+    )
+    parser.add_argument(
+        "--profile-backend",
+        default="agents_sessions",
+        choices=("agents_sessions", "agents_sessions_sqlite"),
+        help="which of our backends --profile profiles (default: %(default)s; "
+        "agents_sessions_sqlite: the embedded default, on a SQLite file)",
     )
     parser.add_argument(
         "--pyspy-args",

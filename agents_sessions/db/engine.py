@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import select
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -420,6 +419,8 @@ def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
     when several processes open a new file together). So retry, within the same
     time budget busy_timeout would have given.
     """
+    import sqlite3  # here, not at import: a PostgreSQL-only program never loads it
+
     deadline = time.monotonic() + busy_timeout_ms / 1000
     delay = 0.005
     while True:

@@ -10,6 +10,7 @@ The repositories (:mod:`agents_sessions.repositories`) execute them through
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
@@ -39,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import (
+from .tables import (
     JSONDocument,
     append_keys_table,
     branches_table,
@@ -57,6 +58,16 @@ append_keys = append_keys_table
 
 #: The branch every conversation starts on; it cannot be deleted.
 MAIN_BRANCH = "main"
+
+#: How long an append's idempotency key is kept at least: a call repeated with the
+#: same key within this time stores its items once (see ``models.AppendKey``).
+APPEND_KEY_RETENTION = timedelta(days=1)
+
+
+def keys_expire_before() -> datetime:
+    """Append keys created before this instant are past their retention."""
+    return datetime.now(timezone.utc) - APPEND_KEY_RETENTION
+
 
 # None must bind as SQL NULL (not JSON 'null') so COALESCE can keep existing metadata.
 _metadata_param = bindparam(

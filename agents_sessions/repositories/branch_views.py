@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from ..db.models import branches_table as branches
-from ..db.models import conversations_table as conversations
-from ..db.models import messages_table as messages
-from ..db.models import stored_utc
 from ..db.statements import IS_EXPIRED, MAIN_BRANCH
+from ..db.tables import branches_table as branches
+from ..db.tables import conversations_table as conversations
+from ..db.tables import messages_table as messages
+from ..db.tables import stored_utc
 
 LIVE, DELETED, FROZEN = "live", "deleted", "frozen"
 # A chain longer than this is a cycle, which the operations here never create.

@@ -31,11 +31,11 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
-from ..db.models import branches_table as branches
-from ..db.models import conversations_table as conversations
-from ..db.models import messages_table as messages
-from ..db.models import utcnow
 from ..db.statements import INSERT_MESSAGE, MAIN_BRANCH
+from ..db.tables import branches_table as branches
+from ..db.tables import conversations_table as conversations
+from ..db.tables import messages_table as messages
+from ..db.tables import utcnow
 from ..errors import (
     BranchNameTakenError,
     ProtectedBranchError,

@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Text, bindparam, delete, select, tuple_
 
-from ..db.models import conversations_table as conversations
-from ..db.models import stored_utc
 from ..db.statements import ENSURE_CONVERSATION, UPSERT_CONVERSATION
+from ..db.tables import conversations_table as conversations
+from ..db.tables import stored_utc
 from ..errors import InvalidArgumentError
 from ..validation import validate_datetime, validate_identifier, validate_limit, validate_metadata
 from .context import acting_tenant

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..db.engine import DISTRIBUTED_OPTION, TENANT_OPTION
-from ..db.models import messages_table as messages
-from ..db.models import stored_utc
 from ..db.statements import (
+    APPEND_KEY_RETENTION,
     CLAIM_APPEND_KEY,
     CLEAR,
     COUNT_MESSAGES,
@@ -39,8 +38,11 @@ from ..db.statements import (
     TOUCH_CONVERSATION,
     TRIM_TO_LAST_TURNS,
     execute,
+    keys_expire_before,
     violates_append_key,
 )
+from ..db.tables import messages_table as messages
+from ..db.tables import stored_utc
 from ..errors import InvalidArgumentError
 from ..items import EncodedItem, encode_items
 from ..validation import validate_count, validate_identifier, validate_limit, validate_metadata
@@ -49,13 +51,7 @@ from .context import acting_tenant, in_driver_transaction
 from .records import StoredMessage
 from .search import SearchPage, search_messages
 
-#: How long an append's idempotency key is kept at least: a call repeated with the
-#: same key within this time stores its items once (see ``models.AppendKey``).
-APPEND_KEY_RETENTION = timedelta(days=1)
-
-
-def _keys_expire_before() -> datetime:
-    return datetime.now(timezone.utc) - APPEND_KEY_RETENTION
+__all__ = ["APPEND_KEY_RETENTION", "MessageRepository"]
 
 
 class MessageRepository:
@@ -159,7 +155,7 @@ class MessageRepository:
                             # As JSON text: the statement casts it to jsonb.
                             "metadata": None if metadata is None else json.dumps(metadata),
                             "append_key": idempotency_key,
-                            "keys_expire_before": _keys_expire_before(),
+                            "keys_expire_before": keys_expire_before(),
                             "roles": [item.role for item in encoded],
                             "contents": [item.content for item in encoded],
                             "documents": [item.document for item in encoded],
@@ -190,7 +186,7 @@ class MessageRepository:
         self.connection.execute(ENSURE_CONVERSATION[dialect_name], conversation)
         self.connection.execute(
             DELETE_EXPIRED_APPEND_KEYS,
-            {"conversation_id": conversation_id, "keys_expire_before": _keys_expire_before()},
+            {"conversation_id": conversation_id, "keys_expire_before": keys_expire_before()},
         )
         if (
             idempotency_key is not None

@@ -24,10 +24,10 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, exists, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..db.models import conversations_table as conversations
-from ..db.models import run_states_table as run_states
-from ..db.models import stored_utc, utcnow
 from ..db.statements import ENSURE_CONVERSATION
+from ..db.tables import conversations_table as conversations
+from ..db.tables import run_states_table as run_states
+from ..db.tables import stored_utc, utcnow
 from ..errors import InvalidArgumentError
 from ..validation import validate_datetime, validate_identifier, validate_limit
 from .context import acting_tenant

@@ -45,7 +45,7 @@ from sqlalchemy import (
     tuple_,
 )
 
-from ..db.models import SEARCH_CONFIG, conversations_table, messages_table, stored_utc, utcnow
+from ..db.tables import SEARCH_CONFIG, conversations_table, messages_table, stored_utc, utcnow
 from ..errors import InvalidArgumentError
 from ..validation import validate_datetime, validate_identifier, validate_limit
 

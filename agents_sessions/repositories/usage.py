@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..db.models import conversations_table as conversations
-from ..db.models import usage_logs_table as usage_logs
+from ..db.tables import conversations_table as conversations
+from ..db.tables import usage_logs_table as usage_logs
 from ..errors import InvalidArgumentError
 from ..validation import validate_count, validate_datetime, validate_identifier, validate_text
 from .records import UsageEntry, UsageTotals

@@ -97,3 +97,78 @@ def test_importing_the_package_loads_neither_alembic_nor_the_operations() -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert completed.stdout.strip() == ""
+
+
+def _loaded_after(statement: str, candidates: tuple[str, ...]) -> list[str]:
+    """Which of ``candidates`` a fresh interpreter has loaded after ``statement``."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys\n{statement}\n"
+        f"print(','.join(sorted(m for m in {candidates!r} if m in sys.modules)))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return [name for name in completed.stdout.strip().split(",") if name]
+
+
+def test_importing_the_package_alone_loads_no_database_library() -> None:
+    # Every public name loads its module on first use (PEP 562).
+    assert (
+        _loaded_after(
+            "import agents_sessions",
+            ("sqlalchemy", "pydantic_settings", "psycopg2", "sqlite3", "agents_sessions.session"),
+        )
+        == []
+    )
+
+
+def test_the_session_loads_neither_the_orm_nor_what_only_other_paths_need() -> None:
+    # The session's paths run on Core tables and prebuilt statements: the ORM models
+    # are for Alembic and the operations. A driver loads when its kind of URL is
+    # first used (sqlite3 for a SQLite file, psycopg2 for PostgreSQL), search's
+    # recall tool and paused runs when used, migrations (Alembic) only to migrate.
+    assert (
+        _loaded_after(
+            "from agents_sessions import PostgreSQLSession",
+            (
+                "alembic",
+                "sqlalchemy.orm",
+                "agents_sessions.db.models",
+                "psycopg2",
+                "sqlite3",
+                "agents_sessions.recall",
+                "agents_sessions.run_states",
+                "agents_sessions.ops",
+                "agents_sessions.cli",
+                "agents_sessions.ui",
+            ),
+        )
+        == []
+    )
+
+
+def test_the_embedded_default_at_work_still_loads_no_orm_nor_alembic(tmp_path: Path) -> None:
+    # A session used on a fresh SQLite file: created, migrated, written and read. The
+    # migration itself loads Alembic; everything after it on the hot path must not
+    # need the ORM.
+    url = f"sqlite:///{tmp_path / 'weight.sqlite3'}"
+    statement = (
+        "import asyncio\n"
+        "from agents_sessions import PostgreSQLSession\n"
+        "from agents_sessions.store import get_store\n"
+        f"get_store({url!r}).ensure_schema()\n"
+        "for name in [m for m in sys.modules if m == 'alembic' or m.startswith('alembic.')"
+        " or m in ('sqlalchemy.orm', 'agents_sessions.db.models')"
+        " or m.startswith('sqlalchemy.orm.')]:\n"
+        "    del sys.modules[name]\n"
+        f"session = PostgreSQLSession('weight', database_url={url!r})\n"
+        "asyncio.run(session.add_items([{'role': 'user', 'content': 'hi'}]))\n"
+        "assert asyncio.run(session.get_items()) == [{'role': 'user', 'content': 'hi'}]\n"
+        "assert asyncio.run(session.pop_item()) == {'role': 'user', 'content': 'hi'}\n"
+    )
+    assert (
+        _loaded_after(statement, ("alembic", "sqlalchemy.orm", "agents_sessions.db.models")) == []
+    )
