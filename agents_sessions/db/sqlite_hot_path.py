@@ -45,6 +45,7 @@ from .statements import (
     CLAIM_APPEND_KEY,
     DELETE_EXPIRED_APPEND_KEYS,
     ENSURE_CONVERSATION,
+    EXTEND_CONVERSATION,
     LOCK_IF_EXPIRED,
     MAIN_BRANCH,
     PURGE_BRANCHES,
@@ -166,6 +167,7 @@ _DELETE_NEWEST = (
     "AND branch_id = ? ORDER BY id DESC LIMIT 1) RETURNING item"
 )
 _TOUCH = _Compiled(TOUCH_CONVERSATION)
+_EXTEND = _Compiled(EXTEND_CONVERSATION)
 
 
 def parse_documents(documents: Sequence[str]) -> list[Any]:
@@ -307,13 +309,11 @@ class SQLiteHotMessages:
             row = driver.execute(_DELETE_NEWEST, (conversation_id, branch_id)).fetchone()
             # As BranchRepository.lock does: the conversation is touched even when empty;
             # the expiry is extended only when an item was popped.
+            extend = row is not None and ttl_seconds is not None
             _execute(
                 driver,
-                _TOUCH,
-                {
-                    "conversation_id": conversation_id,
-                    "ttl_seconds": ttl_seconds if row is not None else None,
-                },
+                _EXTEND if extend else _TOUCH,
+                {"conversation_id": conversation_id, "ttl_seconds": ttl_seconds},
             )
             return None if row is None else row[0]
 
