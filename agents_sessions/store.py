@@ -8,12 +8,10 @@ connections) and one thread pool of the same size.
 Transactions are owned here, never by the repositories:
 
 * :meth:`SessionStore.transaction` -- one transaction for several repository calls
-  (``BEGIN IMMEDIATE`` on SQLite, so writers in several processes queue instead of
-  deadlocking).
+  (``BEGIN IMMEDIATE`` on SQLite: writers in several processes queue, never deadlock).
 * :meth:`SessionStore.read` -- reads; nothing is committed.
-* :meth:`SessionStore.single_statement` -- for an operation that is one statement on
-  PostgreSQL: runs it in autocommit mode there (one round trip: no BEGIN/COMMIT),
-  and as a transaction elsewhere.
+* :meth:`SessionStore.single_statement` -- an operation that is one statement on
+  PostgreSQL: autocommit there (one round trip), a transaction elsewhere.
 """
 
 from __future__ import annotations
@@ -678,11 +676,8 @@ class SessionStore:
 
 
 def _with_connect_timeout(url: str, seconds: int = 5) -> str:
-    """A replica URL with a ``connect_timeout``, unless it has one.
-
-    libpq waits for a connect indefinitely; a replica that accepts TCP but never
-    answers would then hang every lag-tolerant read instead of falling back.
-    """
+    """A replica URL with a short ``connect_timeout`` unless it has one: a replica that
+    accepts TCP but never answers must not hold lag-tolerant reads back from the primary."""
     target = parse_database_url(url)
     if target.dialect != "postgresql" or "connect_timeout" in target.url.query:
         return url
