@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -12,6 +11,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..db.engine import TENANT_OPTION
+from ..db.hot_path import HotStatement, run_hot_statement
 from ..db.models import messages_table as messages
 from ..db.models import stored_utc
 from ..db.statements import (
@@ -36,7 +36,6 @@ from ..db.statements import (
     TOUCH_CONVERSATION,
     TRIM_TO_LAST_TURNS,
     execute,
-    violates_append_key,
 )
 from ..errors import InvalidArgumentError
 from ..items import EncodedItem, encode_items
@@ -53,6 +52,52 @@ APPEND_KEY_RETENTION = timedelta(days=1)
 
 def _keys_expire_before() -> datetime:
     return datetime.now(timezone.utc) - APPEND_KEY_RETENTION
+
+
+def latest_statement(conversation_id: str, limit: int) -> HotStatement:
+    """The newest ``limit`` (> 0) items of the current branch, oldest first (PostgreSQL)."""
+    return HotStatement(
+        POSTGRES_VIEW_LATEST, {"conversation_id": conversation_id, "limit": limit}, True
+    )
+
+
+def all_statement(conversation_id: str) -> HotStatement:
+    """Every item of the current branch, oldest first (PostgreSQL)."""
+    return HotStatement(POSTGRES_VIEW_ALL, {"conversation_id": conversation_id}, True)
+
+
+def append_statement(
+    conversation_id: str,
+    encoded: Sequence[EncodedItem],
+    *,
+    user_id: str | None,
+    metadata: dict[str, Any] | None,
+    idempotency_key: str | None,
+    ttl_seconds: int | None,
+) -> HotStatement:
+    """The append of ``encoded`` (non-empty) as one statement (PostgreSQL, no tenant).
+
+    Arguments are trusted to be validated. Writes how many items it stored: 0 when
+    an earlier attempt with the same ``idempotency_key`` did.
+    """
+    return HotStatement(
+        POSTGRES_APPEND,
+        {
+            "conversation_id": conversation_id,
+            "user_id": user_id,
+            # As JSON text: the statement casts it to jsonb.
+            "metadata": None if metadata is None else json.dumps(metadata),
+            "ttl_seconds": ttl_seconds,
+            "restart_expired": True,
+            "append_key": idempotency_key,
+            "keys_expire_before": _keys_expire_before(),
+            "roles": [item.role for item in encoded],
+            "contents": [item.content for item in encoded],
+            "documents": [item.document for item in encoded],
+        },
+        False,
+        idempotency_key,
+    )
 
 
 class MessageRepository:
@@ -127,46 +172,37 @@ class MessageRepository:
         """
         if not encoded:
             return 0
+        user_id = user_id or acting_tenant(self.connection)
+        acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
+        if self.connection.dialect.name == "postgresql" and not acting_for_tenant:
+            hot = append_statement(
+                conversation_id,
+                encoded,
+                user_id=user_id,
+                metadata=metadata,
+                idempotency_key=idempotency_key,
+                ttl_seconds=ttl_seconds,
+            )
+            # Inside a caller's transaction, a savepoint keeps the unique-violation
+            # answer from aborting the rest of that transaction. (In the facade's
+            # autocommit statements there is no transaction to protect.)
+            if idempotency_key is not None and in_driver_transaction(self.connection):
+                try:
+                    with self.connection.begin_nested():
+                        result = execute(self.connection, hot.statement, hot.parameters)
+                except IntegrityError as exc:
+                    if hot.already_done(exc):
+                        return 0  # an earlier attempt of this very call committed
+                    raise
+                return int(result.rowcount)
+            return int(run_hot_statement(self.connection, hot))
         conversation = {
             "conversation_id": conversation_id,
-            "user_id": user_id or acting_tenant(self.connection),
+            "user_id": user_id,
             "metadata": metadata,
             "ttl_seconds": ttl_seconds,
             "restart_expired": True,
         }
-        acting_for_tenant = TENANT_OPTION in self.connection.get_execution_options()
-        if self.connection.dialect.name == "postgresql" and not acting_for_tenant:
-            # Inside a caller's transaction, a savepoint keeps the unique-violation
-            # answer below from aborting the rest of that transaction. (In the
-            # facade's autocommit statements there is no transaction to protect.)
-            guard = (
-                self.connection.begin_nested()
-                if idempotency_key is not None and in_driver_transaction(self.connection)
-                else nullcontext()
-            )
-            try:
-                with guard:
-                    result = execute(
-                        self.connection,
-                        POSTGRES_APPEND,
-                        {
-                            **conversation,
-                            # As JSON text: the statement casts it to jsonb.
-                            "metadata": None if metadata is None else json.dumps(metadata),
-                            "append_key": idempotency_key,
-                            "keys_expire_before": _keys_expire_before(),
-                            "roles": [item.role for item in encoded],
-                            "contents": [item.content for item in encoded],
-                            "documents": [item.document for item in encoded],
-                        },
-                    )
-            except IntegrityError as exc:
-                if idempotency_key is not None and violates_append_key(exc):
-                    # An earlier attempt of this very call committed while this one
-                    # ran: the statement wrote nothing, and the items are stored once.
-                    return 0
-                raise
-            return int(result.rowcount)
         # Statement by statement, in the caller's transaction: SQLite, and PostgreSQL
         # under row-level security (whose messages policy looks the conversation up
         # and would not see one created by a CTE of the same statement).
@@ -222,20 +258,14 @@ class MessageRepository:
             return []
         if self.connection.dialect.name != "postgresql":
             return self._current_branch_items(conversation_id, count)
-        result = execute(
-            self.connection,
-            POSTGRES_VIEW_LATEST,
-            {"conversation_id": conversation_id, "limit": count},
-        )
-        return list(result.scalars())
+        return list(run_hot_statement(self.connection, latest_statement(conversation_id, count)))
 
     def all(self, conversation_id: str) -> list[dict[str, Any]]:
         """Every item of the current branch, oldest first."""
         validate_identifier(conversation_id)
         if self.connection.dialect.name != "postgresql":
             return self._current_branch_items(conversation_id, None)
-        result = execute(self.connection, POSTGRES_VIEW_ALL, {"conversation_id": conversation_id})
-        return list(result.scalars())
+        return list(run_hot_statement(self.connection, all_statement(conversation_id)))
 
     def _current_branch_items(self, conversation_id: str, limit: int | None) -> list[Any]:
         """The current branch's items, statement by statement (SQLite).

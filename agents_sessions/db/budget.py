@@ -1,0 +1,207 @@
+"""One ceiling on the connections a process opens to one database URL, shared by both pools.
+
+On PostgreSQL with psycopg2 a store has two pools: SQLAlchemy's ``QueuePool`` of
+ordinary connections (transactions, the repository API, migrations) and the
+event loop's pool of asynchronous ones (:mod:`agents_sessions.db.async_pool`, the
+session facade's single statements). The URL's ``pool_size + max_overflow`` is the
+most connections the two together ever hold open: every connection either pool
+opens takes a slot of one :class:`ConnectionBudget` first, and gives it back when
+it is closed.
+
+Who waits for whom: neither pool keeps an idle connection while the other one
+waits for a slot.
+
+* A thread that needs a new ordinary connection and finds no slot asks the event
+  loops to close their idle asynchronous connections, then waits (at most
+  ``pool_timeout``, then :class:`~agents_sessions.errors.PoolTimeoutError`); an
+  asynchronous connection handed back while it waits is closed instead of kept.
+* A coroutine that needs a new asynchronous connection and finds no slot asks the
+  ``QueuePool`` to give up its idle connections (:func:`attach_budget`), then waits
+  the same way; an ordinary connection checked in while it waits is closed.
+
+Slots are released when a connection is closed -- by either pool, for any reason
+(invalidated, recycled, disposed) -- or, as a last resort, when a connection object
+that was never closed is garbage-collected: the count can only over-estimate what
+is open, never under-estimate it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy import exc as sa_exc
+
+_shedding = threading.local()
+
+#: The key under which a ``QueuePool`` record keeps its slot's release.
+_RELEASE = "agents_sessions_budget_release"
+
+
+class ConnectionBudget:
+    """At most ``limit`` connections open at once, across every pool that takes slots here.
+
+    Thread-safe; the asynchronous pools call :meth:`try_take` (never blocking the
+    loop), threads call :meth:`take` (blocking up to a timeout).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open = 0
+        self._condition = threading.Condition(threading.Lock())
+        #: Threads waiting in :meth:`take`.
+        self.threads_waiting = 0
+        #: Coroutines waiting for a slot (counted by the asynchronous pools).
+        self.coroutines_waiting = 0
+        # Called (outside the lock) when a thread starts waiting: close idle
+        # asynchronous connections. And whenever a slot is freed: wake coroutines.
+        self._shed_for_threads: list[Callable[[], None]] = []
+        self._freed_listeners: list[Callable[[], None]] = []
+
+    @property
+    def open(self) -> int:
+        """How many slots are taken (connections open, or being opened)."""
+        return self._open
+
+    def on_thread_waiting(self, shed: Callable[[], None]) -> None:
+        """Call ``shed`` (from any thread) whenever a thread waits for a slot."""
+        self._shed_for_threads.append(shed)
+
+    def on_freed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from any thread) whenever a slot is released."""
+        self._freed_listeners.append(listener)
+
+    def forget(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback`` (registered with either method above)."""
+        for callbacks in (self._shed_for_threads, self._freed_listeners):
+            while callback in callbacks:
+                callbacks.remove(callback)
+
+    def try_take(self) -> bool:
+        """Take a slot if one is free, without waiting."""
+        with self._condition:
+            if self._open >= self.limit:
+                return False
+            self._open += 1
+            return True
+
+    def take(self, timeout: float) -> None:
+        """Take a slot, waiting up to ``timeout`` seconds for one.
+
+        Raises:
+            sqlalchemy.exc.TimeoutError: none became free in time (the pool's own
+                timeout class, so the store reports it as ``PoolTimeoutError``).
+        """
+        if self.try_take():
+            return
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            self.threads_waiting += 1
+        try:
+            for shed in list(self._shed_for_threads):
+                shed()
+            with self._condition:
+                while self._open >= self.limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise sa_exc.TimeoutError(
+                            f"no connection slot became free within {timeout:g}s: all "
+                            f"{self.limit} connections of this database URL are in use"
+                        )
+                    self._condition.wait(remaining)
+                self._open += 1
+        finally:
+            with self._condition:
+                self.threads_waiting -= 1
+
+    def release(self) -> None:
+        """Give a slot back (its connection is closed, or was never opened)."""
+        with self._condition:
+            self._open -= 1
+            self._condition.notify()
+        for listener in list(self._freed_listeners):
+            listener()
+
+    def released_with(self, connection: Any) -> Callable[[], Any]:
+        """A release to call once ``connection`` is closed; also called if it is collected.
+
+        The returned callable releases at most once, however often it is called.
+        """
+        return weakref.finalize(connection, self.release)
+
+
+def attach_budget(engine: Engine, budget: ConnectionBudget, pool_timeout: float) -> None:
+    """Make every connection ``engine``'s pool opens take a slot of ``budget``.
+
+    The slot is taken before connecting (waiting up to ``pool_timeout``) and released
+    when SQLAlchemy closes the connection (``close``/``close_detached`` events). A
+    connection checked in while coroutines wait for a slot is closed there and then;
+    its record stays in the pool and reconnects (taking a slot) when next needed.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_within_budget(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        if getattr(_shedding, "active", False):
+            # shed_idle() takes only idle connections; it never opens one.
+            raise sa_exc.TimeoutError("no idle connection to give up")
+        budget.take(pool_timeout)
+        try:
+            connection = dialect.loaded_dbapi.connect(*cargs, **cparams)
+        except BaseException:
+            budget.release()  # never opened
+            raise
+        record.info[_RELEASE] = budget.released_with(connection)
+        return connection
+
+    @event.listens_for(engine, "close")
+    def _release_slot(_dbapi_connection: Any, record: Any) -> None:
+        release = record.info.pop(_RELEASE, None)
+        if release is not None:
+            release()
+
+    @event.listens_for(engine, "close_detached")
+    def _release_detached(dbapi_connection: Any) -> None:
+        release = _detached.pop(id(dbapi_connection), None)
+        if release is not None:
+            release()
+
+    _detached: dict[int, Callable[[], Any]] = {}
+
+    @event.listens_for(engine, "detach")
+    def _keep_detached_slot(dbapi_connection: Any, record: Any) -> None:
+        release = record.info.pop(_RELEASE, None)
+        if release is not None:
+            _detached[id(dbapi_connection)] = release
+
+    @event.listens_for(engine, "checkin")
+    def _give_way_to_coroutines(dbapi_connection: Any, record: Any) -> None:
+        # A coroutine waits for a slot: this idle connection would keep it from one.
+        if dbapi_connection is not None and budget.coroutines_waiting:
+            record.invalidate()
+
+
+def shed_idle(engine: Engine, budget: ConnectionBudget) -> None:
+    """Close ``engine``'s idle pooled connections while coroutines wait for a slot.
+
+    Blocking (a checkout may run the liveness check): run it in a worker thread.
+    Uses the pool's public checkout and invalidation only; opens nothing.
+    """
+    pool: Any = engine.pool
+    _shedding.active = True
+    try:
+        for _ in range(budget.limit):
+            # Checked again each time: a checkout with nothing idle would wait.
+            if not (budget.coroutines_waiting and pool.checkedin()):
+                return
+            try:
+                pooled = pool.connect()
+            except (sa_exc.TimeoutError, sa_exc.DBAPIError, sa_exc.DisconnectionError):
+                return
+            pooled.invalidate()
+            pooled.close()
+    finally:
+        _shedding.active = False
