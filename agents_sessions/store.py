@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from sqlalchemy.pool import QueuePool
 from . import settings as settings_module
 from .db import engine as engine_module
 from .db import migrate as migrate_module
+from .db.async_pool import AsyncPools
 from .db.deadline import watchdog
 from .db.engine import (
     SQLITE_WRITE_OPTION,
@@ -46,13 +46,12 @@ from .db.engine import (
     log_embedded_default_once,
     parse_database_url,
 )
-from .db.failures import connection_lost, replica_unreachable, transient_connect_failure
+from .db.failures import RetryPlan, replica_unreachable
 from .db.hot_path import HotMessages, driver_autocommit, driver_connection
 from .db.migrate import ensure_schema_at_head
 from .db.tenancy_probe import warn_if_tenancy_not_enforced
 from .errors import (
     ConfigurationError,
-    ConnectionLostError,
     DatabaseError,
     PoolTimeoutError,
     translate_database_errors,
@@ -82,6 +81,9 @@ class _EngineState:
     unavailable_until: float = 0.0
     # Whether a tenant-scoped call has checked that isolation is really enforced.
     tenancy_checked: bool = False
+    # PostgreSQL with psycopg2: the event loops' pools of asynchronous connections,
+    # sharing the URL's connection ceiling with the engine's pool (db/budget.py).
+    async_pools: AsyncPools | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,11 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
                 lock_timeout_ms=options.lock_timeout_ms,
             )
             state = _EngineState(target=target, engine=engine, executor=_new_executor(target))
+            # Closing idle pooled connections for a waiting coroutine runs in a worker
+            # thread: a checkout may run the (blocking) liveness check.
+            state.async_pools = AsyncPools.for_engine(
+                engine, target, lambda shed: state.executor.submit(shed)
+            )
             _states[key] = state
         _states_by_given_url[given] = state
     return state
@@ -565,11 +572,12 @@ class SessionStore:
                     if not replica_unreachable(exc):
                         raise
                     self._replica_failed(replica, exc)
-        attempts = self.settings.retry_attempts if retry_attempts is None else retry_attempts
-        attempt = 0
-        # Whether some attempt was sent and then lost its connection: the outcome of
-        # a write is then unknown unless a later attempt finishes.
-        outcome_unknown = False
+        plan = RetryPlan(
+            self.settings.retry_attempts if retry_attempts is None else retry_attempts,
+            write=write or transaction,
+            repeatable=repeatable,
+            where=self.target.safe_url,
+        )
         while True:
             sent = False
             try:
@@ -589,38 +597,22 @@ class SessionStore:
                     sent = True
                     return work(repos)
             except DatabaseError as exc:
-                cause = exc.__cause__
-                # Could not open a connection (refused, server starting up): nothing
-                # was sent, so any operation may be tried again.
-                connect_failed = not sent and transient_connect_failure(cause)
-                if not (connect_failed or connection_lost(exc)):
-                    raise  # an SQL error, a pool timeout: retrying would not help
-                if sent and not repeatable:
-                    raise ConnectionLostError(
-                        "the database connection was lost during an operation that cannot "
-                        "be retried safely; it may or may not have taken effect (the next "
-                        "call uses a fresh connection)"
-                    ) from exc
-                outcome_unknown = outcome_unknown or (sent and (write or transaction))
-                if attempt >= attempts:
-                    if outcome_unknown:
-                        raise ConnectionLostError(
-                            f"the database connection was lost and {attempts} retries "
-                            "found no working connection; the write may or may not have "
-                            "taken effect"
-                        ) from exc
-                    raise
-                attempt += 1
-                delay = min(0.05 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random() / 2)
-                logger.warning(
-                    "agents_sessions: %s on %s; retry %d of %d in %.0f ms",
-                    "connection lost" if sent else "could not connect",
-                    self.target.safe_url,
-                    attempt,
-                    attempts,
-                    delay * 1000,
-                )
-                time.sleep(delay)
+                time.sleep(plan.after_failure(exc, sent=sent))
+
+    @property
+    def async_pools(self) -> AsyncPools | None:
+        """The event loops' asynchronous connections, where the hot statements may use them.
+
+        PostgreSQL with psycopg2, no echo, no statement listeners (as
+        :meth:`run_hot`'s driver-level path); ``None`` elsewhere.
+        """
+        pools = self._state.async_pools
+        return pools if pools is not None and self._driver_level_ok else None
+
+    @property
+    def schema_ready(self) -> bool:
+        """Whether :meth:`ensure_schema` has succeeded (or has nothing to check)."""
+        return self.is_replica or self._state.schema_ready
 
     @property
     def _driver_level_ok(self) -> bool:
@@ -656,9 +648,12 @@ class SessionStore:
     def dispose(self) -> None:
         """Close the pooled connections of this store's engine (e.g. at shutdown).
 
-        The engine stays usable: it opens new connections when next needed.
+        The asynchronous connections too: idle ones now, those in use when handed
+        back. The store stays usable: it opens new connections when next needed.
         """
         self.engine.dispose()
+        if self._state.async_pools is not None:
+            self._state.async_pools.close_idle()
 
     def __repr__(self) -> str:
         return f"SessionStore({self._state.target.safe_url!r})"
@@ -719,6 +714,9 @@ def _reset_after_fork() -> None:
     watchdog.reset_after_fork()
     for state in _states.values():
         state.engine.dispose(close=False)
+        if state.async_pools is not None:
+            state.async_pools.budget.reset_after_fork()
+            state.async_pools.drop_after_fork()
         state.executor = _new_executor(state.target)
         state.schema_lock = threading.Lock()
 
@@ -740,3 +738,5 @@ def dispose_all() -> None:
         state.disposed = True
         state.executor.shutdown(wait=True)
         state.engine.dispose()
+        if state.async_pools is not None:
+            state.async_pools.dispose()

@@ -27,6 +27,7 @@ is open, never under-estimate it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -61,6 +62,7 @@ class ConnectionBudget:
         # asynchronous connections. And whenever a slot is freed: wake coroutines.
         self._shed_for_threads: list[Callable[[], None]] = []
         self._freed_listeners: list[Callable[[], None]] = []
+        self._pid = os.getpid()
 
     @property
     def open(self) -> int:
@@ -118,6 +120,11 @@ class ConnectionBudget:
             with self._condition:
                 self.threads_waiting -= 1
 
+    def coroutine_waits(self, delta: int) -> None:
+        """Count a coroutine starting (+1) or ending (-1) a wait for a slot."""
+        with self._condition:
+            self.coroutines_waiting += delta
+
     def release(self) -> None:
         """Give a slot back (its connection is closed, or was never opened)."""
         with self._condition:
@@ -126,12 +133,20 @@ class ConnectionBudget:
         for listener in list(self._freed_listeners):
             listener()
 
+    def _release_in(self, pid: int) -> None:
+        if pid == self._pid:  # a slot of the parent process is not this process's
+            self.release()
+
     def released_with(self, connection: Any) -> Callable[[], Any]:
         """A release to call once ``connection`` is closed; also called if it is collected.
 
         The returned callable releases at most once, however often it is called.
         """
-        return weakref.finalize(connection, self.release)
+        return weakref.finalize(connection, self._release_in, self._pid)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: no slot taken, nobody waiting (the parent's are not ours)."""
+        self.__init__(self.limit)  # type: ignore[misc]
 
 
 def attach_budget(engine: Engine, budget: ConnectionBudget, pool_timeout: float) -> None:

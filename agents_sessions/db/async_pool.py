@@ -1,0 +1,519 @@
+"""psycopg2 asynchronous connections driven by the event loop: the hot statements' pool.
+
+A session facade call that is one statement (``get_items``, an ``add_items``
+without usage; see :class:`~agents_sessions.db.hot_path.HotStatement`) runs here,
+on the caller's event loop, with no worker thread: ``psycopg2.connect(...,
+async_=1)`` never blocks; ``poll()`` says whether the socket must become readable or
+writable next, and the loop's ``add_reader``/``add_writer`` resume the call then.
+An asynchronous connection is always in autocommit mode: each statement is its own
+transaction, which is what these calls are anyway. Transactions stay on the
+synchronous engine.
+
+What the synchronous ``QueuePool`` guarantees, kept here:
+
+* Size: idle connections kept per loop up to ``pool_size``; connections opened
+  only with a slot of the URL's :class:`~agents_sessions.db.budget.ConnectionBudget`
+  (``pool_size + max_overflow`` for both pools together); a caller that gets none
+  within ``pool_timeout`` fails with SQLAlchemy's ``TimeoutError`` (the store's
+  ``PoolTimeoutError``).
+* Liveness on checkout, as the engine's: a connection the server closed (its
+  socket readable while idle), older than ``pool_recycle``, or failing the
+  ``pool_pre_ping`` round trip is replaced before any statement is sent on it.
+* The engine's connect hooks: the same driver parameters (timeouts in
+  ``options``, keepalives, ``application_name``, secrets) and its READ COMMITTED
+  check. ``connect_timeout`` is enforced here (libpq does not in asynchronous mode).
+* ``response_timeout``: a call that waits longer for the server closes its
+  connection and fails as a lost connection, as the synchronous watchdog makes it.
+* Errors: driver errors come out as SQLAlchemy's ``DBAPIError`` classes, with
+  ``connection_invalidated`` set when the connection died, and such a connection
+  -- or one whose call was cancelled or timed out mid-statement, its protocol state
+  unknown -- is closed, never reused.
+* One pool per event loop: a connection registered with one loop is never used
+  from another (``asyncio.run`` twice, a loop per thread); pools of loops that
+  have closed are closed when noticed.
+* Fork safety: a child process never uses (nor closes) its parent's connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as psycopg2_extensions
+from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
+
+from .budget import ConnectionBudget, attach_budget, shed_idle
+from .engine import DatabaseTarget, PoolOptions, postgresql_connect_recipe, socket_has_news
+from .hot_path import HotStatement
+from .statements import driver_sql
+
+logger = logging.getLogger("agents_sessions")
+
+_POLL_OK = psycopg2_extensions.POLL_OK
+_POLL_READ = psycopg2_extensions.POLL_READ
+_POLL_WRITE = psycopg2_extensions.POLL_WRITE
+_IDLE = psycopg2_extensions.TRANSACTION_STATUS_IDLE
+
+# Connections inherited from a parent process: kept referenced, never closed (closing,
+# or the garbage collector's close, would end the parent's sessions on the server).
+_inherited: list[Any] = []
+
+
+class _Expired(Exception):
+    """The server did not answer within the bound (connect or response timeout)."""
+
+
+class AsyncConnection:
+    """One asynchronous psycopg2 connection, with what the pool needs to know about it."""
+
+    __slots__ = (
+        "_expired",
+        "_waiting",
+        "born",
+        "descriptor",
+        "driver",
+        "generation",
+        "pid",
+        "release_slot",
+    )
+
+    def __init__(self, driver: Any, release_slot: Callable[[], Any], generation: int) -> None:
+        self.driver = driver
+        #: The pools' generation when it was opened: :meth:`AsyncPools.close_idle`
+        #: starts a new one, and older connections are closed when handed back.
+        self.generation = generation
+        self.descriptor: int = driver.fileno()
+        self.born = time.monotonic()
+        self.pid = os.getpid()
+        self.release_slot = release_slot
+        self._waiting: asyncio.Future[None] | None = None
+        self._expired = False
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Poll until the driver is done; ``_Expired`` if that takes over ``timeout`` s (0: never).
+
+        Raises whatever the driver raises (the statement's error, a lost connection).
+        """
+        driver = self.driver
+        timer = None
+        try:
+            while True:
+                state = driver.poll()
+                if state == _POLL_OK:
+                    return
+                waiting = self._waiting = loop.create_future()
+                descriptor = self.descriptor
+                if state == _POLL_READ:
+                    loop.add_reader(descriptor, _wake, waiting)
+                    remove = loop.remove_reader
+                elif state == _POLL_WRITE:
+                    loop.add_writer(descriptor, _wake, waiting)
+                    remove = loop.remove_writer
+                else:  # pragma: no cover - psycopg2 documents no other state
+                    raise psycopg2.OperationalError(f"unexpected poll state {state}")
+                if timer is None and timeout > 0:
+                    timer = loop.call_later(timeout, self._expire)
+                try:
+                    await waiting
+                finally:
+                    remove(descriptor)
+                    self._waiting = None
+                if self._expired:
+                    raise _Expired()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
+
+    async def fetch(
+        self, loop: asyncio.AbstractEventLoop, sql: str, parameters: Any, timeout: float
+    ) -> tuple[list[tuple[Any, ...]], int]:
+        """Run one statement: its rows (none for a plain write) and its row count."""
+        cursor = self.driver.cursor()
+        try:
+            cursor.execute(sql, parameters)
+            await self.wait(loop, timeout)
+            rows = cursor.fetchall() if cursor.description is not None else []
+            return rows, cursor.rowcount
+        finally:
+            cursor.close()
+
+    @property
+    def reusable(self) -> bool:
+        """Open, not expired, idle at the protocol level: safe to hand out again."""
+        driver = self.driver
+        return (
+            self.pid == os.getpid()
+            and not self._expired
+            and not driver.closed
+            and not driver.isexecuting()
+            and driver.info.transaction_status == _IDLE
+        )
+
+    def close(self) -> None:
+        """Close the connection and give its slot back."""
+        if self.pid != os.getpid():
+            # The parent's: never closed from here, never collected (which would close it).
+            _inherited.append(self.driver)
+            return
+        try:
+            self.driver.close()
+        finally:
+            self.release_slot()
+
+
+def _wake(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)
+
+
+class LoopPool:
+    """The asynchronous connections of one event loop for one database URL.
+
+    Used only from its loop's thread, except :meth:`shed_idle_threadsafe` and
+    :meth:`close_idle` (for a loop that has closed), which any thread may call.
+    """
+
+    def __init__(self, owner: AsyncPools, loop: asyncio.AbstractEventLoop) -> None:
+        self._owner = owner
+        self.loop = loop
+        self._thread = threading.get_ident()
+        self._idle: deque[AsyncConnection] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        owner.budget.on_freed(self._slot_freed)
+        owner.budget.on_thread_waiting(self.shed_idle_threadsafe)
+
+    # ------------------------------------------------------------ checkout / checkin
+
+    async def acquire(self) -> AsyncConnection:
+        """A live connection of this loop: idle, new, or freed within ``pool_timeout``."""
+        owner = self._owner
+        options = owner.options
+        deadline: float | None = None
+        while True:
+            while self._idle:
+                # Newest first: the least likely to have been closed by an idle timeout.
+                connection = self._idle.pop()
+                if await self._alive(connection):
+                    return connection
+                connection.close()
+            if owner.budget.try_take():
+                return await owner.connect(self.loop)
+            now = self.loop.time()
+            if deadline is None:
+                deadline = now + options.pool_timeout
+                # Nothing idle here and no slot: ask whoever keeps idle connections.
+                owner.shed_elsewhere(self)
+            if now >= deadline:
+                raise sa_exc.TimeoutError(
+                    f"no connection became free within pool_timeout={options.pool_timeout:g}s "
+                    f"({options.describe()})"
+                )
+            waiting = self.loop.create_future()
+            self._waiters.append(waiting)
+            owner.budget.coroutine_waits(+1)
+            try:
+                await asyncio.wait({waiting}, timeout=deadline - now)
+            finally:
+                owner.budget.coroutine_waits(-1)
+                if waiting in self._waiters:
+                    self._waiters.remove(waiting)
+                waiting.cancel()
+
+    async def _alive(self, connection: AsyncConnection) -> bool:
+        options = self._owner.options
+        # (reusable is False for a connection of a parent process.)
+        if not connection.reusable or socket_has_news(connection.driver):
+            return False
+        if options.pool_recycle >= 0 and time.monotonic() - connection.born > options.pool_recycle:
+            return False
+        if options.pool_pre_ping:
+            try:
+                await connection.fetch(self.loop, "SELECT 1", None, self._owner.connect_timeout)
+            except (psycopg2.Error, _Expired):
+                return False
+        return True
+
+    def release(self, connection: AsyncConnection, *, reusable: bool) -> None:
+        """Take ``connection`` back: kept idle, or closed when it cannot or need not stay."""
+        owner = self._owner
+        if (
+            reusable
+            and not owner.disposed
+            and connection.generation == owner.generation
+            and len(self._idle) < owner.options.pool_size
+            # A thread waits for a slot: an idle connection here would keep it waiting.
+            and not owner.budget.threads_waiting
+            and connection.reusable
+        ):
+            self._idle.append(connection)
+            self._wake_one()
+        else:
+            connection.close()  # frees a slot: _slot_freed wakes a waiter
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiting = self._waiters.popleft()
+            if not waiting.done():
+                waiting.set_result(None)
+                return
+
+    def _slot_freed(self) -> None:
+        if not self._waiters or self.loop.is_closed():
+            return
+        if threading.get_ident() == self._thread:
+            self._wake_one()
+        else:
+            self.loop.call_soon_threadsafe(self._wake_one)
+
+    # ------------------------------------------------------------ giving connections up
+
+    def shed_idle_threadsafe(self) -> None:
+        """Close this loop's idle connections (another pool waits for a slot)."""
+        if self.loop.is_closed() or threading.get_ident() == self._thread:
+            self.close_idle()
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self.close_idle)
+            except RuntimeError:  # closed meanwhile
+                self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close every idle connection (none of them has a reader registered)."""
+        while self._idle:
+            try:
+                connection = self._idle.pop()
+            except IndexError:  # taken meanwhile by the loop's own thread
+                return
+            connection.close()
+
+    def forget(self) -> None:
+        """Stop listening to the budget (the pool is dropped)."""
+        self._owner.budget.forget(self._slot_freed)
+        self._owner.budget.forget(self.shed_idle_threadsafe)
+
+    def inherited(self) -> list[AsyncConnection]:
+        """The idle connections, taken out (after a fork, to keep them unclosed)."""
+        taken = list(self._idle)
+        self._idle.clear()
+        return taken
+
+
+class AsyncPools:
+    """Every event loop's :class:`LoopPool` for one database URL, and how they connect.
+
+    Args:
+        engine: The URL's engine: its dialect (errors, SQL), its connect recipe.
+        budget: The URL's connection budget, shared with the engine's pool.
+        options: Pool options from the URL.
+        shed_synchronous: Starts closing the engine pool's idle connections in the
+            background (called when a coroutine waits for a slot).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        budget: ConnectionBudget,
+        options: PoolOptions,
+        shed_synchronous: Callable[[], object],
+    ) -> None:
+        self.dialect = engine.dialect
+        self._recipe = postgresql_connect_recipe(engine)
+        timeout = self._recipe.parameters.get("connect_timeout")
+        #: libpq's connect_timeout, enforced by this pool (0: none).
+        self.connect_timeout = float(timeout) if timeout else 0.0
+        self.budget = budget
+        self.options = options
+        self._shed_synchronous = shed_synchronous
+        self._pools: dict[asyncio.AbstractEventLoop, LoopPool] = {}
+        self._last: tuple[asyncio.AbstractEventLoop | None, LoopPool | None] = (None, None)
+        self._lock = threading.Lock()
+        self.pid = os.getpid()
+        self.disposed = False
+        self.generation = 0
+
+    @classmethod
+    def for_engine(
+        cls,
+        engine: Engine,
+        target: DatabaseTarget,
+        run_in_background: Callable[[Callable[[], None]], object],
+    ) -> AsyncPools | None:
+        """The pools for ``engine`` (PostgreSQL with psycopg2; ``None`` for other drivers).
+
+        Puts the engine's own pool under the same :class:`ConnectionBudget`.
+        ``run_in_background`` runs a blocking callable in a worker thread.
+        """
+        if target.dialect != "postgresql" or target.url.get_driver_name() != "psycopg2":
+            return None
+        budget = ConnectionBudget(target.pool.max_connections)
+        attach_budget(engine, budget, target.pool.pool_timeout)
+        return cls(
+            engine,
+            budget,
+            target.pool,
+            shed_synchronous=lambda: run_in_background(lambda: shed_idle(engine, budget)),
+        )
+
+    def pool(self, loop: asyncio.AbstractEventLoop) -> LoopPool:
+        """The pool of ``loop`` (the running loop), created on first use."""
+        last_loop, last_pool = self._last
+        if last_loop is loop and last_pool is not None:
+            return last_pool
+        with self._lock:
+            pool = self._pools.get(loop)
+            if pool is None:
+                self._close_pools_of_closed_loops()
+                pool = self._pools[loop] = LoopPool(self, loop)
+        self._last = (loop, pool)
+        return pool
+
+    def _close_pools_of_closed_loops(self) -> None:
+        for loop in [loop for loop in self._pools if loop.is_closed()]:
+            pool = self._pools.pop(loop)
+            pool.forget()
+            pool.close_idle()
+
+    def shed_elsewhere(self, waiting: LoopPool) -> None:
+        """A coroutine of ``waiting`` needs a slot: other loops and the engine give idle ones up."""
+        with self._lock:
+            self._close_pools_of_closed_loops()
+            others = [pool for pool in self._pools.values() if pool is not waiting]
+        for pool in others:
+            pool.shed_idle_threadsafe()
+        self._shed_synchronous()
+
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
+        """Open a connection with the slot the caller has taken (given back on failure)."""
+        try:
+            driver = psycopg2.connect(**self._recipe.parameters, async_=1)
+        except BaseException:
+            self.budget.release()
+            raise
+        connection = AsyncConnection(driver, self.budget.released_with(driver), self.generation)
+        try:
+            try:
+                await connection.wait(loop, self.connect_timeout)
+            except _Expired:
+                raise psycopg2.OperationalError("timeout expired") from None
+            check = self._recipe.read_committed
+            if not check.confirmed:
+                rows, _ = await connection.fetch(loop, check.SHOW, None, self.connect_timeout)
+                statement = check.statement_after(rows[0][0])
+                if statement is not None:
+                    await connection.fetch(loop, statement, None, self.connect_timeout)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    async def checkout(self) -> tuple[LoopPool, AsyncConnection]:
+        """A live connection of the running loop's pool, and that pool (to hand it back to).
+
+        Raises SQLAlchemy's exception classes, as ``engine.connect()`` would: its
+        ``TimeoutError`` when no connection became free in time, a ``DBAPIError``
+        kind when connecting failed (nothing was sent).
+        """
+        pool = self.pool(asyncio.get_running_loop())
+        try:
+            return pool, await pool.acquire()
+        except psycopg2.Error as exc:
+            raise sa_exc.DBAPIError.instance(
+                None, None, exc, psycopg2.Error, dialect=self.dialect
+            ) from exc
+
+    async def execute(self, pool: LoopPool, connection: AsyncConnection, hot: HotStatement) -> Any:
+        """Run ``hot`` on a checked-out connection, then hand it back; its outcome.
+
+        Raises SQLAlchemy's exception classes, as a statement on a ``Connection``
+        would, with ``connection_invalidated`` set when the connection died.
+        """
+        dialect = self.dialect
+        sql, defaults = driver_sql(hot.statement, dialect)
+        parameters = {**defaults, **hot.parameters}
+        reusable = False
+        try:
+            rows, rowcount = await connection.fetch(
+                pool.loop, sql, parameters, self.options.response_timeout
+            )
+            reusable = True
+        except _Expired:
+            logger.warning(
+                "agents_sessions: no answer from the database within response_timeout; "
+                "closing the connection (the call fails as a lost connection)"
+            )
+            lost = psycopg2.OperationalError(
+                "no answer from the database within response_timeout; connection closed"
+            )
+            raise sa_exc.DBAPIError.instance(
+                sql, parameters, lost, psycopg2.Error, connection_invalidated=True, dialect=dialect
+            ) from None
+        except psycopg2.Error as exc:
+            invalidated = not connection.reusable or dialect.is_disconnect(
+                exc, connection.driver, None
+            )
+            # A statement's own error leaves an autocommit connection ready for the next.
+            reusable = not invalidated
+            error = sa_exc.DBAPIError.instance(
+                sql,
+                parameters,
+                exc,
+                psycopg2.Error,
+                connection_invalidated=invalidated,
+                dialect=dialect,
+            )
+            if isinstance(error, sa_exc.IntegrityError) and hot.already_done(error):
+                return 0  # an earlier attempt of this very append committed: stored once
+            raise error from exc
+        finally:
+            # Anything else (a cancellation mid-statement) leaves the protocol state
+            # unknown: the connection is closed, never reused.
+            pool.release(connection, reusable=reusable)
+        return hot.outcome(rows, rowcount)
+
+    def close_idle(self) -> None:
+        """Close every idle connection; those in use are closed when handed back.
+
+        The pools stay usable, opening new connections when needed (as
+        ``Engine.dispose()`` leaves its engine).
+        """
+        self.generation += 1
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.shed_idle_threadsafe()
+
+    def dispose(self) -> None:
+        """Close every idle connection; connections in use are closed when handed back."""
+        self.disposed = True
+        self.generation += 1
+        with self._lock:
+            pools = list(self._pools.values())
+            self._pools.clear()
+            self._last = (None, None)
+        for pool in pools:
+            pool.forget()
+            pool.shed_idle_threadsafe()
+
+    def drop_after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without closing them."""
+        with self._lock:
+            pools = list(self._pools.values())
+            self._pools.clear()
+            self._last = (None, None)
+        for pool in pools:
+            _inherited.extend(connection.driver for connection in pool.inherited())
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
