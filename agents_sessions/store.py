@@ -153,11 +153,7 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
                 lock_timeout_ms=options.lock_timeout_ms,
             )
             state = _EngineState(target=target, engine=engine, executor=_new_executor(target))
-            # Closing idle pooled connections for a waiting coroutine runs in a worker
-            # thread: a checkout may run the (blocking) liveness check.
-            state.async_pools = AsyncPools.for_engine(
-                engine, target, lambda shed: state.executor.submit(shed)
-            )
+            state.async_pools = AsyncPools.for_engine(engine, target)
             _states[key] = state
         _states_by_given_url[given] = state
     return state

@@ -37,6 +37,7 @@ What the synchronous ``QueuePool`` guarantees, kept here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -199,38 +200,48 @@ class LoopPool:
 
     async def acquire(self) -> AsyncConnection:
         """A live connection of this loop: idle, new, or freed within ``pool_timeout``."""
+        connection = await self._idle_or_new()
+        if connection is not None:
+            return connection
         owner = self._owner
         options = owner.options
-        deadline: float | None = None
-        while True:
-            while self._idle:
-                # Newest first: the least likely to have been closed by an idle timeout.
-                connection = self._idle.pop()
-                if await self._alive(connection):
+        deadline = self.loop.time() + options.pool_timeout
+        # Counted as waiting first: the engine's pool gives way only to a waiter.
+        owner.budget.coroutine_waits(+1)
+        try:
+            # Nothing idle here and no slot: ask whoever keeps idle connections.
+            owner.shed_elsewhere(self)
+            while True:
+                connection = await self._idle_or_new()
+                if connection is not None:
                     return connection
-                connection.close()
-            if owner.budget.try_take():
-                return await owner.connect(self.loop)
-            now = self.loop.time()
-            if deadline is None:
-                deadline = now + options.pool_timeout
-                # Nothing idle here and no slot: ask whoever keeps idle connections.
-                owner.shed_elsewhere(self)
-            if now >= deadline:
-                raise sa_exc.TimeoutError(
-                    f"no connection became free within pool_timeout={options.pool_timeout:g}s "
-                    f"({options.describe()})"
-                )
-            waiting = self.loop.create_future()
-            self._waiters.append(waiting)
-            owner.budget.coroutine_waits(+1)
-            try:
-                await asyncio.wait({waiting}, timeout=deadline - now)
-            finally:
-                owner.budget.coroutine_waits(-1)
-                if waiting in self._waiters:
-                    self._waiters.remove(waiting)
-                waiting.cancel()
+                now = self.loop.time()
+                if now >= deadline:
+                    raise sa_exc.TimeoutError(
+                        f"no connection became free within pool_timeout="
+                        f"{options.pool_timeout:g}s ({options.describe()})"
+                    )
+                waiting = self.loop.create_future()
+                self._waiters.append(waiting)
+                try:
+                    await asyncio.wait({waiting}, timeout=deadline - now)
+                finally:
+                    if waiting in self._waiters:
+                        self._waiters.remove(waiting)
+                    waiting.cancel()
+        finally:
+            owner.budget.coroutine_waits(-1)
+
+    async def _idle_or_new(self) -> AsyncConnection | None:
+        while self._idle:
+            # Newest first: the least likely to have been closed by an idle timeout.
+            connection = self._idle.pop()
+            if await self._alive(connection):
+                return connection
+            connection.close()
+        if self._owner.budget.try_take():
+            return await self._owner.connect(self.loop)
+        return None
 
     async def _alive(self, connection: AsyncConnection) -> bool:
         options = self._owner.options
@@ -253,7 +264,8 @@ class LoopPool:
             reusable
             and not owner.disposed
             and connection.generation == owner.generation
-            and len(self._idle) < owner.options.pool_size
+            # Kept up to pool_size, and for every waiting coroutine of this loop.
+            and len(self._idle) < max(owner.options.pool_size, len(self._waiters))
             # A thread waits for a slot: an idle connection here would keep it waiting.
             and not owner.budget.threads_waiting
             and connection.reusable
@@ -318,8 +330,8 @@ class AsyncPools:
         engine: The URL's engine: its dialect (errors, SQL), its connect recipe.
         budget: The URL's connection budget, shared with the engine's pool.
         options: Pool options from the URL.
-        shed_synchronous: Starts closing the engine pool's idle connections in the
-            background (called when a coroutine waits for a slot).
+        shed_synchronous: Closes the engine pool's idle connections (called when a
+            coroutine waits for a slot).
     """
 
     def __init__(
@@ -331,41 +343,30 @@ class AsyncPools:
     ) -> None:
         self.dialect = engine.dialect
         self._recipe = postgresql_connect_recipe(engine)
-        timeout = self._recipe.parameters.get("connect_timeout")
         #: libpq's connect_timeout, enforced by this pool (0: none).
-        self.connect_timeout = float(timeout) if timeout else 0.0
+        self.connect_timeout = 0.0
+        with contextlib.suppress(TypeError, ValueError):  # libpq itself refuses a bad one
+            self.connect_timeout = max(float(self._recipe.parameters["connect_timeout"]), 0.0)
         self.budget = budget
         self.options = options
         self._shed_synchronous = shed_synchronous
         self._pools: dict[asyncio.AbstractEventLoop, LoopPool] = {}
         self._last: tuple[asyncio.AbstractEventLoop | None, LoopPool | None] = (None, None)
         self._lock = threading.Lock()
-        self.pid = os.getpid()
         self.disposed = False
         self.generation = 0
 
     @classmethod
-    def for_engine(
-        cls,
-        engine: Engine,
-        target: DatabaseTarget,
-        run_in_background: Callable[[Callable[[], None]], object],
-    ) -> AsyncPools | None:
+    def for_engine(cls, engine: Engine, target: DatabaseTarget) -> AsyncPools | None:
         """The pools for ``engine`` (PostgreSQL with psycopg2; ``None`` for other drivers).
 
         Puts the engine's own pool under the same :class:`ConnectionBudget`.
-        ``run_in_background`` runs a blocking callable in a worker thread.
         """
         if target.dialect != "postgresql" or target.url.get_driver_name() != "psycopg2":
             return None
         budget = ConnectionBudget(target.pool.max_connections)
         attach_budget(engine, budget, target.pool.pool_timeout)
-        return cls(
-            engine,
-            budget,
-            target.pool,
-            shed_synchronous=lambda: run_in_background(lambda: shed_idle(engine, budget)),
-        )
+        return cls(engine, budget, target.pool, lambda: shed_idle(engine, budget))
 
     def pool(self, loop: asyncio.AbstractEventLoop) -> LoopPool:
         """The pool of ``loop`` (the running loop), created on first use."""
@@ -509,11 +510,8 @@ class AsyncPools:
 
     def drop_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without closing them."""
-        with self._lock:
-            pools = list(self._pools.values())
-            self._pools.clear()
-            self._last = (None, None)
-        for pool in pools:
+        self._lock = threading.Lock()  # a parent thread may have held it at fork time
+        for pool in self._pools.values():
             _inherited.extend(connection.driver for connection in pool.inherited())
-        self.pid = os.getpid()
-        self._lock = threading.Lock()
+        self._pools.clear()
+        self._last = (None, None)

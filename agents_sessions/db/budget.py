@@ -9,20 +9,25 @@ opens takes a slot of one :class:`ConnectionBudget` first, and gives it back whe
 it is closed.
 
 Who waits for whom: neither pool keeps an idle connection while the other one
-waits for a slot.
+waits for a slot -- except one connection of the ``QueuePool`` (when the ceiling is
+two or more), so that transactions mostly find one without a hand-over.
 
 * A thread that needs a new ordinary connection and finds no slot asks the event
   loops to close their idle asynchronous connections, then waits (at most
   ``pool_timeout``, then :class:`~agents_sessions.errors.PoolTimeoutError`); an
   asynchronous connection handed back while it waits is closed instead of kept.
 * A coroutine that needs a new asynchronous connection and finds no slot asks the
-  ``QueuePool`` to give up its idle connections (:func:`attach_budget`), then waits
-  the same way; an ordinary connection checked in while it waits is closed.
+  ``QueuePool`` to give up its idle connections when it holds more than that one
+  (:func:`shed_idle`),
+  then waits the same way; an ordinary connection checked in while it waits is
+  closed (:func:`attach_budget`).
 
 Slots are released when a connection is closed -- by either pool, for any reason
 (invalidated, recycled, disposed) -- or, as a last resort, when a connection object
 that was never closed is garbage-collected: the count can only over-estimate what
-is open, never under-estimate it.
+the client holds open, never under-estimate it. (The server may list a closed
+connection's backend for the moment it takes to exit, as with any pool that closes
+one connection and opens another: a hand-over between the pools is such a moment.)
 """
 
 from __future__ import annotations
@@ -36,8 +41,6 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy import exc as sa_exc
-
-_shedding = threading.local()
 
 #: The key under which a ``QueuePool`` record keeps its slot's release.
 _RELEASE = "agents_sessions_budget_release"
@@ -58,6 +61,8 @@ class ConnectionBudget:
         self.threads_waiting = 0
         #: Coroutines waiting for a slot (counted by the asynchronous pools).
         self.coroutines_waiting = 0
+        #: Slots held by the engine's pool (taken with :meth:`take`).
+        self.engine_open = 0
         # Called (outside the lock) when a thread starts waiting: close idle
         # asynchronous connections. And whenever a slot is freed: wake coroutines.
         self._shed_for_threads: list[Callable[[], None]] = []
@@ -92,14 +97,17 @@ class ConnectionBudget:
             return True
 
     def take(self, timeout: float) -> None:
-        """Take a slot, waiting up to ``timeout`` seconds for one.
+        """Take a slot for the engine's pool, waiting up to ``timeout`` seconds for one.
 
         Raises:
             sqlalchemy.exc.TimeoutError: none became free in time (the pool's own
                 timeout class, so the store reports it as ``PoolTimeoutError``).
         """
-        if self.try_take():
-            return
+        with self._condition:
+            if self._open < self.limit:
+                self._open += 1
+                self.engine_open += 1
+                return
         deadline = time.monotonic() + timeout
         with self._condition:
             self.threads_waiting += 1
@@ -116,6 +124,7 @@ class ConnectionBudget:
                         )
                     self._condition.wait(remaining)
                 self._open += 1
+                self.engine_open += 1
         finally:
             with self._condition:
                 self.threads_waiting -= 1
@@ -125,24 +134,41 @@ class ConnectionBudget:
         with self._condition:
             self.coroutines_waiting += delta
 
-    def release(self) -> None:
+    def release(self, *, engine: bool = False) -> None:
         """Give a slot back (its connection is closed, or was never opened)."""
         with self._condition:
             self._open -= 1
+            if engine:
+                self.engine_open -= 1
             self._condition.notify()
         for listener in list(self._freed_listeners):
             listener()
 
-    def _release_in(self, pid: int) -> None:
+    def _release_in(self, pid: int, engine: bool) -> None:
         if pid == self._pid:  # a slot of the parent process is not this process's
-            self.release()
+            self.release(engine=engine)
 
-    def released_with(self, connection: Any) -> Callable[[], Any]:
+    def released_with(self, connection: Any, *, engine: bool = False) -> Callable[[], Any]:
         """A release to call once ``connection`` is closed; also called if it is collected.
 
         The returned callable releases at most once, however often it is called.
         """
-        return weakref.finalize(connection, self._release_in, self._pid)
+        return weakref.finalize(connection, self._release_in, self._pid, engine)
+
+    @property
+    def engine_reserve(self) -> int:
+        """Connections the engine's pool keeps even while coroutines wait for a slot.
+
+        One, when the ceiling allows two or more: a transaction (a pop, an append
+        with usage) then rarely needs a slot handed over from the event loop --
+        which costs a connect on each side.
+        """
+        return 1 if self.limit >= 2 else 0
+
+    @property
+    def engine_gives_way(self) -> bool:
+        """Whether the engine's pool should close an idle connection now."""
+        return bool(self.coroutines_waiting) and self.engine_open > self.engine_reserve
 
     def reset_after_fork(self) -> None:
         """In a forked child: no slot taken, nobody waiting (the parent's are not ours)."""
@@ -160,16 +186,13 @@ def attach_budget(engine: Engine, budget: ConnectionBudget, pool_timeout: float)
 
     @event.listens_for(engine, "do_connect")
     def _connect_within_budget(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
-        if getattr(_shedding, "active", False):
-            # shed_idle() takes only idle connections; it never opens one.
-            raise sa_exc.TimeoutError("no idle connection to give up")
         budget.take(pool_timeout)
         try:
             connection = dialect.loaded_dbapi.connect(*cargs, **cparams)
         except BaseException:
-            budget.release()  # never opened
+            budget.release(engine=True)  # never opened
             raise
-        record.info[_RELEASE] = budget.released_with(connection)
+        record.info[_RELEASE] = budget.released_with(connection, engine=True)
         return connection
 
     @event.listens_for(engine, "close")
@@ -195,28 +218,19 @@ def attach_budget(engine: Engine, budget: ConnectionBudget, pool_timeout: float)
     @event.listens_for(engine, "checkin")
     def _give_way_to_coroutines(dbapi_connection: Any, record: Any) -> None:
         # A coroutine waits for a slot: this idle connection would keep it from one.
-        if dbapi_connection is not None and budget.coroutines_waiting:
+        if dbapi_connection is not None and budget.engine_gives_way:
             record.invalidate()
 
 
 def shed_idle(engine: Engine, budget: ConnectionBudget) -> None:
     """Close ``engine``'s idle pooled connections while coroutines wait for a slot.
 
-    Blocking (a checkout may run the liveness check): run it in a worker thread.
-    Uses the pool's public checkout and invalidation only; opens nothing.
+    ``Pool.dispose()``: it closes the connections idle in the pool (checked-out ones
+    stay), without a checkout. The one kept connection goes too: this runs only
+    when the engine holds more than that and a coroutine could not get a slot.
+    The ``QueuePool``'s own counters then allow it new connections; the budget
+    still bounds them.
     """
     pool: Any = engine.pool
-    _shedding.active = True
-    try:
-        for _ in range(budget.limit):
-            # Checked again each time: a checkout with nothing idle would wait.
-            if not (budget.coroutines_waiting and pool.checkedin()):
-                return
-            try:
-                pooled = pool.connect()
-            except (sa_exc.TimeoutError, sa_exc.DBAPIError, sa_exc.DisconnectionError):
-                return
-            pooled.invalidate()
-            pooled.close()
-    finally:
-        _shedding.active = False
+    if budget.engine_gives_way and pool.checkedin():
+        pool.dispose()
