@@ -52,19 +52,19 @@ async def run_on_loop(
     if not store.schema_ready:
         # Once per engine; it may migrate, which blocks: in a worker thread.
         await store.call_in_thread(store.ensure_schema)
-    plan = RetryPlan(
-        store.settings.retry_attempts,
-        write=write,
-        repeatable=repeatable,
-        where=store.target.safe_url,
-    )
-    describe = store.target.pool.describe()
+    plan: RetryPlan | None = None  # made on the first failure
     while True:
         sent = False
         try:
-            with translate_database_errors(describe):
+            with translate_database_errors(pools.description):
                 pool, connection = await pools.checkout()
                 sent = True
                 return await pools.execute(pool, connection, hot)
         except DatabaseError as exc:
+            plan = plan or RetryPlan(
+                store.settings.retry_attempts,
+                write=write,
+                repeatable=repeatable,
+                where=store.target.safe_url,
+            )
             await asyncio.sleep(plan.after_failure(exc, sent=sent))

@@ -568,12 +568,7 @@ class SessionStore:
                     if not replica_unreachable(exc):
                         raise
                     self._replica_failed(replica, exc)
-        plan = RetryPlan(
-            self.settings.retry_attempts if retry_attempts is None else retry_attempts,
-            write=write or transaction,
-            repeatable=repeatable,
-            where=self.target.safe_url,
-        )
+        plan: RetryPlan | None = None  # made on the first failure
         while True:
             sent = False
             try:
@@ -593,6 +588,12 @@ class SessionStore:
                     sent = True
                     return work(repos)
             except DatabaseError as exc:
+                plan = plan or RetryPlan(
+                    self.settings.retry_attempts if retry_attempts is None else retry_attempts,
+                    write=write or transaction,
+                    repeatable=repeatable,
+                    where=self.target.safe_url,
+                )
                 time.sleep(plan.after_failure(exc, sent=sent))
 
     @property

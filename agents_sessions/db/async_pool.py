@@ -349,6 +349,8 @@ class AsyncPools:
             self.connect_timeout = max(float(self._recipe.parameters["connect_timeout"]), 0.0)
         self.budget = budget
         self.options = options
+        #: The pool options in one line, for error messages.
+        self.description = options.describe()
         self._shed_synchronous = shed_synchronous
         self._pools: dict[asyncio.AbstractEventLoop, LoopPool] = {}
         self._last: tuple[asyncio.AbstractEventLoop | None, LoopPool | None] = (None, None)
