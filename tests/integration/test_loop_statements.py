@@ -217,9 +217,9 @@ async def test_a_hot_call_waits_for_a_slot_and_times_out_as_pool_timeout(
     store.ensure_schema()
     session = PostgreSQLSession("c", database_url=url)
 
-    with store.engine.connect():  # the only slot, held by the engine's pool
-        with pytest.raises(PoolTimeoutError, match="pool_timeout"):
-            await session.get_items()
+    # The only slot, held by the engine's pool.
+    with store.engine.connect(), pytest.raises(PoolTimeoutError, match="pool_timeout"):
+        await session.get_items()
     # Handed back: the loop's call gets the slot (the idle connection gives way).
     await session.add_items([user("a")])
     assert await session.get_items() == [user("a")]
