@@ -24,10 +24,15 @@ from .db.hot_path import HotStatement
 from .errors import DatabaseError, translate_database_errors
 from .store import SessionStore
 
+# Windows' default loop has no add_reader/add_writer: the worker threads serve it.
+_PROACTOR: Any = getattr(asyncio, "ProactorEventLoop", None)
+
 
 def runs_on_loop(store: SessionStore, tenant_id: str | None, *, lag_tolerant: bool = False) -> bool:
-    """Whether a hot call of ``store`` for ``tenant_id`` runs on the event loop."""
+    """Whether a hot call of ``store`` for ``tenant_id`` runs on the running event loop."""
     if tenant_id is not None or store.async_pools is None:
+        return False
+    if _PROACTOR is not None and isinstance(asyncio.get_running_loop(), _PROACTOR):
         return False
     # A read that may go to the replica takes the store's replica routing (threads).
     return not (lag_tolerant and store.replica is not None)
