@@ -183,8 +183,8 @@ def _wake(waiting: asyncio.Future[None]) -> None:
 class LoopPool:
     """The asynchronous connections of one event loop for one database URL.
 
-    Used only from its loop's thread, except :meth:`shed_idle_threadsafe` and
-    :meth:`close_idle` (for a loop that has closed), which any thread may call.
+    Used only from its loop's thread, except :meth:`close_idle`, which any thread
+    may call.
     """
 
     def __init__(self, owner: AsyncPools, loop: asyncio.AbstractEventLoop) -> None:
@@ -194,7 +194,7 @@ class LoopPool:
         self._idle: deque[AsyncConnection] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
         owner.budget.on_freed(self._slot_freed)
-        owner.budget.on_thread_waiting(self.shed_idle_threadsafe)
+        owner.budget.on_thread_waiting(self.close_idle)
 
     # ------------------------------------------------------------ checkout / checkin
 
@@ -292,18 +292,13 @@ class LoopPool:
 
     # ------------------------------------------------------------ giving connections up
 
-    def shed_idle_threadsafe(self) -> None:
-        """Close this loop's idle connections (another pool waits for a slot)."""
-        if self.loop.is_closed() or threading.get_ident() == self._thread:
-            self.close_idle()
-        else:
-            try:
-                self.loop.call_soon_threadsafe(self.close_idle)
-            except RuntimeError:  # closed meanwhile
-                self.close_idle()
-
     def close_idle(self) -> None:
-        """Close every idle connection (none of them has a reader registered)."""
+        """Close every idle connection; any thread may call it (another pool needs a slot).
+
+        Directly, not through the loop: the loop may be busy -- even blocked waiting
+        for the very thread that needs the slot. An idle connection has no reader
+        registered and nobody using it, and ``deque.pop`` hands each to one taker.
+        """
         while self._idle:
             try:
                 connection = self._idle.pop()
@@ -314,7 +309,7 @@ class LoopPool:
     def forget(self) -> None:
         """Stop listening to the budget (the pool is dropped)."""
         self._owner.budget.forget(self._slot_freed)
-        self._owner.budget.forget(self.shed_idle_threadsafe)
+        self._owner.budget.forget(self.close_idle)
 
     def inherited(self) -> list[AsyncConnection]:
         """The idle connections, taken out (after a fork, to keep them unclosed)."""
@@ -395,7 +390,7 @@ class AsyncPools:
             self._close_pools_of_closed_loops()
             others = [pool for pool in self._pools.values() if pool is not waiting]
         for pool in others:
-            pool.shed_idle_threadsafe()
+            pool.close_idle()
         self._shed_synchronous()
 
     async def connect(self, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
@@ -496,7 +491,7 @@ class AsyncPools:
         with self._lock:
             pools = list(self._pools.values())
         for pool in pools:
-            pool.shed_idle_threadsafe()
+            pool.close_idle()
 
     def dispose(self) -> None:
         """Close every idle connection; connections in use are closed when handed back."""
@@ -508,7 +503,7 @@ class AsyncPools:
             self._last = (None, None)
         for pool in pools:
             pool.forget()
-            pool.shed_idle_threadsafe()
+            pool.close_idle()
 
     def drop_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without closing them."""
