@@ -160,7 +160,7 @@ class AsyncConnection:
             and not self._expired
             and not driver.closed
             and not driver.isexecuting()
-            and driver.info.transaction_status == _IDLE
+            and driver.get_transaction_status() == _IDLE
         )
 
     def close(self) -> None:
@@ -258,7 +258,11 @@ class LoopPool:
         return True
 
     def release(self, connection: AsyncConnection, *, reusable: bool) -> None:
-        """Take ``connection`` back: kept idle, or closed when it cannot or need not stay."""
+        """Take ``connection`` back: kept idle, or closed when it cannot or need not stay.
+
+        ``reusable``: the caller's call on it finished cleanly (see
+        :attr:`AsyncConnection.reusable`).
+        """
         owner = self._owner
         if (
             reusable
@@ -268,7 +272,6 @@ class LoopPool:
             and len(self._idle) < max(owner.options.pool_size, len(self._waiters))
             # A thread waits for a slot: an idle connection here would keep it waiting.
             and not owner.budget.threads_waiting
-            and connection.reusable
         ):
             self._idle.append(connection)
             self._wake_one()
