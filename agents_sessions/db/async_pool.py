@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -47,137 +46,16 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg2
-import psycopg2.extensions as psycopg2_extensions
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
+from .async_connection import AsyncConnection, Expired, keep_unclosed
 from .budget import ConnectionBudget, attach_budget, shed_idle
 from .engine import DatabaseTarget, PoolOptions, postgresql_connect_recipe, socket_has_news
 from .hot_path import HotStatement
 from .statements import driver_sql
 
 logger = logging.getLogger("agents_sessions")
-
-_POLL_OK = psycopg2_extensions.POLL_OK
-_POLL_READ = psycopg2_extensions.POLL_READ
-_POLL_WRITE = psycopg2_extensions.POLL_WRITE
-_IDLE = psycopg2_extensions.TRANSACTION_STATUS_IDLE
-
-# Connections inherited from a parent process: kept referenced, never closed (closing,
-# or the garbage collector's close, would end the parent's sessions on the server).
-_inherited: list[Any] = []
-
-
-class _Expired(Exception):
-    """The server did not answer within the bound (connect or response timeout)."""
-
-
-class AsyncConnection:
-    """One asynchronous psycopg2 connection, with what the pool needs to know about it."""
-
-    __slots__ = (
-        "_expired",
-        "_waiting",
-        "born",
-        "descriptor",
-        "driver",
-        "generation",
-        "pid",
-        "release_slot",
-    )
-
-    def __init__(self, driver: Any, release_slot: Callable[[], Any], generation: int) -> None:
-        self.driver = driver
-        #: The pools' generation when it was opened: :meth:`AsyncPools.close_idle`
-        #: starts a new one, and older connections are closed when handed back.
-        self.generation = generation
-        self.descriptor: int = driver.fileno()
-        self.born = time.monotonic()
-        self.pid = os.getpid()
-        self.release_slot = release_slot
-        self._waiting: asyncio.Future[None] | None = None
-        self._expired = False
-
-    async def wait(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        """Poll until the driver is done; ``_Expired`` if that takes over ``timeout`` s (0: never).
-
-        Raises whatever the driver raises (the statement's error, a lost connection).
-        """
-        driver = self.driver
-        timer = None
-        try:
-            while True:
-                state = driver.poll()
-                if state == _POLL_OK:
-                    return
-                waiting = self._waiting = loop.create_future()
-                descriptor = self.descriptor
-                if state == _POLL_READ:
-                    loop.add_reader(descriptor, _wake, waiting)
-                    remove = loop.remove_reader
-                elif state == _POLL_WRITE:
-                    loop.add_writer(descriptor, _wake, waiting)
-                    remove = loop.remove_writer
-                else:  # pragma: no cover - psycopg2 documents no other state
-                    raise psycopg2.OperationalError(f"unexpected poll state {state}")
-                if timer is None and timeout > 0:
-                    timer = loop.call_later(timeout, self._expire)
-                try:
-                    await waiting
-                finally:
-                    remove(descriptor)
-                    self._waiting = None
-                if self._expired:
-                    raise _Expired()
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _expire(self) -> None:
-        self._expired = True
-        if self._waiting is not None and not self._waiting.done():
-            self._waiting.set_result(None)
-
-    async def fetch(
-        self, loop: asyncio.AbstractEventLoop, sql: str, parameters: Any, timeout: float
-    ) -> tuple[list[tuple[Any, ...]], int]:
-        """Run one statement: its rows (none for a plain write) and its row count."""
-        cursor = self.driver.cursor()
-        try:
-            cursor.execute(sql, parameters)
-            await self.wait(loop, timeout)
-            rows = cursor.fetchall() if cursor.description is not None else []
-            return rows, cursor.rowcount
-        finally:
-            cursor.close()
-
-    @property
-    def reusable(self) -> bool:
-        """Open, not expired, idle at the protocol level: safe to hand out again."""
-        driver = self.driver
-        return (
-            self.pid == os.getpid()
-            and not self._expired
-            and not driver.closed
-            and not driver.isexecuting()
-            and driver.get_transaction_status() == _IDLE
-        )
-
-    def close(self) -> None:
-        """Close the connection and give its slot back."""
-        if self.pid != os.getpid():
-            # The parent's: never closed from here, never collected (which would close it).
-            _inherited.append(self.driver)
-            return
-        try:
-            self.driver.close()
-        finally:
-            self.release_slot()
-
-
-def _wake(waiting: asyncio.Future[None]) -> None:
-    if not waiting.done():
-        waiting.set_result(None)
 
 
 class LoopPool:
@@ -192,7 +70,7 @@ class LoopPool:
         self.loop = loop
         self._thread = threading.get_ident()
         self._idle: deque[AsyncConnection] = deque()
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[AsyncConnection | None]] = deque()
         owner.budget.on_freed(self._slot_freed)
         owner.budget.on_thread_waiting(self.close_idle)
 
@@ -221,16 +99,30 @@ class LoopPool:
                         f"no connection became free within pool_timeout="
                         f"{options.pool_timeout:g}s ({options.describe()})"
                     )
-                waiting = self.loop.create_future()
+                # First come, first served: release() hands a connection to the
+                # oldest waiter directly (or wakes it with None to retry for a slot).
+                waiting: asyncio.Future[AsyncConnection | None] = self.loop.create_future()
                 self._waiters.append(waiting)
                 try:
                     await asyncio.wait({waiting}, timeout=deadline - now)
-                finally:
-                    if waiting in self._waiters:
-                        self._waiters.remove(waiting)
-                    waiting.cancel()
+                except BaseException:
+                    self._abandon(waiting)
+                    raise
+                if not waiting.done():
+                    self._abandon(waiting)  # timed out: checked at the top
+                elif (handed := waiting.result()) is not None:
+                    return handed
         finally:
             owner.budget.coroutine_waits(-1)
+
+    def _abandon(self, waiting: asyncio.Future[AsyncConnection | None]) -> None:
+        if waiting in self._waiters:
+            self._waiters.remove(waiting)
+        if waiting.done() and not waiting.cancelled():
+            handed = waiting.result()
+            if handed is not None:  # handed over just as this waiter gave up
+                self.release(handed, reusable=True)
+        waiting.cancel()
 
     async def _idle_or_new(self) -> AsyncConnection | None:
         while self._idle:
@@ -253,7 +145,7 @@ class LoopPool:
         if options.pool_pre_ping:
             try:
                 await connection.fetch(self.loop, "SELECT 1", None, self._owner.connect_timeout)
-            except (psycopg2.Error, _Expired):
+            except (psycopg2.Error, Expired):
                 return False
         return True
 
@@ -268,22 +160,24 @@ class LoopPool:
             reusable
             and not owner.disposed
             and connection.generation == owner.generation
-            # Kept up to pool_size, and for every waiting coroutine of this loop.
-            and len(self._idle) < max(owner.options.pool_size, len(self._waiters))
             # A thread waits for a slot: an idle connection here would keep it waiting.
             and not owner.budget.threads_waiting
         ):
-            self._idle.append(connection)
-            self._wake_one()
-        else:
-            connection.close()  # frees a slot: _slot_freed wakes a waiter
+            if self._wake_one(connection):
+                return
+            if len(self._idle) < owner.options.pool_size:
+                self._idle.append(connection)
+                return
+        connection.close()  # frees a slot: _slot_freed wakes a waiter
 
-    def _wake_one(self) -> None:
+    def _wake_one(self, connection: AsyncConnection | None = None) -> bool:
+        """Hand ``connection`` (or ``None``: retry for a slot) to the oldest waiter."""
         while self._waiters:
             waiting = self._waiters.popleft()
             if not waiting.done():
-                waiting.set_result(None)
-                return
+                waiting.set_result(connection)
+                return True
+        return False
 
     def _slot_freed(self) -> None:
         if not self._waiters or self.loop.is_closed():
@@ -407,7 +301,7 @@ class AsyncPools:
         try:
             try:
                 await connection.wait(loop, self.connect_timeout)
-            except _Expired:
+            except Expired:
                 raise psycopg2.OperationalError("timeout expired") from None
             check = self._recipe.read_committed
             if not check.confirmed:
@@ -450,7 +344,7 @@ class AsyncPools:
                 pool.loop, sql, parameters, self.options.response_timeout
             )
             reusable = True
-        except _Expired:
+        except Expired:
             logger.warning(
                 "agents_sessions: no answer from the database within response_timeout; "
                 "closing the connection (the call fails as a lost connection)"
@@ -512,6 +406,7 @@ class AsyncPools:
         """In a forked child: forget the parent's connections without closing them."""
         self._lock = threading.Lock()  # a parent thread may have held it at fork time
         for pool in self._pools.values():
-            _inherited.extend(connection.driver for connection in pool.inherited())
+            for connection in pool.inherited():
+                keep_unclosed(connection.driver)
         self._pools.clear()
         self._last = (None, None)
