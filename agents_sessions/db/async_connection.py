@@ -78,10 +78,10 @@ class AsyncConnection:
                 waiting = self._waiting = loop.create_future()
                 descriptor = self.descriptor
                 if state == _POLL_READ:
-                    loop.add_reader(descriptor, _wake, waiting)
+                    loop.add_reader(descriptor, wake, waiting)
                     remove = loop.remove_reader
                 elif state == _POLL_WRITE:
-                    loop.add_writer(descriptor, _wake, waiting)
+                    loop.add_writer(descriptor, wake, waiting)
                     remove = loop.remove_writer
                 else:  # pragma: no cover - psycopg2 documents no other state
                     raise psycopg2.OperationalError(f"unexpected poll state {state}")
@@ -140,6 +140,7 @@ class AsyncConnection:
             self.release_slot()
 
 
-def _wake(waiting: asyncio.Future[None]) -> None:
+def wake(waiting: asyncio.Future[Any]) -> None:
+    """Resolve ``waiting`` with ``None`` unless it is done (a reader, writer or timer fired)."""
     if not waiting.done():
         waiting.set_result(None)

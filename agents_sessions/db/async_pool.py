@@ -49,7 +49,7 @@ import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
-from .async_connection import AsyncConnection, Expired, keep_unclosed
+from .async_connection import AsyncConnection, Expired, keep_unclosed, wake
 from .budget import ConnectionBudget, attach_budget, shed_idle
 from .engine import DatabaseTarget, PoolOptions, postgresql_connect_recipe, socket_has_news
 from .hot_path import HotStatement
@@ -103,14 +103,16 @@ class LoopPool:
                 # oldest waiter directly (or wakes it with None to retry for a slot).
                 waiting: asyncio.Future[AsyncConnection | None] = self.loop.create_future()
                 self._waiters.append(waiting)
+                # Woken with None at the deadline (checked at the top).
+                timer = self.loop.call_later(deadline - now, wake, waiting)
                 try:
-                    await asyncio.wait({waiting}, timeout=deadline - now)
+                    handed = await waiting
                 except BaseException:
                     self._abandon(waiting)
                     raise
-                if not waiting.done():
-                    self._abandon(waiting)  # timed out: checked at the top
-                elif (handed := waiting.result()) is not None:
+                finally:
+                    timer.cancel()
+                if handed is not None:
                     return handed
         finally:
             owner.budget.coroutine_waits(-1)
