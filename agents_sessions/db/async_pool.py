@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -294,8 +295,17 @@ class AsyncPools:
 
     async def connect(self, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
         """Open a connection with the slot the caller has taken (given back on failure)."""
+        # Started in a thread: libpq resolves a host name synchronously when a connect
+        # starts, which must not stall the loop (a slow resolver, a DNS timeout).
+        starting = loop.run_in_executor(
+            None, functools.partial(psycopg2.connect, **self._recipe.parameters, async_=1)
+        )
         try:
-            driver = psycopg2.connect(**self._recipe.parameters, async_=1)
+            driver = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # The thread still connects: close what it opens, then free the slot.
+            starting.add_done_callback(self._discard_started)
+            raise
         except BaseException:
             self.budget.release()
             raise
@@ -315,6 +325,11 @@ class AsyncPools:
             connection.close()
             raise
         return connection
+
+    def _discard_started(self, starting: asyncio.Future[Any]) -> None:
+        if not starting.cancelled() and starting.exception() is None:
+            starting.result().close()
+        self.budget.release()
 
     async def checkout(self) -> tuple[LoopPool, AsyncConnection]:
         """A live connection of the running loop's pool, and that pool (to hand it back to).

@@ -528,3 +528,26 @@ async def test_store_dispose_closes_idle_loop_connections_and_the_store_stays_us
     await asyncio.sleep(0)
     assert await session.get_items() == [user("a")]
     assert not before & set(backends(admin, name))
+
+
+async def test_a_call_cancelled_while_its_connection_opens_leaks_no_slot(
+    postgres_server: PostgresServer,
+) -> None:
+    url, _ = app_url(postgres_server)
+    session = PostgreSQLSession("c", database_url=url)
+    session.store.ensure_schema()
+    budget = pools_of(session).budget
+    held_by_engine = budget.open
+    for _ in range(5):
+        reading = asyncio.ensure_future(session.get_items())
+        await asyncio.sleep(0)  # started: the connect is under way in a thread
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+    # Each connection the threads opened is closed once it arrives, its slot freed.
+    for _ in range(1000):
+        if budget.open == held_by_engine:
+            break
+        await asyncio.sleep(0.01)
+    assert budget.open == held_by_engine
+    assert await session.get_items() == []
