@@ -13,7 +13,8 @@ What the synchronous ``QueuePool`` guarantees, kept here:
 
 * Size: idle connections kept per loop up to ``pool_size``; connections opened
   only with a slot of the URL's :class:`~agents_sessions.db.budget.ConnectionBudget`
-  (``pool_size + max_overflow`` for both pools together); a caller that gets none
+  (``pool_size + max_overflow`` for both pools together, all but one slot at most
+  for these); first come, first served; a caller that gets none
   within ``pool_timeout`` fails with SQLAlchemy's ``TimeoutError`` (the store's
   ``PoolTimeoutError``).
 * Liveness on checkout, as the engine's: a connection the server closed (its
@@ -168,7 +169,8 @@ class LoopPool:
         ):
             if self._wake_one(connection):
                 return
-            if len(self._idle) < owner.options.pool_size:
+            # Kept idle unless a coroutine of another loop waits for a slot.
+            if len(self._idle) < owner.options.pool_size and not owner.budget.coroutines_waiting:
                 self._idle.append(connection)
                 return
         connection.close()  # frees a slot: _slot_freed wakes a waiter
@@ -261,6 +263,8 @@ class AsyncPools:
         """
         if target.dialect != "postgresql" or target.url.get_driver_name() != "psycopg2":
             return None
+        if target.pool.max_connections < 2:
+            return None  # the one connection stays the engine's (see db/budget.py)
         budget = ConnectionBudget(target.pool.max_connections)
         attach_budget(engine, budget, target.pool.pool_timeout)
         return cls(engine, budget, target.pool, lambda: shed_idle(engine, budget))

@@ -8,19 +8,26 @@ most connections the two together ever hold open: every connection either pool
 opens takes a slot of one :class:`ConnectionBudget` first, and gives it back when
 it is closed.
 
-Who waits for whom: neither pool keeps an idle connection while the other one
-waits for a slot -- except one connection of the ``QueuePool`` (when the ceiling is
-two or more), so that transactions mostly find one without a hand-over.
+The asynchronous pools never take the last slot: they hold at most
+``pool_size + max_overflow - 1`` (and a ceiling of one leaves the session facade on
+the worker threads), so a blocking call made on an event loop's thread always finds
+a connection of the ``QueuePool`` sooner or later, even while that loop -- blocked --
+cannot finish the statements its own connections are in.
 
-* A thread that needs a new ordinary connection and finds no slot asks the event
-  loops to close their idle asynchronous connections, then waits (at most
+Who waits for whom: no pool keeps an idle connection while someone else waits for a
+slot -- except one connection of the ``QueuePool``, so that transactions mostly find
+one without a hand-over.
+
+* A thread that needs a new ordinary connection and finds no slot has the idle
+  connections closed -- the event loops' and the ``QueuePool``'s own (it took a
+  record without a connection from the pool's queue) -- then waits (at most
   ``pool_timeout``, then :class:`~agents_sessions.errors.PoolTimeoutError`); an
   asynchronous connection handed back while it waits is closed instead of kept.
 * A coroutine that needs a new asynchronous connection and finds no slot asks the
   ``QueuePool`` to give up its idle connections when it holds more than that one
   (:func:`shed_idle`),
-  then waits the same way; an ordinary connection checked in while it waits is
-  closed (:func:`attach_budget`).
+  then waits the same way; an ordinary connection checked in while it (or a thread)
+  waits is closed (:func:`attach_budget`).
 
 Slots are released when a connection is closed -- by either pool, for any reason
 (invalidated, recycled, disposed) -- or, as a last resort, when a connection object
@@ -89,9 +96,15 @@ class ConnectionBudget:
                 callbacks.remove(callback)
 
     def try_take(self) -> bool:
-        """Take a slot if one is free, without waiting."""
+        """Take a slot for an asynchronous connection if one is free, without waiting.
+
+        Never the last slot the engine's pool could use: the asynchronous pools hold
+        at most ``limit - 1``. A blocking call made on an event loop's own thread
+        (the repository API, a transaction) can then always get a connection, even
+        while that loop's connections sit in statements the blocked loop cannot finish.
+        """
         with self._condition:
-            if self._open >= self.limit:
+            if self._open >= self.limit or self._open - self.engine_open >= self.limit - 1:
                 return False
             self._open += 1
             return True
@@ -215,10 +228,21 @@ def attach_budget(engine: Engine, budget: ConnectionBudget, pool_timeout: float)
         if release is not None:
             _detached[id(dbapi_connection)] = release
 
+    def _close_idle_for_a_thread() -> None:
+        # A thread waiting in take() no longer looks in the pool's queue: idle
+        # connections there would only keep it from a slot. (Pool.dispose() closes
+        # the idle ones, checked-out ones stay.)
+        pool: Any = engine.pool
+        if pool.checkedin():
+            pool.dispose()
+
+    budget.on_thread_waiting(_close_idle_for_a_thread)
+
     @event.listens_for(engine, "checkin")
-    def _give_way_to_coroutines(dbapi_connection: Any, record: Any) -> None:
-        # A coroutine waits for a slot: this idle connection would keep it from one.
-        if dbapi_connection is not None and budget.engine_gives_way:
+    def _give_way(dbapi_connection: Any, record: Any) -> None:
+        # Someone waits for a slot: this idle connection would keep it from one. (A
+        # thread waiting in take() does not look in the pool's queue any more.)
+        if dbapi_connection is not None and (budget.threads_waiting or budget.engine_gives_way):
             record.invalidate()
 
 

@@ -212,15 +212,16 @@ def test_thousand_concurrent_conversations_stay_within_one_ceiling_for_both_pool
 async def test_a_hot_call_waits_for_a_slot_and_times_out_as_pool_timeout(
     postgres_server: PostgresServer,
 ) -> None:
-    url, _ = app_url(postgres_server, "pool_size=1&max_overflow=0&pool_timeout=0.5")
+    url, _ = app_url(postgres_server, "pool_size=2&max_overflow=0&pool_timeout=0.5")
     store = get_store(url)
     store.ensure_schema()
     session = PostgreSQLSession("c", database_url=url)
 
-    # The only slot, held by the engine's pool.
-    with store.engine.connect(), pytest.raises(PoolTimeoutError, match="pool_timeout"):
-        await session.get_items()
-    # Handed back: the loop's call gets the slot (the idle connection gives way).
+    # Both slots, held by the engine's pool.
+    with store.engine.connect(), store.engine.connect():
+        with pytest.raises(PoolTimeoutError, match="pool_timeout"):
+            await session.get_items()
+    # Handed back: the loop's call gets a slot (the idle connections give way).
     await session.add_items([user("a")])
     assert await session.get_items() == [user("a")]
 
@@ -228,16 +229,18 @@ async def test_a_hot_call_waits_for_a_slot_and_times_out_as_pool_timeout(
 async def test_a_transaction_waits_for_a_slot_the_loop_holds_and_times_out(
     postgres_server: PostgresServer, admin: Engine
 ) -> None:
-    url, name = app_url(postgres_server, "pool_size=1&max_overflow=0&pool_timeout=0.5")
+    url, name = app_url(postgres_server, "pool_size=2&max_overflow=0&pool_timeout=0.5")
+    store = get_store(url)
     session = PostgreSQLSession("c", database_url=url)
     await session.add_items([user("a")])
 
     blocker = Blocker(url)
     try:
-        # The loop's only connection waits for the lock, holding the only slot.
+        # The loop's connection waits for the lock, holding one slot; the test holds
+        # the engine's other one: a pop finds none.
         adding = asyncio.ensure_future(session.add_items([user("b")]))
         await wait_until_waiting_on_lock(admin, name)
-        with pytest.raises(PoolTimeoutError):
+        with store.engine.connect(), pytest.raises(PoolTimeoutError):
             await session.pop_item()
     finally:
         blocker.release()
@@ -245,19 +248,50 @@ async def test_a_transaction_waits_for_a_slot_the_loop_holds_and_times_out(
     assert await session.get_items() == [user("a"), user("b")]
 
 
-async def test_with_one_slot_the_two_pools_take_turns_without_starving(
+async def test_a_blocking_call_on_the_loops_thread_never_waits_for_that_loop(
     postgres_server: PostgresServer, admin: Engine
 ) -> None:
-    url, _ = app_url(postgres_server, "pool_size=1&max_overflow=0&pool_timeout=5")
+    # The loop's connections are all in statements the blocked loop cannot finish;
+    # the engine's last slot is never theirs, so the blocking call still runs.
+    url, name = app_url(postgres_server, "pool_size=3&max_overflow=0&pool_timeout=5")
+    store = get_store(url)
+    session = PostgreSQLSession("c", database_url=url)
+    await session.add_items([user("a")])
+    blocker = Blocker(url)
+    try:
+        adding = [
+            asyncio.ensure_future(PostgreSQLSession(f"c{i}", database_url=url).get_items())
+            for i in range(5)
+        ]
+        await wait_until_waiting_on_lock(admin, name)
+        with store.read() as repos:  # blocks the loop, on purpose
+            assert repos.conversations.get("c") is not None
+    finally:
+        blocker.release()
+    assert await asyncio.gather(*adding) == [[]] * 5
+
+
+async def test_with_two_slots_the_two_pools_take_turns_without_starving(
+    postgres_server: PostgresServer,
+) -> None:
+    url, _ = app_url(postgres_server, "pool_size=2&max_overflow=0&pool_timeout=5")
     session = PostgreSQLSession("c", database_url=url)
     budget = pools_of(session).budget
     for turn in range(5):
         await session.add_items([user(f"{turn}"), user(f"{turn}+")])  # the loop's pool
         assert await session.pop_item() == user(f"{turn}+")  # the engine's pool
-        # Each hands the one slot to the other (the server may still list the
-        # backend of the connection just closed while it exits).
-        assert budget.open <= 1
+        assert budget.open <= 2
     assert await session.get_items() == [user(f"{turn}") for turn in range(5)]
+
+
+async def test_with_a_ceiling_of_one_the_session_stays_on_the_worker_threads(
+    postgres_server: PostgresServer,
+) -> None:
+    url, _ = app_url(postgres_server, "pool_size=1&max_overflow=0")
+    session = PostgreSQLSession("c", database_url=url)
+    assert session.store.async_pools is None
+    await session.add_items([user("a")])
+    assert await session.get_items() == [user("a")]
 
 
 # ----------------------------------------------------------------- liveness, dead connections
