@@ -218,9 +218,12 @@ async def test_a_hot_call_waits_for_a_slot_and_times_out_as_pool_timeout(
     session = PostgreSQLSession("c", database_url=url)
 
     # Both slots, held by the engine's pool.
-    with store.engine.connect(), store.engine.connect():
-        with pytest.raises(PoolTimeoutError, match="pool_timeout"):
-            await session.get_items()
+    with (
+        store.engine.connect(),
+        store.engine.connect(),
+        pytest.raises(PoolTimeoutError, match="pool_timeout"),
+    ):
+        await session.get_items()
     # Handed back: the loop's call gets a slot (the idle connections give way).
     await session.add_items([user("a")])
     assert await session.get_items() == [user("a")]
