@@ -164,6 +164,14 @@ class ConnectionLostError(DatabaseError):
 
     idempotency_key: str | None = None
 
+    def offer_key(self, key: str) -> None:
+        """Name the append's key, with which the caller may repeat it safely."""
+        self.idempotency_key = key
+        self.args = (
+            f"{self.args[0]}; repeat it with add_items(items, idempotency_key={key!r}) "
+            "to store the items exactly once",
+        )
+
 
 class CitusError(AgentsSessionsError, RuntimeError):
     """A sharded-cluster (Citus) operation cannot run here, and the message says why.

@@ -5,21 +5,23 @@ third-party sessions not to subclass its ``SessionABC``), so ``Runner.run(agent,
 input, session=PostgreSQLSession(...))`` stores every turn. Despite its name it
 runs on any URL the package supports, including the embedded SQLite default.
 
-Each call does its blocking database work in one hop to the store's thread pool
-(sized to the connection pool), so the event loop never waits on the database.
+The event loop never waits on the database: ``get_items`` and ``add_items`` are one
+statement each on PostgreSQL and run on the loop's asynchronous connections
+(:mod:`agents_sessions.loop_statements`); everything else -- transactions, SQLite,
+tenants -- takes one hop to the store's thread pool (sized to the connection pool).
 Mutations are atomic per call, and a cancelled mutation is allowed to finish before
 the cancellation is re-raised: its items are then all stored, never some of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .cancellation import settle_then_propagate_cancellation
 from .db.hot_path import HotMessages
 from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
 from .errors import ConnectionLostError, InvalidArgumentError
@@ -27,7 +29,9 @@ from .expiry import retention_options
 from .history import HistoryManagementMixin, validate_branch_name
 from .idempotency import new_append_key
 from .items import encode_items
+from .loop_statements import run_on_loop, runs_on_loop
 from .repositories import Repositories, UsageEntry
+from .repositories.messages import all_statement, append_statement, latest_statement
 from .repositories.usage import UNKNOWN_MODEL
 from .settings import Settings
 from .store import SessionStore, get_store
@@ -35,9 +39,11 @@ from .usage_capture import (
     RUN_USAGE_ATTRIBUTE,
     RunUsage,
     combined_entry,
+    model_name,
     observe_run,
     pending_usage,
     record_turn_usage,
+    usage_entry,
 )
 from .validation import validate_identifier, validate_limit, validate_metadata
 
@@ -51,28 +57,6 @@ TenantResolver = Callable[["RunContextWrapper[Any]"], str]
 _T = TypeVar("_T")
 
 
-async def _settle_then_propagate_cancellation(future: Awaitable[_T]) -> _T:
-    """Wait for a started mutation to finish even if the caller is cancelled meanwhile.
-
-    The database work runs in a thread and cannot be interrupted half-way anyway;
-    waiting for it means the caller's cancellation never hides whether the write
-    happened, and no later call on this session overtakes it. The cancellation is
-    re-raised once the outcome is known (as the SDK's own backends do).
-    """
-    task = asyncio.ensure_future(future)
-    cancellation: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError as exc:
-            cancellation = cancellation or exc
-    if cancellation is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved, so asyncio does not log it as unhandled
-        raise cancellation
-    return task.result()
-
-
 def _coerce_session_settings(value: Any) -> SessionSettings | None:
     if value is None:
         return None
@@ -84,38 +68,6 @@ def _coerce_session_settings(value: Any) -> SessionSettings | None:
         return SessionSettings(**value)
     raise TypeError(
         f"session_settings must be a SessionSettings, a dict or None, got {type(value).__name__}"
-    )
-
-
-def _model_name(result: Any) -> str:
-    """The model a run used, as best the result tells: the last agent's model."""
-    model = getattr(getattr(result, "last_agent", None), "model", None)
-    if isinstance(model, str) and model:
-        return model
-    if model is not None:
-        name = getattr(model, "model", None)  # e.g. OpenAIResponsesModel.model
-        return name if isinstance(name, str) and name else type(model).__name__
-    try:
-        from agents.models import get_default_model
-
-        return str(get_default_model())
-    except ImportError:  # pragma: no cover - the SDK provides it
-        return "unknown"
-
-
-def _usage_entry(
-    usage: Any, *, model: str, run_id: str, response_id: str | None = None
-) -> UsageEntry:
-    """A ``usage_logs`` row from an SDK ``Usage`` (of one request, or a whole run)."""
-    return UsageEntry(
-        model=model,
-        prompt_tokens=int(usage.input_tokens or 0),
-        completion_tokens=int(usage.output_tokens or 0),
-        total_tokens=int(usage.total_tokens or 0),
-        # A request's Usage may leave `requests` at 0; it still was one request.
-        requests=max(int(usage.requests or 0), 1 if response_id is not None else 0),
-        run_id=run_id,
-        response_id=response_id,
     )
 
 
@@ -226,7 +178,7 @@ class PostgreSQLSession(HistoryManagementMixin):
         return await self._store.call_in_thread(function, *args)
 
     async def _mutate(self, function: Callable[..., _T], *args: Any) -> _T:
-        return await _settle_then_propagate_cancellation(self._in_thread(function, *args))
+        return await settle_then_propagate_cancellation(self._in_thread(function, *args))
 
     def _acting_tenant(self, wrapper: RunContextWrapper[Any] | None) -> str | None:
         """The tenant of this call: fixed, or resolved from the run's context."""
@@ -284,6 +236,15 @@ class PostgreSQLSession(HistoryManagementMixin):
             return await self._read(
                 lambda repos: repos.branches.items(self.session_id, name, count)
             )
+        if runs_on_loop(
+            self._store, tenant, lag_tolerant=self._store.settings.history_reads_from_replica
+        ):
+            hot = (
+                all_statement(self.session_id)
+                if count is None
+                else latest_statement(self.session_id, count)
+            )
+            return list(await run_on_loop(self._store, hot, write=False, repeatable=True))
         return await self._in_thread(self._get_items, count, tenant)
 
     def _get_items(self, limit: int | None, tenant: str | None) -> list[Any]:
@@ -340,7 +301,44 @@ class PostgreSQLSession(HistoryManagementMixin):
                 await self._mutate(self._add_items, items, tenant, idempotency_key, entries)
                 mark.entries, mark.requests = seen_entries, seen_requests
                 return
+        if runs_on_loop(self._store, tenant):
+            await settle_then_propagate_cancellation(
+                self._add_on_loop(items, idempotency_key or new_append_key())
+            )
+            return
         await self._mutate(self._add_items, items, tenant, idempotency_key)
+
+    async def _add_on_loop(self, items: list[Any], key: str) -> None:
+        # add_items on the event loop (loop_statements): one statement, no thread hop.
+        encoded = encode_items(items, max_item_bytes=self._store.settings.max_item_bytes)
+        user_id, metadata = self._owner(None)
+        hot = append_statement(
+            self.session_id,
+            encoded,
+            user_id=user_id,
+            metadata=metadata,
+            idempotency_key=key,
+            ttl_seconds=self._ttl_seconds,
+        )
+        try:
+            await run_on_loop(self._store, hot, write=True, repeatable=True)
+        except ConnectionLostError as exc:
+            exc.offer_key(key)
+            raise
+        self._owner_pending = False
+        if self.keep_last_turns is not None:
+            await self._in_thread(self._trim, None)
+
+    def _trim(self, tenant: str | None) -> None:
+        # A second statement, only for sessions that trim: idempotent, so a
+        # failure here loses nothing (the next add_items trims again).
+        turns = self.keep_last_turns
+        assert turns is not None
+        self._store.run_write(
+            lambda repos: repos.messages.trim_to_last_turns(self.session_id, turns),
+            repeatable=True,
+            tenant_id=tenant,
+        )
 
     def _add_items(
         self,
@@ -387,23 +385,12 @@ class PostgreSQLSession(HistoryManagementMixin):
                     tenant_id=tenant,
                 )
         except ConnectionLostError as exc:
-            # The caller may repeat the call safely with this key.
-            exc.idempotency_key = key
-            exc.args = (
-                f"{exc.args[0]}; repeat it with add_items(items, idempotency_key={key!r}) "
-                "to store the items exactly once",
-            )
+            if key is not None:
+                exc.offer_key(key)
             raise
         self._owner_pending = False
         if self.keep_last_turns is not None:
-            # A second statement, only for sessions that trim: idempotent, so a
-            # failure here loses nothing (the next add_items trims again).
-            turns = self.keep_last_turns
-            self._store.run_write(
-                lambda repos: repos.messages.trim_to_last_turns(self.session_id, turns),
-                repeatable=True,
-                tenant_id=tenant,
-            )
+            self._trim(tenant)
 
     async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> Any | None:
         """Remove and return the newest item, or ``None`` when there is none.
@@ -486,7 +473,7 @@ class PostgreSQLSession(HistoryManagementMixin):
         Returns:
             The number of rows this call wrote.
         """
-        name = model or _model_name(result)
+        name = model or model_name(result)
         context = getattr(result, "context_wrapper", None)
         fresh = context is not None and not isinstance(
             getattr(context, RUN_USAGE_ATTRIBUTE, None), RunUsage
@@ -494,7 +481,7 @@ class PostgreSQLSession(HistoryManagementMixin):
         mark = observe_run(context, from_start=True) if context is not None else None
         if mark is None:
             entries = [
-                _usage_entry(
+                usage_entry(
                     response.usage,
                     model=name,
                     run_id=run_id or uuid.uuid4().hex,

@@ -282,6 +282,16 @@ _defaults: dict[_DefaultsKey, Settings] = {}
 _defaults_lock = threading.Lock()
 
 
+def _renew_lock_in_forked_child() -> None:
+    # A lock held by a parent thread at fork time would stay held in the child.
+    global _defaults_lock
+    _defaults_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock_in_forked_child)
+
+
 def _environment_fingerprint() -> _DefaultsKey:
     cwd = os.getcwd()
     try:

@@ -19,21 +19,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.pool import QueuePool
 
-from . import settings as settings_module
-from .db import engine as engine_module
-from .db import migrate as migrate_module
 from .db.deadline import watchdog
 from .db.distribution_probe import citus_installed
 from .db.engine import (
@@ -46,14 +42,13 @@ from .db.engine import (
     log_embedded_default_once,
     parse_database_url,
 )
-from .db.failures import connection_lost, replica_unreachable, transient_connect_failure
+from .db.failures import RetryPlan, replica_unreachable
 from .db.hot_path import HotMessages, driver_autocommit, driver_connection
 from .db.migrate import ensure_schema_at_head
 from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
 from .db.tenancy_probe import warn_if_tenancy_not_enforced
 from .errors import (
     ConfigurationError,
-    ConnectionLostError,
     DatabaseError,
     PoolTimeoutError,
     translate_database_errors,
@@ -61,6 +56,9 @@ from .errors import (
 from .repositories import Repositories
 from .settings import Settings, default_settings
 from .validation import validate_identifier
+
+if TYPE_CHECKING:
+    from .db.async_pool import AsyncPools  # psycopg2 loads with the first PostgreSQL URL
 
 logger = logging.getLogger("agents_sessions")
 
@@ -85,6 +83,9 @@ class _EngineState:
     tenancy_checked: bool = False
     # A Citus cluster: one-statement writes run statement by statement in a transaction.
     distributed: bool = False
+    # PostgreSQL with psycopg2: the event loops' pools of asynchronous connections,
+    # sharing the URL's connection ceiling with the engine's pool (db/budget.py).
+    async_pools: AsyncPools | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,10 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
                 lock_timeout_ms=options.lock_timeout_ms,
             )
             state = _EngineState(target=target, engine=engine, executor=_new_executor(target))
+            if target.dialect == "postgresql":
+                from .db.async_pool import AsyncPools
+
+                state.async_pools = AsyncPools.for_engine(engine, target)
             _states[key] = state
         _states_by_given_url[given] = state
     return state
@@ -574,11 +579,7 @@ class SessionStore:
                     if not replica_unreachable(exc):
                         raise
                     self._replica_failed(replica, exc)
-        attempts = self.settings.retry_attempts if retry_attempts is None else retry_attempts
-        attempt = 0
-        # Whether some attempt was sent and then lost its connection: the outcome of
-        # a write is then unknown unless a later attempt finishes.
-        outcome_unknown = False
+        plan: RetryPlan | None = None  # made on the first failure
         while True:
             sent = False
             try:
@@ -600,38 +601,30 @@ class SessionStore:
                     sent = True
                     return work(repos)
             except DatabaseError as exc:
-                cause = exc.__cause__
-                # Could not open a connection (refused, server starting up): nothing
-                # was sent, so any operation may be tried again.
-                connect_failed = not sent and transient_connect_failure(cause)
-                if not (connect_failed or connection_lost(exc)):
-                    raise  # an SQL error, a pool timeout: retrying would not help
-                if sent and not repeatable:
-                    raise ConnectionLostError(
-                        "the database connection was lost during an operation that cannot "
-                        "be retried safely; it may or may not have taken effect (the next "
-                        "call uses a fresh connection)"
-                    ) from exc
-                outcome_unknown = outcome_unknown or (sent and (write or transaction))
-                if attempt >= attempts:
-                    if outcome_unknown:
-                        raise ConnectionLostError(
-                            f"the database connection was lost and {attempts} retries "
-                            "found no working connection; the write may or may not have "
-                            "taken effect"
-                        ) from exc
-                    raise
-                attempt += 1
-                delay = min(0.05 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random() / 2)
-                logger.warning(
-                    "agents_sessions: %s on %s; retry %d of %d in %.0f ms",
-                    "connection lost" if sent else "could not connect",
-                    self.target.safe_url,
-                    attempt,
-                    attempts,
-                    delay * 1000,
+                plan = plan or RetryPlan(
+                    self.settings.retry_attempts if retry_attempts is None else retry_attempts,
+                    write=write or transaction,
+                    repeatable=repeatable,
+                    where=self.target.safe_url,
                 )
-                time.sleep(delay)
+                time.sleep(plan.after_failure(exc, sent=sent))
+
+    @property
+    def async_pools(self) -> AsyncPools | None:
+        """The event loops' asynchronous connections, where the hot statements may use them.
+
+        PostgreSQL with psycopg2, no echo, no statement listeners (as :meth:`run_hot`'s
+        driver-level path), once the schema check has run and found no Citus (whose
+        appends are transactions); ``None`` elsewhere.
+        """
+        state, pools = self._state, self._state.async_pools
+        usable = state.schema_ready and not state.distributed and self._driver_level_ok
+        return pools if pools is not None and usable else None
+
+    @property
+    def schema_ready(self) -> bool:
+        """Whether :meth:`ensure_schema` has succeeded (or has nothing to check)."""
+        return self.is_replica or self._state.schema_ready
 
     @property
     def _driver_level_ok(self) -> bool:
@@ -667,9 +660,12 @@ class SessionStore:
     def dispose(self) -> None:
         """Close the pooled connections of this store's engine (e.g. at shutdown).
 
-        The engine stays usable: it opens new connections when next needed.
+        The asynchronous connections too: idle ones now, those in use when handed
+        back. The store stays usable: it opens new connections when next needed.
         """
         self.engine.dispose()
+        if self._state.async_pools is not None:
+            self._state.async_pools.close_idle()
 
     def __repr__(self) -> str:
         return f"SessionStore({self._state.target.safe_url!r})"
@@ -721,12 +717,12 @@ def _reset_after_fork() -> None:
     global _states_lock
     # A lock held by a parent thread at fork time would stay held in the child.
     _states_lock = threading.Lock()
-    settings_module._defaults_lock = threading.Lock()
-    engine_module._logged_default_locations_lock = threading.Lock()
-    migrate_module._alembic_lock = threading.Lock()
     watchdog.reset_after_fork()
     for state in _states.values():
         state.engine.dispose(close=False)
+        if state.async_pools is not None:
+            state.async_pools.budget.reset_after_fork()
+            state.async_pools.drop_after_fork()
         state.executor = _new_executor(state.target)
         state.schema_lock = threading.Lock()
 
@@ -748,3 +744,5 @@ def dispose_all() -> None:
         state.disposed = True
         state.executor.shutdown(wait=True)
         state.engine.dispose()
+        if state.async_pools is not None:
+            state.async_pools.dispose()

@@ -175,3 +175,35 @@ def combined_entry(entries: list[UsageEntry]) -> UsageEntry:
         input_tokens_details=details("input_tokens_details"),
         output_tokens_details=details("output_tokens_details"),
     )
+
+
+def model_name(result: Any) -> str:
+    """The model a run used, as best the result tells: the last agent's model."""
+    model = getattr(getattr(result, "last_agent", None), "model", None)
+    if isinstance(model, str) and model:
+        return model
+    if model is not None:
+        name = getattr(model, "model", None)  # e.g. OpenAIResponsesModel.model
+        return name if isinstance(name, str) and name else type(model).__name__
+    try:
+        from agents.models import get_default_model
+
+        return str(get_default_model())
+    except ImportError:  # pragma: no cover - the SDK provides it
+        return "unknown"
+
+
+def usage_entry(
+    usage: Any, *, model: str, run_id: str, response_id: str | None = None
+) -> UsageEntry:
+    """A ``usage_logs`` row from an SDK ``Usage`` (of one request, or a whole run)."""
+    return UsageEntry(
+        model=model,
+        prompt_tokens=int(usage.input_tokens or 0),
+        completion_tokens=int(usage.output_tokens or 0),
+        total_tokens=int(usage.total_tokens or 0),
+        # A request's Usage may leave `requests` at 0; it still was one request.
+        requests=max(int(usage.requests or 0), 1 if response_id is not None else 0),
+        run_id=run_id,
+        response_id=response_id,
+    )

@@ -174,7 +174,7 @@ class _ThreadProfilers:
             self.sessions.append(self._main.stop())
 
     def collect(self) -> tuple[Any, Any]:
-        """Stop every profiler: (event-loop session, worker threads merged into one).
+        """Stop every profiler: (event-loop session, worker threads merged into one or None).
 
         A barrier puts one stopping task on each worker thread (a profiler can only
         be stopped by its own thread).
@@ -196,6 +196,11 @@ class _ThreadProfilers:
             future.result()
         from pyinstrument.session import Session
 
+        self.worker_threads = len(workers)
+        if not workers:
+            # Every call ran on the event loop (the session's hot statements do): no
+            # worker thread did anything in the window.
+            return self.sessions[0], None
         merged = workers[0]
         for session in workers[1:]:
             merged = Session.combine(merged, session)
@@ -204,7 +209,6 @@ class _ThreadProfilers:
         merged.frame_records = [
             ([root, *stack[1:]], seconds) for stack, seconds in merged.frame_records
         ]
-        self.worker_threads = len(workers)
         return self.sessions[0], merged
 
 
@@ -251,12 +255,15 @@ async def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 loop_session, worker_session = await asyncio.to_thread(profilers.collect)
                 stem = spec["pyinstrument_out"]
                 _write_pyinstrument(loop_session, Path(f"{stem}-loop"))
-                _write_pyinstrument(worker_session, Path(f"{stem}-workers"))
                 result["pyinstrument"] = {
                     "loop": summarize(read_pyinstrument(loop_session.frame_records)),
-                    "workers": summarize(read_pyinstrument(worker_session.frame_records)),
                     "worker_threads": profilers.worker_threads,
                 }
+                if worker_session is not None:
+                    _write_pyinstrument(worker_session, Path(f"{stem}-workers"))
+                    result["pyinstrument"]["workers"] = summarize(
+                        read_pyinstrument(worker_session.frame_records)
+                    )
             return result
         if workload == "depth":
             analyze = None

@@ -24,6 +24,7 @@ import re
 import select
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool, QueuePool
 
 from ..errors import ConfigurationError
+from .libpq_parameters import LIBPQ_PARAMETERS
 
 logger = logging.getLogger("agents_sessions")
 
@@ -228,64 +230,6 @@ class DatabaseTarget:
     def safe_url(self) -> str:
         """The URL with its password masked."""
         return mask_url(self.url)
-
-
-#: Connection parameters libpq (PostgreSQL 18 and older) accepts in a URL's query string.
-LIBPQ_PARAMETERS = frozenset(
-    [
-        "host",
-        "hostaddr",
-        "port",
-        "dbname",
-        "user",
-        "password",
-        "passfile",
-        "require_auth",
-        "channel_binding",
-        "connect_timeout",
-        "client_encoding",
-        "options",
-        "application_name",
-        "fallback_application_name",
-        "keepalives",
-        "keepalives_idle",
-        "keepalives_interval",
-        "keepalives_count",
-        "tcp_user_timeout",
-        "replication",
-        "gssencmode",
-        "sslmode",
-        "sslnegotiation",
-        "requiressl",
-        "sslcompression",
-        "sslcert",
-        "sslkey",
-        "sslkeylogfile",
-        "sslpassword",
-        "sslcertmode",
-        "sslrootcert",
-        "sslcrl",
-        "sslcrldir",
-        "sslsni",
-        "requirepeer",
-        "ssl_min_protocol_version",
-        "ssl_max_protocol_version",
-        "min_protocol_version",
-        "max_protocol_version",
-        "krbsrvname",
-        "gsslib",
-        "gssdelegation",
-        "service",
-        "target_session_attrs",
-        "load_balance_hosts",
-        "scram_client_key",
-        "scram_server_key",
-        "oauth_issuer",
-        "oauth_client_id",
-        "oauth_client_secret",
-        "oauth_scope",
-    ]
-)
 
 
 def refuse_misspelt_parameters(url: URL) -> None:
@@ -500,7 +444,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
             connection.exec_driver_sql("BEGIN")
 
 
-def _socket_has_news(dbapi_connection: Any) -> bool:
+def socket_has_news(dbapi_connection: Any) -> bool:
     """True if an idle connection's socket is readable: the server closed it, or is about to.
 
     An idle PostgreSQL connection receives nothing unsolicited in normal operation
@@ -532,8 +476,41 @@ def _socket_has_news(dbapi_connection: Any) -> bool:
 _poll = getattr(select, "poll", None)
 
 
-def _configure_postgresql(engine: Engine) -> None:
-    read_committed = {"confirmed": False}
+class ReadCommittedCheck:
+    """Makes sure new connections run at READ COMMITTED; one per engine, shared by its pools.
+
+    The ordering and pop guarantees rely on READ COMMITTED: each statement sees what
+    committed before it began, and a row lock wait re-checks the row. It is
+    PostgreSQL's default. A role or database defaulting to REPEATABLE READ or
+    SERIALIZABLE would turn concurrent appends and pops into serialization
+    failures, so such a default is overridden per connection. Nothing is SET when
+    the default is already right: behind PgBouncer (transaction pooling) session
+    state would leak to other clients. Checked until one connection has confirmed
+    the default.
+    """
+
+    #: The statement whose answer :meth:`statement_after` judges.
+    SHOW = "SHOW default_transaction_isolation"
+
+    def __init__(self) -> None:
+        self.confirmed = False
+
+    def statement_after(self, level: str) -> str | None:
+        """Given the answer to :attr:`SHOW`, the statement to run next (or ``None``)."""
+        if level == "read committed":
+            self.confirmed = True
+            return None
+        logger.warning(
+            "agents_sessions: the server's default_transaction_isolation is %r; "
+            "setting READ COMMITTED on each connection. Behind a transaction-"
+            "pooling proxy set it on the role instead: ALTER ROLE ... SET "
+            "default_transaction_isolation = 'read committed'",
+            level,
+        )
+        return "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"
+
+
+def _configure_postgresql(engine: Engine, read_committed: ReadCommittedCheck) -> None:
 
     @event.listens_for(engine, "checkout")
     def _replace_dead_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -541,7 +518,7 @@ def _configure_postgresql(engine: Engine) -> None:
         # statement is sent on it, so a restart or killed backends never make an
         # operation fail (or leave its outcome unknown). DisconnectionError tells
         # the pool to discard this connection and check out a fresh one.
-        if _socket_has_news(dbapi_connection):
+        if socket_has_news(dbapi_connection):
             raise DisconnectionError("the pooled connection was closed by the server")
 
     @event.listens_for(engine, "before_cursor_execute", retval=True)
@@ -582,34 +559,16 @@ def _configure_postgresql(engine: Engine) -> None:
 
     @event.listens_for(engine, "connect")
     def _ensure_read_committed(dbapi_connection: Any, _record: Any) -> None:
-        # The ordering and pop guarantees rely on READ COMMITTED: each statement
-        # sees what committed before it began, and a row lock wait re-checks the
-        # row. It is PostgreSQL's default. A role or database defaulting to
-        # REPEATABLE READ or SERIALIZABLE would turn concurrent appends and pops
-        # into serialization failures, so such a default is overridden per
-        # connection. Nothing is SET when the default is already right: behind
-        # PgBouncer (transaction pooling) session state would leak to other
-        # clients. Checked until one connection has confirmed the default.
-        if read_committed["confirmed"]:
+        if read_committed.confirmed:
             return
         dbapi_connection.autocommit = True
         try:
             cursor = dbapi_connection.cursor()
-            cursor.execute("SHOW default_transaction_isolation")
+            cursor.execute(ReadCommittedCheck.SHOW)
             (level,) = cursor.fetchone()
-            if level == "read committed":
-                read_committed["confirmed"] = True
-            else:
-                logger.warning(
-                    "agents_sessions: the server's default_transaction_isolation is %r; "
-                    "setting READ COMMITTED on each connection. Behind a transaction-"
-                    "pooling proxy set it on the role instead: ALTER ROLE ... SET "
-                    "default_transaction_isolation = 'read committed'",
-                    level,
-                )
-                cursor.execute(
-                    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"
-                )
+            statement = read_committed.statement_after(level)
+            if statement is not None:
+                cursor.execute(statement)
             cursor.close()
         finally:
             dbapi_connection.autocommit = False
@@ -686,12 +645,49 @@ def create_pooled_engine(
     if target.dialect == "sqlite":
         _configure_sqlite(engine, sqlite_busy_timeout_ms)
     else:
-        _configure_postgresql(engine)
+        check = ReadCommittedCheck()
+        _configure_postgresql(engine, check)
+        _, parameters = engine.dialect.create_connect_args(engine.url)
+        _postgresql_recipes[engine] = PostgreSQLConnectRecipe({**parameters, **connect_args}, check)
     return engine
+
+
+@dataclass(frozen=True)
+class PostgreSQLConnectRecipe:
+    """How the engine's pool connects: for another pool that must connect the same way.
+
+    Attributes:
+        parameters: The driver's keyword arguments (URL, timeouts in ``options``,
+            network defaults, secrets), exactly as the engine's pool passes them.
+        read_committed: The engine's isolation check, to run on each new connection.
+    """
+
+    parameters: dict[str, Any] = field(repr=False)
+    read_committed: ReadCommittedCheck
+
+
+_postgresql_recipes: weakref.WeakKeyDictionary[Engine, PostgreSQLConnectRecipe] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def postgresql_connect_recipe(engine: Engine) -> PostgreSQLConnectRecipe:
+    """How a PostgreSQL engine made by :func:`create_pooled_engine` connects."""
+    return _postgresql_recipes[engine]
 
 
 _logged_default_locations: set[Path] = set()
 _logged_default_locations_lock = threading.Lock()
+
+
+def _renew_lock_in_forked_child() -> None:
+    # A lock held by a parent thread at fork time would stay held in the child.
+    global _logged_default_locations_lock
+    _logged_default_locations_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock_in_forked_child)
 
 
 def log_embedded_default_once(path: Path) -> None:

@@ -21,13 +21,61 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 
 from ..items import EncodedItem
+from .statements import execute, violates_append_key
+
+
+@dataclass(frozen=True, slots=True)
+class HotStatement:
+    """One hot call as one prebuilt statement and its parameters, built once per call.
+
+    Either executor runs it: :func:`run_hot_statement` on a (driver or SQLAlchemy)
+    connection in a worker thread, or :mod:`agents_sessions.db.async_pool` on an
+    asynchronous connection of the event loop. Both read the answer through
+    :meth:`outcome`, so they cannot disagree on what a call returns.
+
+    Attributes:
+        statement: A prebuilt statement of :mod:`agents_sessions.db.statements`.
+        parameters: Its parameters, in the driver's form.
+        returns_items: A read (the first column of every row) rather than a write
+            (how many rows it wrote).
+        append_key: The idempotency key of an append: a unique violation on it
+            means an earlier attempt of the same call committed -- 0 written.
+    """
+
+    statement: Any
+    parameters: dict[str, Any]
+    returns_items: bool
+    append_key: str | None = None
+
+    def outcome(self, rows: list[tuple[Any, ...]], rowcount: int) -> Any:
+        """What the call returns: its items, or how many rows it wrote."""
+        return [row[0] for row in rows] if self.returns_items else int(rowcount)
+
+    def already_done(self, error: sa_exc.IntegrityError) -> bool:
+        """Whether ``error`` says an earlier attempt of this very append committed."""
+        return self.append_key is not None and violates_append_key(error)
+
+
+def run_hot_statement(connection: Connection | DriverConnection, hot: HotStatement) -> Any:
+    """Execute ``hot`` on a connection (PostgreSQL); :meth:`HotStatement.outcome` of it."""
+    try:
+        result = execute(connection, hot.statement, hot.parameters)  # type: ignore[arg-type]
+    except sa_exc.IntegrityError as exc:
+        if hot.already_done(exc):
+            # The statement wrote nothing: the items are stored once.
+            return 0
+        raise
+    if hot.returns_items:
+        return list(result.scalars())
+    return int(result.rowcount)
 
 
 class HotMessages(Protocol):

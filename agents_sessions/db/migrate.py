@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,16 @@ SHIPPED_HEAD_REVISION = "0008"
 # one process at once (two engines' first use, say) would cross their wires. The
 # database lock in env.py serialises processes; this serialises threads.
 _alembic_lock = threading.Lock()
+
+
+def _renew_lock_in_forked_child() -> None:
+    # A lock held by a parent thread at fork time would stay held in the child.
+    global _alembic_lock
+    _alembic_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock_in_forked_child)
 
 
 class RevisionRecordedConcurrently(Exception):

@@ -499,6 +499,12 @@ def execute(connection: Connection, statement: Any, parameters: dict[str, Any]) 
     dialect = connection.dialect
     if dialect.name != "postgresql" or dialect.paramstyle != "pyformat":
         return connection.execute(statement, parameters)
+    sql, defaults = driver_sql(statement, dialect)
+    return connection.exec_driver_sql(sql, {**defaults, **parameters})
+
+
+def driver_sql(statement: Any, dialect: Any) -> tuple[str, dict[str, Any]]:
+    """A prebuilt statement's SQL for ``dialect``'s driver (compiled once), and its defaults."""
     key = (id(statement), dialect.driver)
     entry = _DRIVER_SQL.get(key)
     if entry is None or entry[0] is not statement:
@@ -510,8 +516,7 @@ def execute(connection: Connection, statement: Any, parameters: dict[str, Any]) 
         }
         # Concurrent first calls may both compile; they store equal entries.
         entry = _DRIVER_SQL[key] = (statement, str(compiled), defaults)
-    _, sql, defaults = entry
-    return connection.exec_driver_sql(sql, {**defaults, **parameters})
+    return entry[1], entry[2]
 
 
 def violates_append_key(error: IntegrityError) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +11,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..db.engine import DISTRIBUTED_OPTION, TENANT_OPTION
+from ..db.hot_path import HotStatement, run_hot_statement
 from ..db.statements import (
     APPEND_KEY_RETENTION,
     CLAIM_APPEND_KEY,
@@ -39,7 +39,6 @@ from ..db.statements import (
     TRIM_TO_LAST_TURNS,
     execute,
     keys_expire_before,
-    violates_append_key,
 )
 from ..db.tables import messages_table as messages
 from ..db.tables import stored_utc
@@ -52,6 +51,52 @@ from .records import StoredMessage
 from .search import SearchPage, search_messages
 
 __all__ = ["APPEND_KEY_RETENTION", "MessageRepository"]
+
+
+def latest_statement(conversation_id: str, limit: int) -> HotStatement:
+    """The newest ``limit`` (> 0) items of the current branch, oldest first (PostgreSQL)."""
+    return HotStatement(
+        POSTGRES_VIEW_LATEST, {"conversation_id": conversation_id, "limit": limit}, True
+    )
+
+
+def all_statement(conversation_id: str) -> HotStatement:
+    """Every item of the current branch, oldest first (PostgreSQL)."""
+    return HotStatement(POSTGRES_VIEW_ALL, {"conversation_id": conversation_id}, True)
+
+
+def append_statement(
+    conversation_id: str,
+    encoded: Sequence[EncodedItem],
+    *,
+    user_id: str | None,
+    metadata: dict[str, Any] | None,
+    idempotency_key: str | None,
+    ttl_seconds: int | None,
+) -> HotStatement:
+    """The append of ``encoded`` (non-empty) as one statement (PostgreSQL, no tenant).
+
+    Arguments are trusted to be validated. Writes how many items it stored: 0 when
+    an earlier attempt with the same ``idempotency_key`` did.
+    """
+    return HotStatement(
+        POSTGRES_APPEND,
+        {
+            "conversation_id": conversation_id,
+            "user_id": user_id,
+            # As JSON text: the statement casts it to jsonb.
+            "metadata": None if metadata is None else json.dumps(metadata),
+            "ttl_seconds": ttl_seconds,
+            "restart_expired": True,
+            "append_key": idempotency_key,
+            "keys_expire_before": keys_expire_before(),
+            "roles": [item.role for item in encoded],
+            "contents": [item.content for item in encoded],
+            "documents": [item.document for item in encoded],
+        },
+        False,
+        idempotency_key,
+    )
 
 
 class MessageRepository:
@@ -126,48 +171,39 @@ class MessageRepository:
         """
         if not encoded:
             return 0
-        conversation = {
-            "conversation_id": conversation_id,
-            "user_id": user_id or acting_tenant(self.connection),
-            "metadata": metadata,
-            "ttl_seconds": ttl_seconds,
-            "restart_expired": True,
-        }
+        user_id = user_id or acting_tenant(self.connection)
         options = self.connection.get_execution_options()
         distributed = DISTRIBUTED_OPTION in options
         one_statement = not (TENANT_OPTION in options or distributed)
         if self.connection.dialect.name == "postgresql" and one_statement:
-            # Inside a caller's transaction, a savepoint keeps the unique-violation
-            # answer below from aborting the rest of that transaction. (In the
-            # facade's autocommit statements there is no transaction to protect.)
-            guard = (
-                self.connection.begin_nested()
-                if idempotency_key is not None and in_driver_transaction(self.connection)
-                else nullcontext()
+            hot = append_statement(
+                conversation_id,
+                encoded,
+                user_id=user_id,
+                metadata=metadata,
+                idempotency_key=idempotency_key,
+                ttl_seconds=ttl_seconds,
             )
-            try:
-                with guard:
-                    result = execute(
-                        self.connection,
-                        POSTGRES_APPEND,
-                        {
-                            **conversation,
-                            # As JSON text: the statement casts it to jsonb.
-                            "metadata": None if metadata is None else json.dumps(metadata),
-                            "append_key": idempotency_key,
-                            "keys_expire_before": keys_expire_before(),
-                            "roles": [item.role for item in encoded],
-                            "contents": [item.content for item in encoded],
-                            "documents": [item.document for item in encoded],
-                        },
-                    )
-            except IntegrityError as exc:
-                if idempotency_key is not None and violates_append_key(exc):
-                    # An earlier attempt of this very call committed while this one
-                    # ran: the statement wrote nothing, and the items are stored once.
-                    return 0
-                raise
-            return int(result.rowcount)
+            # Inside a caller's transaction, a savepoint keeps the unique-violation
+            # answer from aborting the rest of that transaction. (In the facade's
+            # autocommit statements there is no transaction to protect.)
+            if idempotency_key is not None and in_driver_transaction(self.connection):
+                try:
+                    with self.connection.begin_nested():
+                        result = execute(self.connection, hot.statement, hot.parameters)
+                except IntegrityError as exc:
+                    if hot.already_done(exc):
+                        return 0  # an earlier attempt of this very call committed
+                    raise
+                return int(result.rowcount)
+            return int(run_hot_statement(self.connection, hot))
+        conversation = {
+            "conversation_id": conversation_id,
+            "user_id": user_id,
+            "metadata": metadata,
+            "ttl_seconds": ttl_seconds,
+            "restart_expired": True,
+        }
         # Statement by statement, in the caller's transaction: SQLite, PostgreSQL
         # under row-level security (whose messages policy looks the conversation up
         # and would not see one created by a CTE of the same statement), and Citus
@@ -228,20 +264,14 @@ class MessageRepository:
             return []
         if self.connection.dialect.name != "postgresql":
             return self._current_branch_items(conversation_id, count)
-        result = execute(
-            self.connection,
-            POSTGRES_VIEW_LATEST,
-            {"conversation_id": conversation_id, "limit": count},
-        )
-        return list(result.scalars())
+        return list(run_hot_statement(self.connection, latest_statement(conversation_id, count)))
 
     def all(self, conversation_id: str) -> list[dict[str, Any]]:
         """Every item of the current branch, oldest first."""
         validate_identifier(conversation_id)
         if self.connection.dialect.name != "postgresql":
             return self._current_branch_items(conversation_id, None)
-        result = execute(self.connection, POSTGRES_VIEW_ALL, {"conversation_id": conversation_id})
-        return list(result.scalars())
+        return list(run_hot_statement(self.connection, all_statement(conversation_id)))
 
     def _current_branch_items(self, conversation_id: str, limit: int | None) -> list[Any]:
         """The current branch's items, statement by statement (SQLite).

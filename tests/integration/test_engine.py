@@ -387,7 +387,8 @@ def test_pool_never_exceeds_pool_size_plus_max_overflow_under_50_concurrent_sess
     assert server_counts, "the poller never saw the database"
     assert max(server_counts) <= 3, f"server saw {max(server_counts)} connections"
     assert peak_checked_out <= 3
-    assert peak_checked_out >= 2, "the pool was never under concurrent load"
+    # The sessions' calls run on the event loop's connections, which share the ceiling.
+    assert max(server_counts) >= 2, "the pools were never under concurrent load"
     assert checked_out == 0
     assert backend_count(pg_admin, database) <= 3
 

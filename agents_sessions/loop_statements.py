@@ -1,0 +1,75 @@
+"""The session facade's single statements on the caller's event loop, with no thread hop.
+
+A call of ``get_items`` or ``add_items`` (without usage) is one statement on
+PostgreSQL (:class:`~agents_sessions.db.hot_path.HotStatement`). Where the store
+allows it -- PostgreSQL with psycopg2, no tenant, no echo or statement listeners
+(:attr:`~agents_sessions.store.SessionStore.async_pools`), and not a read meant
+for the replica -- it runs on an asynchronous connection driven by the event loop
+(:mod:`agents_sessions.db.async_pool`); everywhere else, and for every transaction,
+the store's worker threads run it on the synchronous engine, as before.
+
+Both paths give the same answers, errors and retries: the same statement and
+parameters, SQLAlchemy's exception classes translated by
+:func:`~agents_sessions.errors.translate_database_errors`, and the store's retry
+rules (:class:`~agents_sessions.db.failures.RetryPlan`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .db.failures import RetryPlan
+from .db.hot_path import HotStatement
+from .errors import DatabaseError, translate_database_errors
+from .store import SessionStore
+
+# Windows' default loop has no add_reader/add_writer: the worker threads serve it.
+_PROACTOR: Any = getattr(asyncio, "ProactorEventLoop", None)
+
+
+def runs_on_loop(store: SessionStore, tenant_id: str | None, *, lag_tolerant: bool = False) -> bool:
+    """Whether a hot call of ``store`` for ``tenant_id`` runs on the running event loop."""
+    if tenant_id is not None or store.async_pools is None:
+        return False
+    if _PROACTOR is not None and isinstance(asyncio.get_running_loop(), _PROACTOR):
+        return False
+    # A read that may go to the replica takes the store's replica routing (threads).
+    return not (lag_tolerant and store.replica is not None)
+
+
+async def run_on_loop(
+    store: SessionStore, hot: HotStatement, *, write: bool, repeatable: bool
+) -> Any:
+    """Run ``hot`` on the running loop's asynchronous connections, retried as the store retries.
+
+    Only where :func:`runs_on_loop` says so. ``repeatable``: running it twice has the
+    effect of running it once (reads, keyed appends).
+
+    Raises:
+        ConnectionLostError: the connection died while non-repeatable work ran, or
+            the retries ran out after a write was sent; whether it took effect is
+            unknown.
+        DatabaseError: any other database failure, as the synchronous path raises it.
+    """
+    pools = store.async_pools
+    assert pools is not None, "runs_on_loop() said no"
+    if not store.schema_ready:
+        # Once per engine; it may migrate, which blocks: in a worker thread.
+        await store.call_in_thread(store.ensure_schema)
+    plan: RetryPlan | None = None  # made on the first failure
+    while True:
+        sent = False
+        try:
+            with translate_database_errors(pools.description):
+                pool, connection = await pools.checkout()
+                sent = True
+                return await pools.execute(pool, connection, hot)
+        except DatabaseError as exc:
+            plan = plan or RetryPlan(
+                store.settings.retry_attempts,
+                write=write,
+                repeatable=repeatable,
+                where=store.target.safe_url,
+            )
+            await asyncio.sleep(plan.after_failure(exc, sent=sent))
