@@ -28,9 +28,18 @@ from .store import SessionStore
 _PROACTOR: Any = getattr(asyncio, "ProactorEventLoop", None)
 
 
-def runs_on_loop(store: SessionStore, tenant_id: str | None, *, lag_tolerant: bool = False) -> bool:
+async def runs_on_loop(
+    store: SessionStore, tenant_id: str | None, *, lag_tolerant: bool = False
+) -> bool:
     """Whether a hot call of ``store`` for ``tenant_id`` runs on the running event loop."""
-    if tenant_id is not None or store.async_pools is None:
+    if tenant_id is not None:
+        return False
+    if not store.schema_ready and store.dialect == "postgresql":
+        # Once per engine, before the first answer: the check may migrate (blocking:
+        # in a worker thread), and it learns whether the database is a Citus cluster,
+        # whose appends are transactions (then async_pools is None).
+        await store.call_in_thread(store.ensure_schema)
+    if store.async_pools is None:
         return False
     if _PROACTOR is not None and isinstance(asyncio.get_running_loop(), _PROACTOR):
         return False

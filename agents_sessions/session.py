@@ -236,7 +236,7 @@ class PostgreSQLSession(HistoryManagementMixin):
             return await self._read(
                 lambda repos: repos.branches.items(self.session_id, name, count)
             )
-        if runs_on_loop(
+        if await runs_on_loop(
             self._store, tenant, lag_tolerant=self._store.settings.history_reads_from_replica
         ):
             hot = (
@@ -301,7 +301,7 @@ class PostgreSQLSession(HistoryManagementMixin):
                 await self._mutate(self._add_items, items, tenant, idempotency_key, entries)
                 mark.entries, mark.requests = seen_entries, seen_requests
                 return
-        if runs_on_loop(self._store, tenant):
+        if await runs_on_loop(self._store, tenant):
             await settle_then_propagate_cancellation(
                 self._add_on_loop(items, idempotency_key or new_append_key())
             )

@@ -19,6 +19,7 @@ from agents.testing import ScriptedModel, assistant_message, function_call
 from sqlalchemy import Engine, event, text
 
 from agents_sessions import DatabaseError, PostgreSQLSession, UsageEntry, get_store
+from agents_sessions.loop_statements import runs_on_loop
 
 
 def user(content: str) -> dict[str, str]:
@@ -54,6 +55,9 @@ async def test_every_session_call_runs_on_one_shard(strict_url: str) -> None:
     await session.add_items([user("again")])
 
     store = get_store(strict_url)
+    # Where Citus is installed an append is a transaction on the engine, so the event
+    # loop's one-statement path is off (reads included: one path per store).
+    assert store.async_pools is None and not await runs_on_loop(store, None)
     with store.transaction() as repos:
         record = repos.conversations.get(conversation_id)
         assert record is not None and record.user_id == "ada"

@@ -41,6 +41,9 @@ pytestmark = [
     pytest.mark.direct_connection_only(
         "counts and kills the pools' server backends, which a transaction-pooling proxy hides"
     ),
+    pytest.mark.not_on_citus(
+        "the loop path is off on a Citus store (tests/citus/test_single_shard.py checks that)"
+    ),
 ]
 
 
@@ -82,6 +85,7 @@ def backends(admin: Engine, application_name: str) -> list[int]:
 
 
 def pools_of(session: PostgreSQLSession) -> AsyncPools:
+    session.store.ensure_schema()  # the loop's pools apply once the schema check has run
     pools = session.store.async_pools
     assert pools is not None, "the event-loop path does not apply"
     return pools
@@ -125,8 +129,8 @@ async def test_hot_calls_run_on_the_loop_and_transactions_on_the_engine(
     url, _ = app_url(postgres_server)
     session = PostgreSQLSession("c", database_url=url)
     store = session.store
-    assert runs_on_loop(store, None)
-    assert not runs_on_loop(store, "tenant-a")  # row-level security: the engine's path
+    assert await runs_on_loop(store, None)
+    assert not await runs_on_loop(store, "tenant-a")  # row-level security: the engine's path
 
     await session.add_items([user("a"), user("b")])
     assert await session.get_items() == [user("a"), user("b")]
@@ -142,9 +146,9 @@ async def test_hot_calls_run_on_the_loop_and_transactions_on_the_engine(
 async def test_the_loop_path_is_off_with_echo(postgres_server: PostgresServer) -> None:
     url, _ = app_url(postgres_server)
     session = PostgreSQLSession("c", database_url=url, settings=load_settings(echo=True))
-    assert session.store.async_pools is None
     await session.add_items([user("a")])
     assert await session.get_items() == [user("a")]
+    assert session.store.schema_ready and session.store.async_pools is None
 
 
 # ----------------------------------------------------------------- one ceiling
@@ -292,6 +296,7 @@ async def test_with_a_ceiling_of_one_the_session_stays_on_the_worker_threads(
 ) -> None:
     url, _ = app_url(postgres_server, "pool_size=1&max_overflow=0")
     session = PostgreSQLSession("c", database_url=url)
+    session.store.ensure_schema()
     assert session.store.async_pools is None
     await session.add_items([user("a")])
     assert await session.get_items() == [user("a")]
