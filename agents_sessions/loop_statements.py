@@ -61,11 +61,8 @@ async def run_on_loop(
             unknown.
         DatabaseError: any other database failure, as the synchronous path raises it.
     """
-    pools = store.async_pools
+    pools = store.async_pools  # (set once runs_on_loop's schema check has run)
     assert pools is not None, "runs_on_loop() said no"
-    if not store.schema_ready:
-        # Once per engine; it may migrate, which blocks: in a worker thread.
-        await store.call_in_thread(store.ensure_schema)
     plan: RetryPlan | None = None  # made on the first failure
     while True:
         sent = False
