@@ -11,6 +11,7 @@ the last three (hostile, odd id, long) head the list.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -191,6 +192,9 @@ async def seed(url: str) -> SeededDatabase:
         repos.conversations.upsert(ODD_ID_CONVERSATION)
         repos.messages.append(ODD_ID_CONVERSATION, [{"role": "user", "content": "odd id"}])
 
+    # Written last, and observably so: SQLite stores timestamps to the millisecond,
+    # and two writes within one would tie (then the id decides the order).
+    await asyncio.sleep(0.002)
     with store.transaction() as repos:
         repos.messages.append(
             LONG_CONVERSATION,
