@@ -357,14 +357,23 @@ class AsyncPools:
         would, with ``connection_invalidated`` set when the connection died.
         """
         dialect = self.dialect
-        sql, defaults = driver_sql(hot.statement, dialect)
-        parameters = {**defaults, **hot.parameters}
         reusable = False
+        answer: Any = None
+        sql, parameters = "", hot.parameters
         try:
-            rows, rowcount = await connection.fetch(
-                pool.loop, sql, parameters, self.options.response_timeout
-            )
-            reusable = True
+            # A lean statement's empty answer hands over to its fallback (see
+            # HotStatement.fallback), on the same connection.
+            for statement in hot.statements():
+                sql, defaults = driver_sql(statement, dialect)
+                parameters = {**defaults, **hot.parameters}
+                reusable = False
+                rows, rowcount = await connection.fetch(
+                    pool.loop, sql, parameters, self.options.response_timeout
+                )
+                reusable = True
+                answer = hot.outcome(rows, rowcount)
+                if answer:
+                    break
         except Expired:
             logger.warning(
                 "agents_sessions: no answer from the database within response_timeout; "
@@ -397,7 +406,7 @@ class AsyncPools:
             # Anything else (a cancellation mid-statement) leaves the protocol state
             # unknown: the connection is closed, never reused.
             pool.release(connection, reusable=reusable)
-        return hot.outcome(rows, rowcount)
+        return answer
 
     def close_idle(self) -> None:
         """Close every idle connection; those in use are closed when handed back.

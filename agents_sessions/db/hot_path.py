@@ -48,34 +48,55 @@ class HotStatement:
             (how many rows it wrote).
         append_key: The idempotency key of an append: a unique violation on it
             means an earlier attempt of the same call committed -- 0 written.
+        fallback: The general statement, when ``statement`` is a lean one for the
+            common case: run (with the same parameters, on the same connection)
+            when ``statement`` found no row to read or wrote none -- a case it
+            does not handle, or a true empty answer the fallback repeats.
     """
 
     statement: Any
     parameters: dict[str, Any]
     returns_items: bool
     append_key: str | None = None
+    fallback: Any = None
 
     def outcome(self, rows: list[tuple[Any, ...]], rowcount: int) -> Any:
         """What the call returns: its items, or how many rows it wrote."""
         return [row[0] for row in rows] if self.returns_items else int(rowcount)
+
+    def statements(self) -> tuple[Any, ...]:
+        """The statements to try in order: the lean one, then its fallback if any."""
+        return (self.statement,) if self.fallback is None else (self.statement, self.fallback)
 
     def already_done(self, error: sa_exc.IntegrityError) -> bool:
         """Whether ``error`` says an earlier attempt of this very append committed."""
         return self.append_key is not None and violates_append_key(error)
 
 
-def run_hot_statement(connection: Connection | DriverConnection, hot: HotStatement) -> Any:
-    """Execute ``hot`` on a connection (PostgreSQL); :meth:`HotStatement.outcome` of it."""
-    try:
-        result = execute(connection, hot.statement, hot.parameters)  # type: ignore[arg-type]
-    except sa_exc.IntegrityError as exc:
-        if hot.already_done(exc):
-            # The statement wrote nothing: the items are stored once.
-            return 0
-        raise
-    if hot.returns_items:
-        return list(result.scalars())
-    return int(result.rowcount)
+def run_hot_statement(
+    connection: Connection | DriverConnection, hot: HotStatement, *, answer_key: bool = True
+) -> Any:
+    """Execute ``hot`` (then its fallback if needed) on a connection (PostgreSQL).
+
+    Returns :meth:`HotStatement.outcome`. ``answer_key=False`` lets the unique
+    violation of an earlier attempt's key propagate (a caller inside a transaction
+    answers it after rolling back to its savepoint).
+    """
+    answer: Any = None
+    # A lean statement's empty answer (no row read, none written) hands over to its
+    # fallback; the fallback's answer is final.
+    for statement in hot.statements():
+        try:
+            result = execute(connection, statement, hot.parameters)  # type: ignore[arg-type]
+        except sa_exc.IntegrityError as exc:
+            if answer_key and hot.already_done(exc):
+                # The statement wrote nothing: the items are stored once.
+                return 0
+            raise
+        answer = list(result.scalars()) if hot.returns_items else int(result.rowcount)
+        if answer:
+            break
+    return answer
 
 
 class HotMessages(Protocol):

@@ -129,11 +129,15 @@ def _branch_after_upsert(excluded: Any) -> Any:
     return case((restarting, null()), else_=conversations.c.current_branch)
 
 
-def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
+def _conversation_upsert(
+    dialect_name: str, *, replace_user: bool, unexpired_only: bool = False
+) -> Any:
     """INSERT a conversation, or touch it (and update what was given) if it exists.
 
     ON CONFLICT DO UPDATE also locks the conversation row until the transaction
     ends; appends rely on that lock to serialise writers of one conversation.
+    ``unexpired_only``: an expired conversation is locked but left as it is (the
+    ``WHERE`` of DO UPDATE is false, so RETURNING yields no row), never restarted.
     """
     statement = _DIALECT_INSERT[dialect_name](conversations).values(
         id=bindparam("conversation_id"),
@@ -150,17 +154,34 @@ def _conversation_upsert(dialect_name: str, *, replace_user: bool) -> Any:
         # The session facade never re-assigns an owned conversation to another user.
         else func.coalesce(conversations.c.user_id, excluded.user_id)
     )
+    changes = {
+        # The time the row would have been inserted with: now() is evaluated once,
+        # in VALUES. A function call here would be refused by Citus (functions in
+        # DO UPDATE SET must be IMMUTABLE on distributed tables); a reference to
+        # EXCLUDED is not, and the timestamp still comes from the database (the
+        # coordinator's clock), never from the client's.
+        "updated_at": excluded.updated_at,
+        "user_id": user_id,
+        "metadata": func.coalesce(_metadata_param, conversations.c.metadata),
+    }
+    if unexpired_only:
+        # The WHERE is evaluated on the row as locked (its newest committed version),
+        # so a concurrent restart of an expired conversation is seen here.
+        return statement.on_conflict_do_update(
+            index_elements=[conversations.c.id],
+            set_={
+                **changes,
+                "expires_at": func.coalesce(excluded.expires_at, conversations.c.expires_at),
+            },
+            where=or_(
+                conversations.c.expires_at.is_(None),
+                conversations.c.expires_at > excluded.updated_at,
+            ),
+        )
     return statement.on_conflict_do_update(
         index_elements=[conversations.c.id],
         set_={
-            # The time the row would have been inserted with: now() is evaluated once,
-            # in VALUES. A function call here would be refused by Citus (functions in
-            # DO UPDATE SET must be IMMUTABLE on distributed tables); a reference to
-            # EXCLUDED is not, and the timestamp still comes from the database (the
-            # coordinator's clock), never from the client's.
-            "updated_at": excluded.updated_at,
-            "user_id": user_id,
-            "metadata": func.coalesce(_metadata_param, conversations.c.metadata),
+            **changes,
             "expires_at": _new_expiry(excluded),
             "current_branch": _branch_after_upsert(excluded),
         },
@@ -193,7 +214,7 @@ def unnested_rows(name: str, **columns: tuple[str, Any]) -> Any:
     )
 
 
-def _postgres_append() -> Any:
+def _postgres_append(*, common_case: bool) -> Any:
     """One statement: upsert (and lock) the conversation, then insert the items after it.
 
     The CTE's ``ON CONFLICT DO UPDATE`` takes the conversation's row lock before
@@ -202,50 +223,64 @@ def _postgres_append() -> Any:
     ids -- history order -- follow commit order, and each call's items are
     contiguous. Items arrive as parallel arrays, unnested WITH ORDINALITY and
     inserted in that order.
+
+    ``common_case``: the lean form for a conversation that has not expired. It
+    leaves an expired one untouched and stores nothing (rowcount 0), as it does for
+    a key an earlier attempt claimed; the caller then runs the full form, which
+    restarts an expired conversation (purging its history) and answers for the key.
+    Only the full form drops the conversation's append keys past their retention.
     """
-    # Whether the conversation had expired, as of this statement's snapshot (a
-    # writer that restarted it since committed a fresh expiry, which the upsert's
-    # CASE sees on the locked row; its messages are not in this snapshot either).
-    was_expired = (
-        select(conversations.c.id)
-        .where(
-            conversations.c.id == bindparam("conversation_id"),
-            conversations.c.expires_at <= utcnow(),
-        )
-        .cte("was_expired")
-    )
-    conversation = (
-        ENSURE_CONVERSATION["postgresql"]
-        .returning(conversations.c.id, conversations.c.current_branch)
-        .cte("conversation")
-    )
-    # An expired conversation starts afresh: its old messages and paused run go. The
-    # deletes read `conversation`, so they run after its upsert locked the row (the
-    # lock order of every writer). When nothing expired they are one-time-filtered.
-    # Each delete also names the conversation id parameter itself: a sharded cluster
-    # (Citus) then routes the whole statement to the one shard holding it.
     conversation_id_parameter = bindparam("conversation_id", type_=Text)
-    restarted = exists(
-        select(conversation.c.id).where(conversation.c.id.in_(select(was_expired.c.id)))
+    upsert = (
+        _conversation_upsert("postgresql", replace_user=False, unexpired_only=True)
+        if common_case
+        else ENSURE_CONVERSATION["postgresql"]
     )
-    purged_messages = (
-        delete(messages)
-        .where(messages.c.conversation_id == conversation_id_parameter, restarted)
-        .returning(messages.c.id)
-        .cte("purged_messages")
+    conversation = upsert.returning(conversations.c.id, conversations.c.current_branch).cte(
+        "conversation"
     )
-    purged_branches = (
-        delete(branches)
-        .where(branches.c.conversation_id == conversation_id_parameter, restarted)
-        .returning(branches.c.conversation_id)
-        .cte("purged_branches")
-    )
-    purged_run_state = (
-        delete(run_states_table)
-        .where(run_states_table.c.conversation_id == conversation_id_parameter, restarted)
-        .returning(run_states_table.c.conversation_id)
-        .cte("purged_run_state")
-    )
+    housekeeping: list[Any] = []
+    if not common_case:
+        # Whether the conversation had expired, as of this statement's snapshot (a
+        # writer that restarted it since committed a fresh expiry, which the upsert's
+        # CASE sees on the locked row; its messages are not in this snapshot either).
+        was_expired = (
+            select(conversations.c.id)
+            .where(
+                conversations.c.id == bindparam("conversation_id"),
+                conversations.c.expires_at <= utcnow(),
+            )
+            .cte("was_expired")
+        )
+        # An expired conversation starts afresh: its old messages and paused run go.
+        # The deletes read `conversation`, so they run after its upsert locked the row
+        # (the lock order of every writer). When nothing expired they are one-time-
+        # filtered. Each delete also names the conversation id parameter itself: a
+        # sharded cluster (Citus) then routes the whole statement to one shard.
+        restarted = exists(
+            select(conversation.c.id).where(conversation.c.id.in_(select(was_expired.c.id)))
+        )
+        for table, returned in (
+            (messages, messages.c.id),
+            (branches, branches.c.conversation_id),
+            (run_states_table, run_states_table.c.conversation_id),
+        ):
+            housekeeping.append(
+                delete(table)
+                .where(table.c.conversation_id == conversation_id_parameter, restarted)
+                .returning(returned)
+                .cte(f"purged_{table.name}")
+            )
+        # Keys past their retention go as the conversation is written (after its lock).
+        housekeeping.append(
+            delete(append_keys)
+            .where(
+                append_keys.c.conversation_id == conversation_id_parameter,
+                exists(select(conversation.c.id)),
+                append_keys.c.created_at < bindparam("keys_expire_before"),
+            )
+            .cte("expired_keys")
+        )
     rows = unnested_rows(
         "new_items", role=("roles", Text), content=("contents", Text), document=("documents", Text)
     )
@@ -267,16 +302,6 @@ def _postgres_append() -> Any:
         .returning(append_keys.c.conversation_id)
         .cte("claimed")
     )
-    # Keys past their retention go as the conversation is written (after its lock).
-    expired = (
-        delete(append_keys)
-        .where(
-            append_keys.c.conversation_id == conversation_id_parameter,
-            exists(select(conversation.c.id)),
-            append_keys.c.created_at < bindparam("keys_expire_before"),
-        )
-        .cte("expired")
-    )
     source = (
         select(
             conversation.c.id,
@@ -292,18 +317,18 @@ def _postgres_append() -> Any:
         .select_from(conversation.join(rows, true()))
         .where(or_(append_key.is_(None), exists(select(claimed.c.conversation_id))))
         .order_by(rows.c.position)
-        .add_cte(expired)
     )
     return (
         insert(messages)
         .from_select(
             ["conversation_id", "role", "content", "item", "append_key", "branch_id"], source
         )
-        .add_cte(purged_messages, purged_branches, purged_run_state)
+        .add_cte(*housekeeping)
     )
 
 
-POSTGRES_APPEND = _postgres_append()
+POSTGRES_APPEND = _postgres_append(common_case=False)
+POSTGRES_APPEND_COMMON_CASE = _postgres_append(common_case=True)
 INSERT_MESSAGE = insert(messages).values(
     conversation_id=bindparam("conversation_id"),
     role=bindparam("role"),

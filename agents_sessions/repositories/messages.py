@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from random import getrandbits
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from ..db.common_case import (
+    LOCK_UNEXPIRED_FOR_POP,
+    POP_UNSHARED,
+    VIEW_ALL_UNFORKED,
+    VIEW_LATEST_UNFORKED,
+)
 from ..db.engine import DISTRIBUTED_OPTION, TENANT_OPTION
 from ..db.hot_path import HotStatement, run_hot_statement
 from ..db.statements import (
@@ -25,6 +32,7 @@ from ..db.statements import (
     IS_EXPIRED,
     LOCK_IF_EXPIRED,
     POSTGRES_APPEND,
+    POSTGRES_APPEND_COMMON_CASE,
     POSTGRES_VIEW_ALL,
     POSTGRES_VIEW_LATEST,
     PURGE_BRANCHES,
@@ -52,17 +60,30 @@ from .search import SearchPage, search_messages
 
 __all__ = ["APPEND_KEY_RETENTION", "MessageRepository"]
 
+#: One append in ``2 ** KEY_CLEANUP_BITS`` (per process, at random) also drops the
+#: conversation's append keys past their retention; the others leave that to it.
+KEY_CLEANUP_BITS = 5
+KEY_CLEANUP_ONE_IN = 2**KEY_CLEANUP_BITS
+
 
 def latest_statement(conversation_id: str, limit: int) -> HotStatement:
-    """The newest ``limit`` (> 0) items of the current branch, oldest first (PostgreSQL)."""
+    """The newest ``limit`` (> 0) items of the current branch, oldest first (PostgreSQL).
+
+    The lean read of an unforked branch, and the fork-chain walk when it finds nothing.
+    """
     return HotStatement(
-        POSTGRES_VIEW_LATEST, {"conversation_id": conversation_id, "limit": limit}, True
+        VIEW_LATEST_UNFORKED,
+        {"conversation_id": conversation_id, "limit": limit},
+        True,
+        fallback=POSTGRES_VIEW_LATEST,
     )
 
 
 def all_statement(conversation_id: str) -> HotStatement:
-    """Every item of the current branch, oldest first (PostgreSQL)."""
-    return HotStatement(POSTGRES_VIEW_ALL, {"conversation_id": conversation_id}, True)
+    """Every item of the current branch, oldest first (PostgreSQL); as :func:`latest_statement`."""
+    return HotStatement(
+        VIEW_ALL_UNFORKED, {"conversation_id": conversation_id}, True, fallback=POSTGRES_VIEW_ALL
+    )
 
 
 def append_statement(
@@ -78,9 +99,16 @@ def append_statement(
 
     Arguments are trusted to be validated. Writes how many items it stored: 0 when
     an earlier attempt with the same ``idempotency_key`` did.
+
+    Usually the lean statement for an unexpired conversation runs, and the full one
+    only when it stored nothing (an expired conversation to restart, or a key seen
+    before). The full one also drops the conversation's append keys past their
+    retention, so one append in :data:`KEY_CLEANUP_ONE_IN` (drawn at random, so no
+    pattern of conversations escapes it) runs it directly.
     """
+    full = getrandbits(KEY_CLEANUP_BITS) == 0
     return HotStatement(
-        POSTGRES_APPEND,
+        POSTGRES_APPEND if full else POSTGRES_APPEND_COMMON_CASE,
         {
             "conversation_id": conversation_id,
             "user_id": user_id,
@@ -96,6 +124,7 @@ def append_statement(
         },
         False,
         idempotency_key,
+        None if full else POSTGRES_APPEND,
     )
 
 
@@ -190,12 +219,11 @@ class MessageRepository:
             if idempotency_key is not None and in_driver_transaction(self.connection):
                 try:
                     with self.connection.begin_nested():
-                        result = execute(self.connection, hot.statement, hot.parameters)
+                        return int(run_hot_statement(self.connection, hot, answer_key=False))
                 except IntegrityError as exc:
                     if hot.already_done(exc):
                         return 0  # an earlier attempt of this very call committed
                     raise
-                return int(result.rowcount)
             return int(run_hot_statement(self.connection, hot))
         conversation = {
             "conversation_id": conversation_id,
@@ -348,12 +376,32 @@ class MessageRepository:
         """
         validate_identifier(conversation_id)
         parameters: dict[str, Any] = {"conversation_id": conversation_id}
-        if self.connection.execute(IS_EXPIRED, parameters).scalar():
-            return None  # an expired conversation reads as empty: nothing to pop
-        item = BranchRepository(self.connection).pop(conversation_id)
+        if self.connection.dialect.name == "postgresql":
+            item = self._pop_common_case(parameters)
+        else:
+            if self.connection.execute(IS_EXPIRED, parameters).scalar():
+                return None  # an expired conversation reads as empty: nothing to pop
+            item = BranchRepository(self.connection).pop(conversation_id)
         if item is not None and ttl_seconds is not None:
             self.connection.execute(EXTEND_CONVERSATION, {**parameters, "ttl_seconds": ttl_seconds})
         return item
+
+    def _pop_common_case(self, parameters: dict[str, Any]) -> Any | None:
+        """A pop on PostgreSQL: two lean statements when no other branch is involved."""
+        # First the conversation's lock (and touch): the POP_UNSHARED statement after
+        # it reads branches in a snapshot taken once the lock is held, so a branch
+        # created or switched to concurrently is seen (READ COMMITTED: one snapshot
+        # per statement).
+        branch_id = execute(self.connection, LOCK_UNEXPIRED_FOR_POP, parameters).scalar()
+        if branch_id is None:
+            return None  # missing, or expired (which reads as empty): nothing to pop
+        popped = execute(self.connection, POP_UNSHARED, {**parameters, "branch_id": branch_id})
+        row = popped.first()
+        if row is not None:
+            return row[0]
+        # Empty, inherited from a parent, or shared with a child: the branch-aware pop
+        # (which takes the same lock again, already held).
+        return BranchRepository(self.connection).pop(parameters["conversation_id"])
 
     def clear(self, conversation_id: str) -> int:
         """Delete every item of the conversation (it stays, with its metadata and usage).

@@ -1,0 +1,94 @@
+"""Lean statements for the common case: an unexpired conversation on an unforked branch.
+
+Most calls meet a conversation that has not expired and whose current branch has no
+parent. The general statements (:mod:`agents_sessions.db.statements`) handle every
+case -- a fork chain walked by a recursive CTE, an expired history restarted -- and
+the server pays to plan and run all of it on every call. The statements here do
+only the common case's work and say when they did not apply by answering "nothing"
+(no row read, no row written); the caller then runs the general statement, whose
+answer is final. A true "nothing" (an empty conversation) costs both statements.
+
+PostgreSQL only; each names the conversation id parameter in every table it reads,
+so a sharded cluster (Citus) routes it whole to one shard.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from .tables import JSONDocument
+
+# The conversation, unexpired, and its current branch -- which has no parent. Read in
+# the same statement (one snapshot) as the messages below.
+_UNFORKED_CURRENT_BRANCH = """
+    c.id = :conversation_id AND (c.expires_at IS NULL OR c.expires_at > now())
+    AND NOT EXISTS (
+        SELECT FROM conversation_branches b
+        WHERE b.conversation_id = :conversation_id
+          AND b.branch_id = COALESCE(c.current_branch, 'main')
+          AND b.parent_branch_id IS NOT NULL
+    )
+"""
+
+#: The newest ``:limit`` items of an unforked current branch, oldest first: one
+#: backward scan of (conversation_id, branch_id, id). No row: not the common case,
+#: or nothing to read (``POSTGRES_VIEW_LATEST`` answers).
+VIEW_LATEST_UNFORKED = text(
+    f"""
+SELECT latest.item FROM (
+    SELECT own.id, own.item FROM conversations c CROSS JOIN LATERAL (
+        SELECT m.id, m.item FROM messages m
+        WHERE m.conversation_id = :conversation_id
+          AND m.branch_id = COALESCE(c.current_branch, 'main')
+        ORDER BY m.id DESC LIMIT :limit
+    ) own
+    WHERE {_UNFORKED_CURRENT_BRANCH}
+) latest ORDER BY latest.id
+"""
+).columns(item=JSONDocument)
+
+#: Every item of an unforked current branch, oldest first (``POSTGRES_VIEW_ALL``
+#: answers when there is none).
+VIEW_ALL_UNFORKED = text(
+    f"""
+SELECT m.item FROM conversations c JOIN messages m
+    ON m.conversation_id = :conversation_id
+   AND m.branch_id = COALESCE(c.current_branch, 'main')
+WHERE {_UNFORKED_CURRENT_BRANCH}
+ORDER BY m.id
+"""
+).columns(item=JSONDocument)
+
+#: A pop's first step: lock and touch the unexpired conversation, and answer its
+#: current branch (no row: missing or expired, nothing to pop). ``UPDATE`` takes the
+#: row lock every writer of the conversation takes first.
+LOCK_UNEXPIRED_FOR_POP = text(
+    """
+UPDATE conversations SET updated_at = now()
+WHERE id = :conversation_id AND (expires_at IS NULL OR expires_at > now())
+RETURNING COALESCE(current_branch, 'main')
+"""
+)
+
+#: Under that lock (run after it, in the same transaction, so its snapshot sees every
+#: branch operation that committed before): delete and return the branch's newest own
+#: row, unless the branch has a parent or a child still shares that row (then the
+#: branch-aware pop of :mod:`agents_sessions.repositories.branches` answers).
+POP_UNSHARED = text(
+    """
+DELETE FROM messages
+WHERE conversation_id = :conversation_id
+  AND id = (
+    SELECT max(newest.id) FROM messages newest
+    WHERE newest.conversation_id = :conversation_id AND newest.branch_id = :branch_id
+  )
+  AND NOT EXISTS (
+    SELECT FROM conversation_branches b
+    WHERE b.conversation_id = :conversation_id
+      AND ((b.branch_id = :branch_id AND b.parent_branch_id IS NOT NULL)
+        OR (b.parent_branch_id = :branch_id
+            AND (b.fork_before_id IS NULL OR b.fork_before_id > messages.id)))
+  )
+RETURNING item
+"""
+).columns(item=JSONDocument)
