@@ -48,6 +48,7 @@ class AsyncConnection:
         "driver",
         "generation",
         "pid",
+        "prepared",
         "release_slot",
     )
 
@@ -60,6 +61,8 @@ class AsyncConnection:
         self.born = time.monotonic()
         self.pid = os.getpid()
         self.release_slot = release_slot
+        #: Names of the statements prepared on this connection (see db/prepared.py).
+        self.prepared: set[str] = set()
         self._waiting: asyncio.Future[None] | None = None
         self._expired = False
 

@@ -55,6 +55,7 @@ from .async_connection import AsyncConnection, Expired, keep_unclosed, wake
 from .budget import ConnectionBudget, attach_budget, shed_idle
 from .engine import DatabaseTarget, PoolOptions, postgresql_connect_recipe, socket_has_news
 from .hot_path import HotStatement
+from .prepared import PreparingSwitch, prepared_form
 from .statements import driver_sql
 
 logger = logging.getLogger("agents_sessions")
@@ -254,6 +255,8 @@ class AsyncPools:
         self._lock = threading.Lock()
         self.disposed = False
         self.generation = 0
+        #: Whether hot statements are prepared on the connections (off behind a proxy).
+        self.preparing = PreparingSwitch()
 
     @classmethod
     def for_engine(cls, engine: Engine, target: DatabaseTarget) -> AsyncPools | None:
@@ -367,8 +370,8 @@ class AsyncPools:
                 sql, defaults = driver_sql(statement, dialect)
                 parameters = {**defaults, **hot.parameters}
                 reusable = False
-                rows, rowcount = await connection.fetch(
-                    pool.loop, sql, parameters, self.options.response_timeout
+                rows, rowcount = await self._send(
+                    pool, connection, statement if hot.preparable else None, sql, parameters
                 )
                 reusable = True
                 answer = hot.outcome(rows, rowcount)
@@ -407,6 +410,38 @@ class AsyncPools:
             # unknown: the connection is closed, never reused.
             pool.release(connection, reusable=reusable)
         return answer
+
+    async def _send(
+        self,
+        pool: LoopPool,
+        connection: AsyncConnection,
+        statement: Any,
+        sql: str,
+        parameters: dict[str, Any],
+    ) -> tuple[list[tuple[Any, ...]], int]:
+        """Run one statement: prepared on the connection (see db/prepared.py), else as text.
+
+        ``statement`` is ``None`` for SQL that is never prepared.
+        """
+        timeout = self.options.response_timeout
+        if statement is not None and self.preparing.on:
+            form = prepared_form(statement, self.dialect)
+            prepared = form.name in connection.prepared
+            try:
+                answer = await connection.fetch(
+                    pool.loop,
+                    form.execute if prepared else form.prepare_and_execute,
+                    parameters,
+                    timeout,
+                )
+            except psycopg2.Error as exc:
+                if not self.preparing.pooler_answered(exc):
+                    raise
+                # A proxy sent it to another server connection; nothing ran there.
+            else:
+                connection.prepared.add(form.name)
+                return answer
+        return await connection.fetch(pool.loop, sql, parameters, timeout)
 
     def close_idle(self) -> None:
         """Close every idle connection; those in use are closed when handed back.

@@ -429,9 +429,13 @@ WITH RECURSIVE chain(branch_id, bound) AS (
 )
 """
 _NO_BOUND = "9223372036854775807"
-POSTGRES_VIEW_LATEST = text(
-    _VIEW_CHAIN
-    + f"""
+# Typed, so that the reads can be prepared (see agents_sessions.db.prepared).
+_CONVERSATION_ID = bindparam("conversation_id", type_=Text)
+_LIMIT = bindparam("limit", type_=Integer)
+POSTGRES_VIEW_LATEST = (
+    text(
+        _VIEW_CHAIN
+        + f"""
 SELECT latest.item FROM (
     SELECT own.id, own.item FROM chain CROSS JOIN LATERAL (
         SELECT m.id, m.item FROM messages m
@@ -442,16 +446,23 @@ SELECT latest.item FROM (
     ORDER BY own.id DESC LIMIT :limit
 ) latest ORDER BY latest.id
 """
-).columns(item=JSONDocument)
-POSTGRES_VIEW_ALL = text(
-    _VIEW_CHAIN
-    + f"""
+    )
+    .bindparams(_CONVERSATION_ID, _LIMIT)
+    .columns(item=JSONDocument)
+)
+POSTGRES_VIEW_ALL = (
+    text(
+        _VIEW_CHAIN
+        + f"""
 SELECT m.item FROM chain JOIN messages m
     ON m.conversation_id = :conversation_id AND m.branch_id = chain.branch_id
    AND m.id < COALESCE(chain.bound, {_NO_BOUND})
 ORDER BY m.id
 """
-).columns(item=JSONDocument)
+    )
+    .bindparams(_CONVERSATION_ID)
+    .columns(item=JSONDocument)
+)
 IS_EXPIRED = select(expired(bindparam("conversation_id")))
 # Touch a conversation: its expiry is left as it is (TOUCH_CONVERSATION), or set to
 # now + ttl_seconds (EXTEND_CONVERSATION). Two statements rather than one with
