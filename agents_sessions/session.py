@@ -31,7 +31,7 @@ from .idempotency import new_append_key
 from .items import encode_items
 from .loop_statements import run_on_loop, runs_on_loop
 from .repositories import Repositories, UsageEntry
-from .repositories.messages import all_statement, append_statement, latest_statement
+from .repositories.messages import append_statement, history_statement, pop_statement
 from .repositories.usage import UNKNOWN_MODEL
 from .settings import Settings
 from .store import SessionStore, get_store
@@ -239,11 +239,7 @@ class PostgreSQLSession(HistoryManagementMixin):
         if await runs_on_loop(
             self._store, tenant, lag_tolerant=self._store.settings.history_reads_from_replica
         ):
-            hot = (
-                all_statement(self.session_id)
-                if count is None
-                else latest_statement(self.session_id, count)
-            )
+            hot = history_statement(self.session_id, count)
             return list(await run_on_loop(self._store, hot, write=False, repeatable=True))
         return await self._in_thread(self._get_items, count, tenant)
 
@@ -406,6 +402,15 @@ class PostgreSQLSession(HistoryManagementMixin):
         (``await asyncio.shield(pop)``) and read its result.
         """
         tenant = self._acting_tenant(wrapper)
+        # With a time-to-live, the pop and the expiry it extends are one transaction.
+        if self._ttl_seconds is None and await runs_on_loop(self._store, tenant):
+            popped = await settle_then_propagate_cancellation(
+                run_on_loop(
+                    self._store, pop_statement(self.session_id), write=True, repeatable=False
+                )
+            )
+            if popped:
+                return popped[0]
         return await self._mutate(self._pop_item, tenant)
 
     def _pop_item(self, tenant: str | None) -> Any | None:

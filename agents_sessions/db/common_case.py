@@ -14,9 +14,12 @@ so a sharded cluster (Citus) routes it whole to one shard.
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from sqlalchemy import Integer, Text, bindparam, text
 
 from .tables import JSONDocument
+
+# Typed, so that the reads can be prepared (see agents_sessions.db.prepared).
+_CONVERSATION_ID = bindparam("conversation_id", type_=Text)
 
 # The conversation, unexpired, and its current branch -- which has no parent. Read in
 # the same statement (one snapshot) as the messages below.
@@ -33,8 +36,9 @@ _UNFORKED_CURRENT_BRANCH = """
 #: The newest ``:limit`` items of an unforked current branch, oldest first: one
 #: backward scan of (conversation_id, branch_id, id). No row: not the common case,
 #: or nothing to read (``POSTGRES_VIEW_LATEST`` answers).
-VIEW_LATEST_UNFORKED = text(
-    f"""
+VIEW_LATEST_UNFORKED = (
+    text(
+        f"""
 SELECT latest.item FROM (
     SELECT own.id, own.item FROM conversations c CROSS JOIN LATERAL (
         SELECT m.id, m.item FROM messages m
@@ -45,50 +49,67 @@ SELECT latest.item FROM (
     WHERE {_UNFORKED_CURRENT_BRANCH}
 ) latest ORDER BY latest.id
 """
-).columns(item=JSONDocument)
+    )
+    .bindparams(_CONVERSATION_ID, bindparam("limit", type_=Integer))
+    .columns(item=JSONDocument)
+)
 
 #: Every item of an unforked current branch, oldest first (``POSTGRES_VIEW_ALL``
 #: answers when there is none).
-VIEW_ALL_UNFORKED = text(
-    f"""
+VIEW_ALL_UNFORKED = (
+    text(
+        f"""
 SELECT m.item FROM conversations c JOIN messages m
     ON m.conversation_id = :conversation_id
    AND m.branch_id = COALESCE(c.current_branch, 'main')
 WHERE {_UNFORKED_CURRENT_BRANCH}
 ORDER BY m.id
 """
-).columns(item=JSONDocument)
-
-#: A pop's first step: lock and touch the unexpired conversation, and answer its
-#: current branch (no row: missing or expired, nothing to pop). ``UPDATE`` takes the
-#: row lock every writer of the conversation takes first.
-LOCK_UNEXPIRED_FOR_POP = text(
-    """
-UPDATE conversations SET updated_at = now()
-WHERE id = :conversation_id AND (expires_at IS NULL OR expires_at > now())
-RETURNING COALESCE(current_branch, 'main')
-"""
+    )
+    .bindparams(_CONVERSATION_ID)
+    .columns(item=JSONDocument)
 )
 
-#: Under that lock (run after it, in the same transaction, so its snapshot sees every
-#: branch operation that committed before): delete and return the branch's newest own
-#: row, unless the branch has a parent or a child still shares that row (then the
-#: branch-aware pop of :mod:`agents_sessions.repositories.branches` answers).
-POP_UNSHARED = text(
-    """
+_LOCK_FOR_POP = """
+UPDATE conversations SET updated_at = now()
+WHERE id = :conversation_id AND (expires_at IS NULL OR expires_at > now())"""
+_DELETE_UNSHARED = """
+WITH current_branch AS (
+    SELECT COALESCE(c.current_branch, 'main') AS id FROM conversations c
+    WHERE c.id = :conversation_id AND (c.expires_at IS NULL OR c.expires_at > now())
+)
 DELETE FROM messages
 WHERE conversation_id = :conversation_id
   AND id = (
-    SELECT max(newest.id) FROM messages newest
-    WHERE newest.conversation_id = :conversation_id AND newest.branch_id = :branch_id
+    SELECT max(newest.id) FROM current_branch JOIN messages newest
+      ON newest.conversation_id = :conversation_id AND newest.branch_id = current_branch.id
   )
   AND NOT EXISTS (
-    SELECT FROM conversation_branches b
-    WHERE b.conversation_id = :conversation_id
-      AND ((b.branch_id = :branch_id AND b.parent_branch_id IS NOT NULL)
-        OR (b.parent_branch_id = :branch_id
-            AND (b.fork_before_id IS NULL OR b.fork_before_id > messages.id)))
+    SELECT FROM current_branch JOIN conversation_branches b
+      ON b.conversation_id = :conversation_id
+     AND ((b.branch_id = current_branch.id AND b.parent_branch_id IS NOT NULL)
+       OR (b.parent_branch_id = current_branch.id
+           AND (b.fork_before_id IS NULL OR b.fork_before_id > messages.id)))
   )
 RETURNING item
 """
-).columns(item=JSONDocument)
+
+#: A pop, in two statements sent in one round trip (psycopg2's simple query protocol
+#: allows it and answers with the last one's rows; other drivers send
+#: ``LOCK_FOR_POP`` and ``DELETE_UNSHARED`` one by one, in a transaction). The
+#: ``UPDATE`` takes (and touches) the conversation's row lock, the one every writer of
+#: it takes first. The ``DELETE`` runs after it in the same transaction (an implicit
+#: one, on an autocommit connection) with its own snapshot (READ COMMITTED), taken
+#: once the lock is held, so it sees every branch operation that committed before --
+#: one statement could not: its snapshot would predate the wait for the lock. It
+#: deletes and returns the current branch's newest own row, unless the branch has a
+#: parent or a child still shares that row. No row: missing, expired, empty or one of
+#: those cases (the branch-aware pop of :mod:`agents_sessions.repositories.branches`
+#: answers). Never prepared.
+POP_UNSHARED = (
+    text(f"{_LOCK_FOR_POP};{_DELETE_UNSHARED}")
+    .bindparams(_CONVERSATION_ID)
+    .columns(item=JSONDocument)
+)
+LOCK_FOR_POP = text(_LOCK_FOR_POP).bindparams(_CONVERSATION_ID)
+DELETE_UNSHARED = text(_DELETE_UNSHARED).bindparams(_CONVERSATION_ID).columns(item=JSONDocument)

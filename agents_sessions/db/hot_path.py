@@ -52,6 +52,8 @@ class HotStatement:
             common case: run (with the same parameters, on the same connection)
             when ``statement`` found no row to read or wrote none -- a case it
             does not handle, or a true empty answer the fallback repeats.
+        preparable: Whether the event loop's connections may prepare it
+            (:mod:`agents_sessions.db.prepared`): not for SQL of several statements.
     """
 
     statement: Any
@@ -59,6 +61,7 @@ class HotStatement:
     returns_items: bool
     append_key: str | None = None
     fallback: Any = None
+    preparable: bool = True
 
     def outcome(self, rows: list[tuple[Any, ...]], rowcount: int) -> Any:
         """What the call returns: its items, or how many rows it wrote."""

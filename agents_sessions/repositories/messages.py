@@ -12,7 +12,8 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..db.common_case import (
-    LOCK_UNEXPIRED_FOR_POP,
+    DELETE_UNSHARED,
+    LOCK_FOR_POP,
     POP_UNSHARED,
     VIEW_ALL_UNFORKED,
     VIEW_LATEST_UNFORKED,
@@ -66,24 +67,23 @@ KEY_CLEANUP_BITS = 5
 KEY_CLEANUP_ONE_IN = 2**KEY_CLEANUP_BITS
 
 
-def latest_statement(conversation_id: str, limit: int) -> HotStatement:
-    """The newest ``limit`` (> 0) items of the current branch, oldest first (PostgreSQL).
+def history_statement(conversation_id: str, limit: int | None) -> HotStatement:
+    """The newest ``limit`` (> 0; ``None``: every) items of the current branch, oldest
+    first (PostgreSQL): the lean read of an unforked branch, and the fork-chain walk
+    when it finds nothing."""
+    if limit is None:
+        parameters: dict[str, Any] = {"conversation_id": conversation_id}
+        return HotStatement(VIEW_ALL_UNFORKED, parameters, True, fallback=POSTGRES_VIEW_ALL)
+    parameters = {"conversation_id": conversation_id, "limit": limit}
+    return HotStatement(VIEW_LATEST_UNFORKED, parameters, True, fallback=POSTGRES_VIEW_LATEST)
 
-    The lean read of an unforked branch, and the fork-chain walk when it finds nothing.
+
+def pop_statement(conversation_id: str) -> HotStatement:
+    """The common case of a pop, in one round trip (PostgreSQL; see ``POP_UNSHARED``).
+
+    Its item, or no row: then :meth:`MessageRepository.pop_latest` answers.
     """
-    return HotStatement(
-        VIEW_LATEST_UNFORKED,
-        {"conversation_id": conversation_id, "limit": limit},
-        True,
-        fallback=POSTGRES_VIEW_LATEST,
-    )
-
-
-def all_statement(conversation_id: str) -> HotStatement:
-    """Every item of the current branch, oldest first (PostgreSQL); as :func:`latest_statement`."""
-    return HotStatement(
-        VIEW_ALL_UNFORKED, {"conversation_id": conversation_id}, True, fallback=POSTGRES_VIEW_ALL
-    )
+    return HotStatement(POP_UNSHARED, {"conversation_id": conversation_id}, True, preparable=False)
 
 
 def append_statement(
@@ -292,14 +292,14 @@ class MessageRepository:
             return []
         if self.connection.dialect.name != "postgresql":
             return self._current_branch_items(conversation_id, count)
-        return list(run_hot_statement(self.connection, latest_statement(conversation_id, count)))
+        return list(run_hot_statement(self.connection, history_statement(conversation_id, count)))
 
     def all(self, conversation_id: str) -> list[dict[str, Any]]:
         """Every item of the current branch, oldest first."""
         validate_identifier(conversation_id)
         if self.connection.dialect.name != "postgresql":
             return self._current_branch_items(conversation_id, None)
-        return list(run_hot_statement(self.connection, all_statement(conversation_id)))
+        return list(run_hot_statement(self.connection, history_statement(conversation_id, None)))
 
     def _current_branch_items(self, conversation_id: str, limit: int | None) -> list[Any]:
         """The current branch's items, statement by statement (SQLite).
@@ -376,32 +376,24 @@ class MessageRepository:
         """
         validate_identifier(conversation_id)
         parameters: dict[str, Any] = {"conversation_id": conversation_id}
+        item = None
         if self.connection.dialect.name == "postgresql":
-            item = self._pop_common_case(parameters)
-        else:
+            # The common case in one round trip (see POP_UNSHARED); no row: missing,
+            # expired, empty, inherited from a parent or shared with a child.
+            if self.connection.dialect.driver == "psycopg2":
+                row = execute(self.connection, POP_UNSHARED, parameters).first()
+            else:
+                execute(self.connection, LOCK_FOR_POP, parameters)
+                row = execute(self.connection, DELETE_UNSHARED, parameters).first()
+            item = None if row is None else row[0]
+        if item is None:
             if self.connection.execute(IS_EXPIRED, parameters).scalar():
                 return None  # an expired conversation reads as empty: nothing to pop
+            # The branch-aware pop (its lock is already held after POP_UNSHARED).
             item = BranchRepository(self.connection).pop(conversation_id)
         if item is not None and ttl_seconds is not None:
             self.connection.execute(EXTEND_CONVERSATION, {**parameters, "ttl_seconds": ttl_seconds})
         return item
-
-    def _pop_common_case(self, parameters: dict[str, Any]) -> Any | None:
-        """A pop on PostgreSQL: two lean statements when no other branch is involved."""
-        # First the conversation's lock (and touch): the POP_UNSHARED statement after
-        # it reads branches in a snapshot taken once the lock is held, so a branch
-        # created or switched to concurrently is seen (READ COMMITTED: one snapshot
-        # per statement).
-        branch_id = execute(self.connection, LOCK_UNEXPIRED_FOR_POP, parameters).scalar()
-        if branch_id is None:
-            return None  # missing, or expired (which reads as empty): nothing to pop
-        popped = execute(self.connection, POP_UNSHARED, {**parameters, "branch_id": branch_id})
-        row = popped.first()
-        if row is not None:
-            return row[0]
-        # Empty, inherited from a parent, or shared with a child: the branch-aware pop
-        # (which takes the same lock again, already held).
-        return BranchRepository(self.connection).pop(parameters["conversation_id"])
 
     def clear(self, conversation_id: str) -> int:
         """Delete every item of the conversation (it stays, with its metadata and usage).

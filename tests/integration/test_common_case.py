@@ -61,14 +61,14 @@ async def test_a_live_conversation_is_appended_read_and_popped_by_lean_statement
     assert everything == [user("q1"), reply("a1"), user("q2"), reply("a2")]
     assert popped == reply("a2")
     assert await session.get_items() == [user("q1"), reply("a1"), user("q2")]
-    append, read_latest, read_all, lock, pop = statements
+    append, read_latest, read_all, pop = statements
     # No expiry restart and no key clean-up in the append (unless this append drew
     # the clean-up, one in KEY_CLEANUP_ONE_IN: then it is the full statement alone).
     assert append.startswith("WITH conversation AS")
     assert "purged_messages" not in append or "expired_keys" in append
     assert "RECURSIVE" not in read_latest and "RECURSIVE" not in read_all
-    assert lock.lstrip().startswith("UPDATE conversations")
-    assert pop.lstrip().startswith("DELETE FROM messages")
+    # The pop: the conversation's lock, then the delete, in one round trip.
+    assert pop.lstrip().startswith("UPDATE conversations") and "DELETE FROM messages" in pop
 
 
 async def test_an_expired_conversation_hands_the_append_to_the_full_statement(
@@ -121,7 +121,7 @@ async def test_a_pop_of_an_item_a_child_branch_shares_takes_the_branch_aware_pat
     # the shared rows for the child before main loses a1.
     with recorded(session) as statements:
         assert await session.pop_item() == reply("a1")
-    assert len(statements) > 2
+    assert len(statements) > 1
     assert await session.get_items() == [user("q1")]
     await session.switch_to_branch("retry")
     assert await session.get_items() == [user("q1"), reply("a1"), user("q2 again")]

@@ -135,12 +135,16 @@ async def test_hot_calls_run_on_the_loop_and_transactions_on_the_engine(
     await session.add_items([user("a"), user("b")])
     assert await session.get_items() == [user("a"), user("b")]
     assert await session.get_items(limit=1) == [user("b")]
-    # Hot calls checked nothing out of the engine's pool...
-    checked_out_before = store.pool.checkedout()
-    assert checked_out_before == 0
-    # ...and pop, a transaction, runs there.
+    # Hot calls checked nothing out of the engine's pool (nor does a pop's common
+    # case: one round trip on the loop)...
     assert await session.pop_item() == user("b")
+    assert store.pool.checkedout() == 0
     assert await session.get_items() == [user("a")]
+    # ...and transactions run there: the pop of the last item, then the branch-aware
+    # pop that finds the conversation empty.
+    assert await session.pop_item() == user("a")
+    assert await session.pop_item() is None
+    assert await session.get_items() == []
 
 
 async def test_the_loop_path_is_off_with_echo(postgres_server: PostgresServer) -> None:
