@@ -29,6 +29,7 @@ Imports happen inside the openers: a child process loads only its backend.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -47,7 +48,11 @@ BACKENDS = (
 #: cluster (a coordinator and two workers on this machine, tables distributed), which
 #: needs the Citus extension installed. On one machine its nodes share the client's
 #: cores: a correctness-under-distribution figure, not a speed-up.
-OPTIONAL_BACKENDS = ("citus",)
+#: ``agents_sessions_ttl`` and ``agents_sessions_no_search`` are agents_sessions with
+#: one feature switched on or off, to report its cost: every session with a
+#: time-to-live (expiry on: each append extends it), or a database without the
+#: full-text search index (search indexing off; ``search`` then scans).
+OPTIONAL_BACKENDS = ("citus", "agents_sessions_ttl", "agents_sessions_no_search")
 
 LABELS = {
     "agents_sessions": "agents_sessions",
@@ -58,10 +63,21 @@ LABELS = {
     "floor": "asyncpg floor",
     "floor_psycopg2": "psycopg2-async floor",
     "citus": "agents_sessions on Citus 1+2",
+    "agents_sessions_ttl": "agents_sessions, expiry on",
+    "agents_sessions_no_search": "agents_sessions, search index off",
 }
 
 #: Backends whose data lives in the benchmark's PostgreSQL database.
-POSTGRES_BACKENDS = frozenset({"agents_sessions", "sqlalchemy", "floor", "floor_psycopg2"})
+POSTGRES_BACKENDS = frozenset(
+    {
+        "agents_sessions",
+        "agents_sessions_ttl",
+        "agents_sessions_no_search",
+        "sqlalchemy",
+        "floor",
+        "floor_psycopg2",
+    }
+)
 
 
 class BenchSession(Protocol):
@@ -339,6 +355,36 @@ async def _open_agents_sessions(config: BackendConfig) -> Backend:
     return Backend("agents_sessions", make, close)
 
 
+async def _open_agents_sessions_ttl(config: BackendConfig) -> Backend:
+    from datetime import timedelta
+
+    from agents_sessions import PostgreSQLSession
+    from agents_sessions.store import dispose_all
+
+    url = f"{config.postgres_url}?pool_size={config.pool_size}&max_overflow={config.max_overflow}"
+
+    def make(conversation_id: str) -> BenchSession:
+        return PostgreSQLSession(conversation_id, database_url=url, ttl=timedelta(days=30))
+
+    async def close() -> None:
+        dispose_all()
+
+    return Backend("agents_sessions_ttl", make, close)
+
+
+async def _open_agents_sessions_no_search(config: BackendConfig) -> Backend:
+    from agents_sessions import get_store
+
+    # The schema as migrations leave it, less the full-text index (idempotent: every
+    # child of a run opens the backend).
+    store = get_store(f"{config.postgres_url}?pool_size=1&max_overflow=0")
+    await asyncio.to_thread(store.ensure_schema)
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX IF EXISTS ix_messages_content_search")
+    opened = await _open_agents_sessions(config)
+    return Backend("agents_sessions_no_search", opened.session, opened.close)
+
+
 async def _open_agents_sessions_sqlite(config: BackendConfig) -> Backend:
     from agents_sessions import PostgreSQLSession
     from agents_sessions.store import dispose_all
@@ -445,6 +491,8 @@ _OPENERS: dict[str, Callable[[BackendConfig], Awaitable[Backend]]] = {
     "floor_psycopg2": _open_floor_psycopg2,
     # The same sessions; only the server behind the URL differs.
     "citus": _open_agents_sessions,
+    "agents_sessions_ttl": _open_agents_sessions_ttl,
+    "agents_sessions_no_search": _open_agents_sessions_no_search,
 }
 
 
