@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from sqlalchemy import event, text
 
 from agents_sessions import PostgreSQLSession
@@ -47,6 +48,10 @@ def expire(session: PostgreSQLSession) -> None:
         )
 
 
+@pytest.mark.not_on_citus(
+    "where Citus is installed an append is a transaction of single-shard statements "
+    "(tests/citus/test_single_shard.py checks those)"
+)
 async def test_a_live_conversation_is_appended_read_and_popped_by_lean_statements(
     postgres_url: str, conversation_id: str
 ) -> None:
@@ -71,6 +76,10 @@ async def test_a_live_conversation_is_appended_read_and_popped_by_lean_statement
     assert pop.lstrip().startswith("UPDATE conversations") and "DELETE FROM messages" in pop
 
 
+@pytest.mark.not_on_citus(
+    "where Citus is installed an append is a transaction of single-shard statements "
+    "(tests/citus/test_single_shard.py checks those)"
+)
 async def test_an_expired_conversation_hands_the_append_to_the_full_statement(
     postgres_url: str, conversation_id: str
 ) -> None:
@@ -92,6 +101,10 @@ async def test_an_expired_conversation_hands_the_append_to_the_full_statement(
         assert "purged_messages" not in appends[0]
 
 
+@pytest.mark.not_on_citus(
+    "where Citus is installed an append is a transaction of single-shard statements "
+    "(tests/citus/test_single_shard.py checks those)"
+)
 async def test_a_repeated_key_is_answered_by_the_full_statement_and_stored_once(
     postgres_url: str, conversation_id: str
 ) -> None:
