@@ -426,21 +426,15 @@ class AsyncPools:
         timeout = self.options.response_timeout
         if statement is not None and self.preparing.on:
             form = prepared_form(statement, self.dialect)
-            prepared = form.name in connection.prepared
             try:
-                answer = await connection.fetch(
-                    pool.loop,
-                    form.execute if prepared else form.prepare_and_execute,
-                    parameters,
-                    timeout,
-                )
+                if form.name not in connection.prepared:
+                    await connection.fetch(pool.loop, form.prepare, {}, timeout)
+                    connection.prepared.add(form.name)
+                return await connection.fetch(pool.loop, form.execute, parameters, timeout)
             except psycopg2.Error as exc:
                 if not self.preparing.pooler_answered(exc):
                     raise
                 # A proxy sent it to another server connection; nothing ran there.
-            else:
-                connection.prepared.add(form.name)
-                return answer
         return await connection.fetch(pool.loop, sql, parameters, timeout)
 
     def close_idle(self) -> None:

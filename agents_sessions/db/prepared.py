@@ -4,10 +4,12 @@ psycopg2 sends every statement as text (the simple query protocol), so the serve
 parses and plans it on every call -- for the hot statements, most of the server's
 work: the append's CTEs take longer to plan than to run. On each asynchronous
 connection (:mod:`agents_sessions.db.async_pool`) a statement's first call sends
-``PREPARE name (types) AS ...; EXECUTE name (...)`` in one round trip, later calls
-only ``EXECUTE name (...)``: parsed once per connection, and planned as the server's
-plan cache decides (``plan_cache_mode``). Values still travel as psycopg2 literals,
-now cast to the declared types.
+``PREPARE name (types) AS ...`` on its own, then ``EXECUTE name (...)``, which is
+all later calls send: parsed once per connection, and planned as the server's plan
+cache decides (``plan_cache_mode``). Values still travel as psycopg2 literals, now
+cast to the declared types. (``PREPARE`` is sent alone because a prepared statement
+outlives a failed transaction: sent together with an ``EXECUTE`` that fails, it
+would stay prepared unknown to the connection's bookkeeping.)
 
 A statement's name is derived from its SQL and parameter types, so one name means
 one statement in every process and every version of this package: a name found on
@@ -44,12 +46,13 @@ class PreparedForm:
 
     Attributes:
         name: The prepared statement's name, derived from its SQL and types.
-        prepare_and_execute: The first call on a connection: both, one round trip.
-        execute: Every later call on that connection.
+        prepare: Before the first call on a connection (sent with no parameters:
+            psycopg2 then turns the SQL's ``%%`` into ``%``).
+        execute: Every call.
     """
 
     name: str
-    prepare_and_execute: str
+    prepare: str
     execute: str
 
 
@@ -90,7 +93,7 @@ def prepared_form(statement: Any, dialect: Any) -> PreparedForm:
     arguments = f" ({', '.join(f'%({parameter})s' for parameter in order)})" if order else ""
     execute = f"EXECUTE {name}{arguments}"
     declared = f" ({', '.join(types)})" if types else ""
-    form = PreparedForm(name, f"PREPARE {name}{declared} AS {body};\n{execute}", execute)
+    form = PreparedForm(name, f"PREPARE {name}{declared} AS {body}", execute)
     # Concurrent first calls may both compile; they store equal entries.
     _FORMS[key] = (statement, form)
     return form

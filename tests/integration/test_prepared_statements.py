@@ -1,7 +1,7 @@
 """Hot statements prepared on the event loop's connections, and the way back to plain text.
 
-A statement is prepared on a connection by its first call there (``PREPARE`` and
-``EXECUTE`` in one round trip) and executed by name afterwards. Where a statement
+A statement is prepared on a connection by its first call there (``PREPARE``, then
+``EXECUTE``) and executed by name afterwards. Where a statement
 reaches a server connection that does not hold its name (as behind a
 transaction-pooling proxy), or one that holds the name already, nothing runs; the
 call is sent as text and the pools prepare no more. Checked on the connection itself
@@ -15,11 +15,13 @@ import uuid
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from agents_sessions import PostgreSQLSession
 from agents_sessions.db.async_connection import AsyncConnection
 from agents_sessions.db.async_pool import AsyncPools
 from agents_sessions.db.common_case import VIEW_ALL_UNFORKED, VIEW_LATEST_UNFORKED
+from agents_sessions.db.hot_path import HotStatement
 from agents_sessions.db.prepared import prepared_form
 from agents_sessions.db.statements import POSTGRES_APPEND, POSTGRES_APPEND_COMMON_CASE
 from tests.conftest import PostgresServer
@@ -133,3 +135,25 @@ async def test_a_name_taken_on_the_server_connection_never_runs_another_statemen
     idle_connection(session).prepared.clear()
     assert await session.get_items(limit=2) == [user("a"), user("b")]
     assert not pools_of(session).preparing.on
+
+
+async def test_a_failing_first_execution_leaves_the_statement_prepared_and_known(
+    postgres_server: PostgresServer,
+) -> None:
+    # PREPARE outlives a failed statement; the pool must know the name is taken,
+    # or its next PREPARE would fail (42P05) and switch preparing off for nothing.
+    session = one_connection_session(postgres_server)
+    await session.add_items([user("a")])
+    pools = pools_of(session)
+    await on_the_loops_connection(session, "DEALLOCATE ALL")
+    idle_connection(session).prepared.clear()
+    bad = HotStatement(
+        VIEW_LATEST_UNFORKED, {"conversation_id": session.session_id, "limit": -1}, True
+    )
+    pool, connection = await pools.checkout()
+    with pytest.raises(DBAPIError, match="LIMIT must not be negative"):
+        await pools.execute(pool, connection, bad)
+    assert await session.get_items(limit=1) == [user("a")]
+    assert pools.preparing.on
+    read = prepared_form(VIEW_LATEST_UNFORKED, session.store.engine.dialect).name
+    assert read in await prepared_names(session)
