@@ -84,14 +84,22 @@ def validate_identifier(value: object, *, name: str = "conversation_id") -> str:
 
 #: Largest value any 64-bit integer column or LIMIT accepts (both backends).
 MAX_INT64 = 2**63 - 1
+#: The largest value of an ``INTEGER`` column.
+MAX_INT32 = 2**31 - 1
+_BOUND_NAMES = {MAX_INT64: "2**63-1", MAX_INT32: "2**31-1"}
 
 
-def validate_count(value: object, *, name: str) -> int:
-    """Return ``value`` if it is an int from 0 to 2**63-1, else raise naming ``name``."""
+def validate_count(value: object, *, name: str, maximum: int = MAX_INT64) -> int:
+    """Return ``value`` if it is an int from 0 to ``maximum``, else raise naming ``name``.
+
+    ``maximum`` is the column's: 2**63-1 (``BIGINT``, the default) or 2**31-1
+    (``INTEGER``: :data:`MAX_INT32`).
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= value <= MAX_INT64:
-        raise InvalidArgumentError(f"{name} must be between 0 and 2**63-1, got {value}")
+    if not 0 <= value <= maximum:
+        bound = _BOUND_NAMES.get(maximum, str(maximum))
+        raise InvalidArgumentError(f"{name} must be between 0 and {bound}, got {value}")
     return value
 
 

@@ -12,7 +12,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ..db.tables import conversations_table as conversations
 from ..db.tables import usage_logs_table as usage_logs
 from ..errors import InvalidArgumentError
-from ..validation import validate_count, validate_datetime, validate_identifier, validate_text
+from ..validation import (
+    MAX_INT32,
+    validate_count,
+    validate_datetime,
+    validate_identifier,
+    validate_text,
+)
 from .records import UsageEntry, UsageTotals
 
 #: The model of usage rows recorded before the run's result named it.
@@ -64,12 +70,18 @@ class UsageRepository:
                     "prompt_tokens": prompt,
                     "completion_tokens": completion,
                     "total_tokens": total,
-                    "requests": validate_count(entry.requests, name=f"{where}.requests"),
+                    "requests": validate_count(
+                        entry.requests, name=f"{where}.requests", maximum=MAX_INT32
+                    ),
                     "run_id": validate_text(entry.run_id, name=f"{where}.run_id", optional=True),
                     "response_id": validate_text(
                         entry.response_id, name=f"{where}.response_id", optional=True
                     ),
-                    "request_index": entry.request_index,
+                    "request_index": None
+                    if entry.request_index is None
+                    else validate_count(
+                        entry.request_index, name=f"{where}.request_index", maximum=MAX_INT32
+                    ),
                     "cached_tokens": validate_count(
                         entry.cached_tokens, name=f"{where}.cached_tokens"
                     ),
