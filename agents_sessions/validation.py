@@ -103,6 +103,15 @@ def validate_count(value: object, *, name: str, maximum: int = MAX_INT64) -> int
     return value
 
 
+def validate_int32(value: object, *, name: str) -> int:
+    """Return ``value`` if it is an int an ``INTEGER`` column holds (-2**31 to 2**31-1)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
+    if not -MAX_INT32 - 1 <= value <= MAX_INT32:
+        raise InvalidArgumentError(f"{name} must be between -2**31 and 2**31-1, got {value}")
+    return value
+
+
 def validate_text(value: object, *, name: str, optional: bool = False) -> str | None:
     """Return ``value`` if it is a storable string (no NUL, valid Unicode), else raise."""
     if value is None and optional:

@@ -17,6 +17,7 @@ from ..validation import (
     validate_count,
     validate_datetime,
     validate_identifier,
+    validate_int32,
     validate_text,
 )
 from .records import UsageEntry, UsageTotals
@@ -77,11 +78,10 @@ class UsageRepository:
                     "response_id": validate_text(
                         entry.response_id, name=f"{where}.response_id", optional=True
                     ),
+                    # (Negative for a run's totals row: see usage_capture.)
                     "request_index": None
                     if entry.request_index is None
-                    else validate_count(
-                        entry.request_index, name=f"{where}.request_index", maximum=MAX_INT32
-                    ),
+                    else validate_int32(entry.request_index, name=f"{where}.request_index"),
                     "cached_tokens": validate_count(
                         entry.cached_tokens, name=f"{where}.cached_tokens"
                     ),

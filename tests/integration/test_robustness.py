@@ -185,7 +185,7 @@ def test_usage_entries_are_validated_before_writing(
         # INTEGER columns: beyond 2**31-1 a clear error, not the database's.
         (UsageEntry(model="m", requests=2**31), r"requests must be between 0 and 2\*\*31-1"),
         (UsageEntry(model="m", run_id="r", request_index=2**31), "request_index"),
-        (UsageEntry(model="m", run_id="r", request_index=-1), "request_index"),
+        (UsageEntry(model="m", run_id="r", request_index=-(2**31) - 1), "request_index"),
     ]
     for entry, field in bad:
         with pytest.raises(InvalidArgumentError, match=field), store.transaction() as repos:
