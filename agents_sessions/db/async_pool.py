@@ -56,7 +56,7 @@ from .budget import ConnectionBudget, attach_budget, shed_idle
 from .engine import DatabaseTarget, PoolOptions, postgresql_connect_recipe, socket_has_news
 from .hot_path import HotStatement
 from .prepared import PreparingSwitch, prepared_form
-from .statements import driver_sql
+from .statements import together_sql
 
 logger = logging.getLogger("agents_sessions")
 
@@ -367,12 +367,10 @@ class AsyncPools:
             # A lean statement's empty answer hands over to its fallback (see
             # HotStatement.fallback), on the same connection.
             for statement in hot.statements():
-                sql, defaults = driver_sql(statement, dialect)
+                sql, defaults = together_sql(statement, dialect)
                 parameters = {**defaults, **hot.parameters}
                 reusable = False
-                rows, rowcount = await self._send(
-                    pool, connection, statement if hot.preparable else None, sql, parameters
-                )
+                rows, rowcount = await self._send(pool, connection, statement, sql, parameters)
                 reusable = True
                 answer = hot.outcome(rows, rowcount)
                 if answer:
@@ -419,18 +417,19 @@ class AsyncPools:
         sql: str,
         parameters: dict[str, Any],
     ) -> tuple[list[tuple[Any, ...]], int]:
-        """Run one statement: prepared on the connection (see db/prepared.py), else as text.
-
-        ``statement`` is ``None`` for SQL that is never prepared.
-        """
+        """Run one statement (or a tuple sent together): prepared on the connection (see
+        db/prepared.py), else as the text ``sql``."""
         timeout = self.options.response_timeout
-        if statement is not None and self.preparing.on:
-            form = prepared_form(statement, self.dialect)
+        if self.preparing.on:
+            parts = statement if isinstance(statement, tuple) else (statement,)
+            forms = [prepared_form(part, self.dialect) for part in parts]
             try:
-                if form.name not in connection.prepared:
-                    await connection.fetch(pool.loop, form.prepare, {}, timeout)
-                    connection.prepared.add(form.name)
-                return await connection.fetch(pool.loop, form.execute, parameters, timeout)
+                for form in forms:
+                    if form.name not in connection.prepared:
+                        await connection.fetch(pool.loop, form.prepare, {}, timeout)
+                        connection.prepared.add(form.name)
+                executes = ";\n".join(form.execute for form in forms)
+                return await connection.fetch(pool.loop, executes, parameters, timeout)
             except psycopg2.Error as exc:
                 if not self.preparing.pooler_answered(exc):
                     raise

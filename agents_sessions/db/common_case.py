@@ -94,22 +94,18 @@ WHERE conversation_id = :conversation_id
 RETURNING item
 """
 
-#: A pop, in two statements sent in one round trip (psycopg2's simple query protocol
-#: allows it and answers with the last one's rows; other drivers send
-#: ``LOCK_FOR_POP`` and ``DELETE_UNSHARED`` one by one, in a transaction). The
-#: ``UPDATE`` takes (and touches) the conversation's row lock, the one every writer of
-#: it takes first. The ``DELETE`` runs after it in the same transaction (an implicit
-#: one, on an autocommit connection) with its own snapshot (READ COMMITTED), taken
-#: once the lock is held, so it sees every branch operation that committed before --
-#: one statement could not: its snapshot would predate the wait for the lock. It
-#: deletes and returns the current branch's newest own row, unless the branch has a
-#: parent or a child still shares that row. No row: missing, expired, empty or one of
-#: those cases (the branch-aware pop of :mod:`agents_sessions.repositories.branches`
-#: answers). Never prepared.
+#: A pop: two statements sent together in one round trip (psycopg2's simple query
+#: protocol allows it and answers with the last one's rows; see
+#: :func:`agents_sessions.db.statements.execute_together`). The ``UPDATE`` takes (and
+#: touches) the conversation's row lock, the one every writer of it takes first. The
+#: ``DELETE`` runs after it in the same transaction (an implicit one, on an autocommit
+#: connection) with its own snapshot (READ COMMITTED), taken once the lock is held, so
+#: it sees every branch operation that committed before -- one statement could not:
+#: its snapshot would predate the wait for the lock. It deletes and returns the
+#: current branch's newest own row, unless the branch has a parent or a child still
+#: shares that row. No row: missing, expired, empty or one of those cases (the
+#: branch-aware pop of :mod:`agents_sessions.repositories.branches` answers).
 POP_UNSHARED = (
-    text(f"{_LOCK_FOR_POP};{_DELETE_UNSHARED}")
-    .bindparams(_CONVERSATION_ID)
-    .columns(item=JSONDocument)
+    text(_LOCK_FOR_POP).bindparams(_CONVERSATION_ID),
+    text(_DELETE_UNSHARED).bindparams(_CONVERSATION_ID).columns(item=JSONDocument),
 )
-LOCK_FOR_POP = text(_LOCK_FOR_POP).bindparams(_CONVERSATION_ID)
-DELETE_UNSHARED = text(_DELETE_UNSHARED).bindparams(_CONVERSATION_ID).columns(item=JSONDocument)

@@ -42,7 +42,9 @@ class HotStatement:
     :meth:`outcome`, so they cannot disagree on what a call returns.
 
     Attributes:
-        statement: A prebuilt statement of :mod:`agents_sessions.db.statements`.
+        statement: A prebuilt statement of :mod:`agents_sessions.db.statements`, or
+            a tuple of them sent together in one round trip (the answer is the last
+            one's; see :func:`~agents_sessions.db.statements.execute_together`).
         parameters: Its parameters, in the driver's form.
         returns_items: A read (the first column of every row) rather than a write
             (how many rows it wrote).
@@ -52,8 +54,6 @@ class HotStatement:
             common case: run (with the same parameters, on the same connection)
             when ``statement`` found no row to read or wrote none -- a case it
             does not handle, or a true empty answer the fallback repeats.
-        preparable: Whether the event loop's connections may prepare it
-            (:mod:`agents_sessions.db.prepared`): not for SQL of several statements.
     """
 
     statement: Any
@@ -61,7 +61,6 @@ class HotStatement:
     returns_items: bool
     append_key: str | None = None
     fallback: Any = None
-    preparable: bool = True
 
     def outcome(self, rows: list[tuple[Any, ...]], rowcount: int) -> Any:
         """What the call returns: its items, or how many rows it wrote."""

@@ -539,6 +539,34 @@ def execute(connection: Connection, statement: Any, parameters: dict[str, Any]) 
     return connection.exec_driver_sql(sql, {**defaults, **parameters})
 
 
+def execute_together(
+    connection: Connection, statements: tuple[Any, ...], parameters: dict[str, Any]
+) -> Any:
+    """Execute prebuilt statements in order, in one round trip where the driver allows.
+
+    psycopg2 (the simple query protocol) sends them as one query string: one implicit
+    transaction on an autocommit connection, a snapshot per statement, and the last
+    statement's rows as the result. Other drivers send them one by one (run them in
+    a transaction). Returns the last statement's result.
+    """
+    if connection.dialect.driver != "psycopg2":
+        for statement in statements:
+            result = connection.execute(statement, parameters)
+        return result
+    sql, defaults = together_sql(statements, connection.dialect)
+    return connection.exec_driver_sql(sql, {**defaults, **parameters})
+
+
+def together_sql(statements: Any, dialect: Any) -> tuple[str, dict[str, Any]]:
+    """:func:`driver_sql` of one prebuilt statement, or of a tuple sent as one query."""
+    if not isinstance(statements, tuple):
+        return driver_sql(statements, dialect)
+    parts = [driver_sql(statement, dialect) for statement in statements]
+    return ";\n".join(sql for sql, _ in parts), {
+        name: value for _, defaults in parts for name, value in defaults.items()
+    }
+
+
 def driver_sql(statement: Any, dialect: Any) -> tuple[str, dict[str, Any]]:
     """A prebuilt statement's SQL for ``dialect``'s driver (compiled once), and its defaults."""
     key = (id(statement), dialect.driver)

@@ -12,8 +12,6 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..db.common_case import (
-    DELETE_UNSHARED,
-    LOCK_FOR_POP,
     POP_UNSHARED,
     VIEW_ALL_UNFORKED,
     VIEW_LATEST_UNFORKED,
@@ -47,6 +45,7 @@ from ..db.statements import (
     TOUCH_CONVERSATION,
     TRIM_TO_LAST_TURNS,
     execute,
+    execute_together,
     keys_expire_before,
 )
 from ..db.tables import messages_table as messages
@@ -83,7 +82,7 @@ def pop_statement(conversation_id: str) -> HotStatement:
 
     Its item, or no row: then :meth:`MessageRepository.pop_latest` answers.
     """
-    return HotStatement(POP_UNSHARED, {"conversation_id": conversation_id}, True, preparable=False)
+    return HotStatement(POP_UNSHARED, {"conversation_id": conversation_id}, True)
 
 
 def append_statement(
@@ -380,11 +379,7 @@ class MessageRepository:
         if self.connection.dialect.name == "postgresql":
             # The common case in one round trip (see POP_UNSHARED); no row: missing,
             # expired, empty, inherited from a parent or shared with a child.
-            if self.connection.dialect.driver == "psycopg2":
-                row = execute(self.connection, POP_UNSHARED, parameters).first()
-            else:
-                execute(self.connection, LOCK_FOR_POP, parameters)
-                row = execute(self.connection, DELETE_UNSHARED, parameters).first()
+            row = execute_together(self.connection, POP_UNSHARED, parameters).first()
             item = None if row is None else row[0]
         if item is None:
             if self.connection.execute(IS_EXPIRED, parameters).scalar():

@@ -20,7 +20,11 @@ from sqlalchemy.exc import DBAPIError
 from agents_sessions import PostgreSQLSession
 from agents_sessions.db.async_connection import AsyncConnection
 from agents_sessions.db.async_pool import AsyncPools
-from agents_sessions.db.common_case import VIEW_ALL_UNFORKED, VIEW_LATEST_UNFORKED
+from agents_sessions.db.common_case import (
+    POP_UNSHARED,
+    VIEW_ALL_UNFORKED,
+    VIEW_LATEST_UNFORKED,
+)
 from agents_sessions.db.hot_path import HotStatement
 from agents_sessions.db.prepared import prepared_form
 from agents_sessions.db.statements import POSTGRES_APPEND, POSTGRES_APPEND_COMMON_CASE
@@ -86,8 +90,10 @@ async def test_each_hot_statement_is_prepared_once_on_the_connection(
         await session.add_items([user(f"q{turn}")])
         assert await session.get_items(limit=1) == [user(f"q{turn}")]
         assert await session.get_items() == [user(f"q{n}") for n in range(turn + 1)]
+    assert await session.pop_item() == user("q4")
+    assert await session.pop_item() == user("q3")
     names = await prepared_names(session)
-    # The reads and the append (its lean form; the full one too if drawn): each
+    # The reads, the append (its lean form; the full one too if drawn) and the pop: each
     # prepared once -- a second PREPARE of a name would have failed (42P05) and
     # switched preparing off.
     hot = {
@@ -97,11 +103,14 @@ async def test_each_hot_statement_is_prepared_once_on_the_connection(
             VIEW_ALL_UNFORKED,
             POSTGRES_APPEND_COMMON_CASE,
             POSTGRES_APPEND,
+            *POP_UNSHARED,
         )
     }
     assert pools_of(session).preparing.on
-    assert names <= hot and len(names) >= 3
+    assert names <= hot and len(names) >= 5
     assert prepared_form(VIEW_LATEST_UNFORKED, dialect).name in names
+    # The pop's two statements, prepared each, sent together.
+    assert {prepared_form(statement, dialect).name for statement in POP_UNSHARED} <= names
     assert idle_connection(session).prepared == names
 
 
