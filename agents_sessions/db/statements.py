@@ -549,11 +549,12 @@ def execute_together(
     statement's rows as the result. Other drivers send them one by one (run them in
     a transaction). Returns the last statement's result.
     """
-    if connection.dialect.driver != "psycopg2":
+    dialect = connection.dialect
+    if dialect.driver != "psycopg2" or dialect.paramstyle != "pyformat":
         for statement in statements:
             result = connection.execute(statement, parameters)
         return result
-    sql, defaults = together_sql(statements, connection.dialect)
+    sql, defaults = together_sql(statements, dialect)
     return connection.exec_driver_sql(sql, {**defaults, **parameters})
 
 
