@@ -16,6 +16,12 @@ from sqlalchemy import event, text
 
 from agents_sessions import PostgreSQLSession
 
+# On Citus an append is a transaction of single-shard statements instead.
+appends_are_lean = pytest.mark.not_on_citus(
+    "where Citus is installed an append is a transaction of single-shard statements "
+    "(tests/citus/test_single_shard.py checks those)"
+)
+
 
 def user(content: str) -> Any:
     return {"role": "user", "content": content}
@@ -48,10 +54,7 @@ def expire(session: PostgreSQLSession) -> None:
         )
 
 
-@pytest.mark.not_on_citus(
-    "where Citus is installed an append is a transaction of single-shard statements "
-    "(tests/citus/test_single_shard.py checks those)"
-)
+@appends_are_lean
 async def test_a_live_conversation_is_appended_read_and_popped_by_lean_statements(
     postgres_url: str, conversation_id: str
 ) -> None:
@@ -76,10 +79,7 @@ async def test_a_live_conversation_is_appended_read_and_popped_by_lean_statement
     assert pop.lstrip().startswith("UPDATE conversations") and "DELETE FROM messages" in pop
 
 
-@pytest.mark.not_on_citus(
-    "where Citus is installed an append is a transaction of single-shard statements "
-    "(tests/citus/test_single_shard.py checks those)"
-)
+@appends_are_lean
 async def test_an_expired_conversation_hands_the_append_to_the_full_statement(
     postgres_url: str, conversation_id: str
 ) -> None:
@@ -101,10 +101,7 @@ async def test_an_expired_conversation_hands_the_append_to_the_full_statement(
         assert "purged_messages" not in appends[0]
 
 
-@pytest.mark.not_on_citus(
-    "where Citus is installed an append is a transaction of single-shard statements "
-    "(tests/citus/test_single_shard.py checks those)"
-)
+@appends_are_lean
 async def test_a_repeated_key_is_answered_by_the_full_statement_and_stored_once(
     postgres_url: str, conversation_id: str
 ) -> None:
