@@ -375,16 +375,18 @@ class MessageRepository:
         """
         validate_identifier(conversation_id)
         parameters: dict[str, Any] = {"conversation_id": conversation_id}
-        item = None
+        row = None
+        item: dict[str, Any] | None
         if self.connection.dialect.name == "postgresql":
             # The common case in one round trip (see POP_UNSHARED); no row: missing,
             # expired, empty, inherited from a parent or shared with a child.
             row = execute_together(self.connection, POP_UNSHARED, parameters).first()
-            item = None if row is None else row[0]
-        if item is None:
-            if self.connection.execute(IS_EXPIRED, parameters).scalar():
-                return None  # an expired conversation reads as empty: nothing to pop
-            # The branch-aware pop (its lock is already held after POP_UNSHARED).
+        if row is not None:
+            item = row[0]
+        elif self.connection.execute(IS_EXPIRED, parameters).scalar():
+            return None  # an expired conversation reads as empty: nothing to pop
+        else:
+            # The branch-aware pop (on PostgreSQL its lock is held since POP_UNSHARED).
             item = BranchRepository(self.connection).pop(conversation_id)
         if item is not None and ttl_seconds is not None:
             self.connection.execute(EXTEND_CONVERSATION, {**parameters, "ttl_seconds": ttl_seconds})
