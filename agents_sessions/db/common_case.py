@@ -34,7 +34,7 @@ _UNFORKED_CURRENT_BRANCH = """
 """
 
 #: The newest ``:limit`` items of an unforked current branch, oldest first: one
-#: backward scan of (conversation_id, branch_id, id). No row: not the common case,
+#: backward index scan of the conversation's messages. No row: not the common case,
 #: or nothing to read (``POSTGRES_VIEW_LATEST`` answers).
 VIEW_LATEST_UNFORKED = (
     text(
