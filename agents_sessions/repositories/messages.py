@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from random import getrandbits
+from random import Random
 from typing import Any
 
 from sqlalchemy import Connection
@@ -64,6 +64,9 @@ __all__ = ["APPEND_KEY_RETENTION", "MessageRepository"]
 #: conversation's append keys past their retention; the others leave that to it.
 KEY_CLEANUP_BITS = 5
 KEY_CLEANUP_ONE_IN = 2**KEY_CLEANUP_BITS
+# A generator of its own: an application that seeds the random module (or a test
+# plugin that does) must not make every draw, or none, pick the clean-up.
+_cleanup_draw = Random()
 
 
 def history_statement(conversation_id: str, limit: int | None) -> HotStatement:
@@ -105,7 +108,7 @@ def append_statement(
     retention, so one append in :data:`KEY_CLEANUP_ONE_IN` (drawn at random, so no
     pattern of conversations escapes it) runs it directly.
     """
-    full = getrandbits(KEY_CLEANUP_BITS) == 0
+    full = _cleanup_draw.getrandbits(KEY_CLEANUP_BITS) == 0
     return HotStatement(
         POSTGRES_APPEND if full else POSTGRES_APPEND_COMMON_CASE,
         {
