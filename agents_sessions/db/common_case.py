@@ -14,12 +14,10 @@ so a sharded cluster (Citus) routes it whole to one shard.
 
 from __future__ import annotations
 
-from sqlalchemy import Integer, Text, bindparam, text
+from sqlalchemy import text
 
+from .statements import CONVERSATION_ID, LIMIT
 from .tables import JSONDocument
-
-# Typed, so that the reads can be prepared (see agents_sessions.db.prepared).
-_CONVERSATION_ID = bindparam("conversation_id", type_=Text)
 
 # The conversation, unexpired, and its current branch -- which has no parent. Read in
 # the same statement (one snapshot) as the messages below.
@@ -50,7 +48,7 @@ SELECT latest.item FROM (
 ) latest ORDER BY latest.id
 """
     )
-    .bindparams(_CONVERSATION_ID, bindparam("limit", type_=Integer))
+    .bindparams(CONVERSATION_ID, LIMIT)
     .columns(item=JSONDocument)
 )
 
@@ -66,7 +64,7 @@ WHERE {_UNFORKED_CURRENT_BRANCH}
 ORDER BY m.id
 """
     )
-    .bindparams(_CONVERSATION_ID)
+    .bindparams(CONVERSATION_ID)
     .columns(item=JSONDocument)
 )
 
@@ -106,6 +104,6 @@ RETURNING item
 #: shares that row. No row: missing, expired, empty or one of those cases (the
 #: branch-aware pop of :mod:`agents_sessions.repositories.branches` answers).
 POP_UNSHARED = (
-    text(_LOCK_FOR_POP).bindparams(_CONVERSATION_ID),
-    text(_DELETE_UNSHARED).bindparams(_CONVERSATION_ID).columns(item=JSONDocument),
+    text(_LOCK_FOR_POP).bindparams(CONVERSATION_ID),
+    text(_DELETE_UNSHARED).bindparams(CONVERSATION_ID).columns(item=JSONDocument),
 )

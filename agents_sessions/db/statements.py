@@ -91,6 +91,14 @@ _DIALECT_INSERT: dict[str, Callable[..., Any]] = {
 }
 
 
+#: The conversation id, typed: the hot statements name it in every table they touch
+#: (so a sharded cluster routes them to one shard), and prepare it as text (see
+#: agents_sessions.db.prepared).
+CONVERSATION_ID = bindparam("conversation_id", type_=Text)
+#: How many items a read returns.
+LIMIT = bindparam("limit", type_=Integer)
+
+
 # --- retention (time-to-live): see agents_sessions.repositories.messages ---------------
 #: Seconds to live from now, or NULL (no time-to-live given: the expiry is unchanged).
 TTL_SECONDS = bindparam("ttl_seconds", None, type_=Integer)
@@ -230,7 +238,6 @@ def _postgres_append(*, common_case: bool) -> Any:
     restarts an expired conversation (purging its history) and answers for the key.
     Only the full form drops the conversation's append keys past their retention.
     """
-    conversation_id_parameter = bindparam("conversation_id", type_=Text)
     upsert = (
         _conversation_upsert("postgresql", replace_user=False, unexpired_only=True)
         if common_case
@@ -267,7 +274,7 @@ def _postgres_append(*, common_case: bool) -> Any:
         ):
             housekeeping.append(
                 delete(table)
-                .where(table.c.conversation_id == conversation_id_parameter, restarted)
+                .where(table.c.conversation_id == CONVERSATION_ID, restarted)
                 .returning(returned)
                 .cte(f"purged_{table.name}")
             )
@@ -275,7 +282,7 @@ def _postgres_append(*, common_case: bool) -> Any:
         housekeeping.append(
             delete(append_keys)
             .where(
-                append_keys.c.conversation_id == conversation_id_parameter,
+                append_keys.c.conversation_id == CONVERSATION_ID,
                 exists(select(conversation.c.id)),
                 append_keys.c.created_at < bindparam("keys_expire_before"),
             )
@@ -294,7 +301,7 @@ def _postgres_append(*, common_case: bool) -> Any:
             ["conversation_id", "key", "created_at"],
             # The conversation id parameter itself (so a sharded cluster routes the
             # whole statement to one shard), once the upsert above has locked its row.
-            select(conversation_id_parameter, append_key, utcnow()).where(
+            select(CONVERSATION_ID, append_key, utcnow()).where(
                 append_key.is_not(None), exists(select(conversation.c.id))
             ),
         )
@@ -429,9 +436,6 @@ WITH RECURSIVE chain(branch_id, bound) AS (
 )
 """
 _NO_BOUND = "9223372036854775807"
-# Typed, so that the reads can be prepared (see agents_sessions.db.prepared).
-_CONVERSATION_ID = bindparam("conversation_id", type_=Text)
-_LIMIT = bindparam("limit", type_=Integer)
 POSTGRES_VIEW_LATEST = (
     text(
         _VIEW_CHAIN
@@ -447,7 +451,7 @@ SELECT latest.item FROM (
 ) latest ORDER BY latest.id
 """
     )
-    .bindparams(_CONVERSATION_ID, _LIMIT)
+    .bindparams(CONVERSATION_ID, LIMIT)
     .columns(item=JSONDocument)
 )
 POSTGRES_VIEW_ALL = (
@@ -460,7 +464,7 @@ SELECT m.item FROM chain JOIN messages m
 ORDER BY m.id
 """
     )
-    .bindparams(_CONVERSATION_ID)
+    .bindparams(CONVERSATION_ID)
     .columns(item=JSONDocument)
 )
 IS_EXPIRED = select(expired(bindparam("conversation_id")))
