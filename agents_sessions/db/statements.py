@@ -563,13 +563,17 @@ def execute_together(
 
 
 def together_sql(statements: Any, dialect: Any) -> tuple[str, dict[str, Any]]:
-    """:func:`driver_sql` of one prebuilt statement, or of a tuple sent as one query."""
+    """:func:`driver_sql` of one prebuilt statement, or of a tuple sent as one query
+    (joined once, like a statement's compiled once)."""
     if not isinstance(statements, tuple):
         return driver_sql(statements, dialect)
-    parts = [driver_sql(statement, dialect) for statement in statements]
-    return ";\n".join(sql for sql, _ in parts), {
-        name: value for _, defaults in parts for name, value in defaults.items()
-    }
+    key = (id(statements), dialect.driver)
+    entry = _DRIVER_SQL.get(key)
+    if entry is None or entry[0] is not statements:
+        parts = [driver_sql(statement, dialect) for statement in statements]
+        defaults = {name: value for _, part in parts for name, value in part.items()}
+        entry = _DRIVER_SQL[key] = (statements, ";\n".join(sql for sql, _ in parts), defaults)
+    return entry[1], entry[2]
 
 
 def driver_sql(statement: Any, dialect: Any) -> tuple[str, dict[str, Any]]:
