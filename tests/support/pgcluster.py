@@ -379,6 +379,8 @@ class Cluster:
         #: Servers recovered from this one's base backups (:meth:`recover`).
         self.recoveries: list[Cluster] = []
         self._running = False
+        #: Whether it has run once (its port may have been handed out since).
+        self._started = False
         self._removed = False
         self.directory = _directory or _make_directory(name)
         self.data_dir = self.directory / "data"
@@ -481,10 +483,21 @@ class Cluster:
         return self._pg_ctl("status").returncode == 0
 
     def start(self) -> None:
-        """Start the server and wait until it accepts connections (crash recovery included)."""
-        result = self._pg_ctl("start", "-w", "-t", "90", "-l", str(self.log_file))
+        """Start the server and wait until it accepts connections (crash recovery included).
+
+        On its first start only, a port taken since :func:`free_port` chose it (by a
+        client socket's ephemeral port, say) is replaced by a new free one: nobody
+        has been given the old one yet.
+        """
+        for attempt in range(3):
+            result = self._pg_ctl("start", "-w", "-t", "90", "-l", str(self.log_file))
+            taken = result.returncode != 0 and "Address already in use" in _tail(self.log_file)
+            if not (taken and not self._started and attempt < 2):
+                break
+            self.port = free_port()
+            self._write_settings({"port": str(self.port)})
         _checked(result, f"pg_ctl start of cluster {self.name!r}", self.log_file)
-        self._running = True
+        self._running = self._started = True
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server and wait until it is gone.
