@@ -8,6 +8,9 @@ for the replica -- it runs on an asynchronous connection driven by the event loo
 (:mod:`agents_sessions.db.async_pool`); everywhere else, and for every transaction,
 the store's worker threads run it on the synchronous engine, as before.
 
+On the embedded SQLite file, a bounded read runs on the loop too
+(:func:`read_sqlite_on_loop`): a local read costs less than the hop to a thread.
+
 Both paths give the same answers, errors and retries: the same statement and
 parameters, SQLAlchemy's exception classes translated by
 :func:`~agents_sessions.errors.translate_database_errors`, and the store's retry
@@ -17,10 +20,13 @@ rules (:class:`~agents_sessions.db.failures.RetryPlan`).
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from .db.failures import RetryPlan
 from .db.hot_path import HotStatement
+from .db.sqlite_hot_path import NotOnTheHotPath, parse_documents, sqlite_hot_path_allowed
+from .db.sqlite_loop_reader import MAX_BYTES_PARSED_ON_LOOP, MAX_ITEMS_READ_ON_LOOP, loop_readers
 from .errors import DatabaseError, translate_database_errors
 from .store import SessionStore
 
@@ -79,3 +85,37 @@ async def run_on_loop(
                 where=store.target.safe_url,
             )
             await asyncio.sleep(plan.after_failure(exc, sent=sent))
+
+
+async def read_sqlite_on_loop(
+    store: SessionStore, conversation_id: str, limit: int | None
+) -> list[Any] | None:
+    """``get_items``' read of a SQLite file on the running loop (see
+    :mod:`agents_sessions.db.sqlite_loop_reader`); ``None`` where it does not apply.
+
+    ``None``: not a bounded read of at most ``MAX_ITEMS_READ_ON_LOOP`` items, not the
+    SQLite hot path, the schema not yet checked, a branch that inherits, or the read
+    would have waited or failed. The worker threads then read, with the store's
+    waits, retries and error translation -- the answer is the same either way.
+    """
+    if limit is None or limit > MAX_ITEMS_READ_ON_LOOP:
+        return None
+    if not (store.schema_ready and sqlite_hot_path_allowed(store)):
+        return None  # (the first call checks the schema, which may migrate: threads)
+    loop = asyncio.get_running_loop()
+    readers = loop_readers(store.engine)
+    try:
+        if not readers.has_reader(loop):
+            # Loops hold all but one of the pool's connections at most: the threads
+            # need one for every write.
+            most = store.target.pool.max_connections - 1
+            if not readers.room_for_another(most):
+                return None
+            with translate_database_errors(store.target.pool.describe()):
+                await store.call_in_thread(functools.partial(readers.open, loop, most=most))
+        documents = readers.read(loop, lambda hot: hot.latest_documents(conversation_id, limit))
+    except NotOnTheHotPath:
+        return None
+    if sum(map(len, documents)) > MAX_BYTES_PARSED_ON_LOOP:
+        return await store.call_in_thread(parse_documents, documents)
+    return parse_documents(documents)

@@ -7,8 +7,10 @@ runs on any URL the package supports, including the embedded SQLite default.
 
 The event loop never waits on the database: ``get_items`` and ``add_items`` are one
 statement each on PostgreSQL and run on the loop's asynchronous connections
-(:mod:`agents_sessions.loop_statements`); everything else -- transactions, SQLite,
-tenants -- takes one hop to the store's thread pool (sized to the connection pool).
+(:mod:`agents_sessions.loop_statements`), as does a bounded ``get_items`` of the
+embedded SQLite file, on a connection that never waits for a lock; everything else
+-- transactions, SQLite writes, tenants -- takes one hop to the store's thread pool
+(sized to the connection pool).
 Mutations are atomic per call, and a cancelled mutation is allowed to finish before
 the cancellation is re-raised: its items are then all stored, never some of them.
 """
@@ -29,7 +31,7 @@ from .expiry import retention_options
 from .history import HistoryManagementMixin, validate_branch_name
 from .idempotency import new_append_key
 from .items import encode_items
-from .loop_statements import run_on_loop, runs_on_loop
+from .loop_statements import read_sqlite_on_loop, run_on_loop, runs_on_loop
 from .repositories import Repositories, UsageEntry
 from .repositories.messages import append_statement, history_statement, pop_statement
 from .repositories.usage import UNKNOWN_MODEL
@@ -236,6 +238,10 @@ class PostgreSQLSession(HistoryManagementMixin):
             return await self._read(
                 lambda repos: repos.branches.items(self.session_id, name, count)
             )
+        if tenant is None and self._store.dialect == "sqlite":
+            items = await read_sqlite_on_loop(self._store, self.session_id, count)
+            if items is not None:
+                return items
         if await runs_on_loop(
             self._store, tenant, lag_tolerant=self._store.settings.history_reads_from_replica
         ):

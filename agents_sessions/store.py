@@ -42,10 +42,11 @@ from .db.engine import (
     log_embedded_default_once,
     parse_database_url,
 )
-from .db.failures import RetryPlan, replica_unreachable
+from .db.failures import RetryPlan, replica_unreachable, replica_url_with_connect_timeout
 from .db.hot_path import HotMessages, driver_autocommit, driver_connection
 from .db.migrate import ensure_schema_at_head
 from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
+from .db.sqlite_loop_reader import close_loop_readers
 from .db.tenancy_probe import warn_if_tenancy_not_enforced
 from .errors import (
     ConfigurationError,
@@ -201,7 +202,7 @@ class SessionStore:
             return None
         if self._replica is None:
             self._replica = SessionStore(
-                _with_connect_timeout(self._replica_url), self.settings, is_replica=True
+                replica_url_with_connect_timeout(self._replica_url), self.settings, is_replica=True
             )
         return self._replica
 
@@ -664,21 +665,12 @@ class SessionStore:
         back. The store stays usable: it opens new connections when next needed.
         """
         self.engine.dispose()
+        close_loop_readers(self.engine)
         if self._state.async_pools is not None:
             self._state.async_pools.close_idle()
 
     def __repr__(self) -> str:
         return f"SessionStore({self._state.target.safe_url!r})"
-
-
-def _with_connect_timeout(url: str, seconds: int = 5) -> str:
-    """A replica URL with a short ``connect_timeout`` unless it has one: a replica that
-    accepts TCP but never answers must not hold lag-tolerant reads back from the primary."""
-    target = parse_database_url(url)
-    if target.dialect != "postgresql" or "connect_timeout" in target.url.query:
-        return url
-    separator = "&" if "?" in url else "?"
-    return f"{url}{separator}connect_timeout={seconds}"
 
 
 def get_store(
@@ -744,5 +736,6 @@ def dispose_all() -> None:
         state.disposed = True
         state.executor.shutdown(wait=True)
         state.engine.dispose()
+        close_loop_readers(state.engine)
         if state.async_pools is not None:
             state.async_pools.dispose()

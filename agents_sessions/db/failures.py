@@ -12,6 +12,7 @@ import random
 from sqlalchemy import exc as sa_exc
 
 from ..errors import ConnectionLostError, DatabaseError, PoolTimeoutError, sqlstate_of
+from .engine import parse_database_url
 
 logger = logging.getLogger("agents_sessions")
 
@@ -58,6 +59,16 @@ def replica_unreachable(error: DatabaseError) -> bool:
         return True
     cause = error.__cause__
     return isinstance(cause, sa_exc.OperationalError) and sqlstate_of(cause) is None
+
+
+def replica_url_with_connect_timeout(url: str, seconds: int = 5) -> str:
+    """A replica URL with a short ``connect_timeout`` unless it has one: a replica that
+    accepts TCP but never answers must not hold lag-tolerant reads back from the primary."""
+    target = parse_database_url(url)
+    if target.dialect != "postgresql" or "connect_timeout" in target.url.query:
+        return url
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}connect_timeout={seconds}"
 
 
 def connection_lost(error: DatabaseError) -> bool:

@@ -200,6 +200,10 @@ class SQLiteHotMessages:
 
     def latest(self, conversation_id: str, limit: int) -> list[Any]:
         """The newest ``limit`` items of the current branch, oldest first."""
+        return parse_documents(self.latest_documents(conversation_id, limit))
+
+    def latest_documents(self, conversation_id: str, limit: int) -> list[str]:
+        """:meth:`latest`, as the stored JSON documents (unparsed)."""
         parameters = {**_READ.defaults, "conversation_id": conversation_id, "limit": limit}
         documents = [row[0] for row in self._driver.execute(_READ.sql, parameters)]
         if not documents:
@@ -218,7 +222,7 @@ class SQLiteHotMessages:
             finally:
                 self._driver.execute("COMMIT")  # a read: nothing to keep or undo
         documents.reverse()
-        return parse_documents(documents)
+        return documents
 
     def all(self, conversation_id: str) -> list[Any]:
         """Every item of the current branch, oldest first."""
@@ -376,19 +380,29 @@ def run_on_sqlite(store: EmbeddedStore, work: Callable[[SQLiteHotMessages], _T])
     a SQLite connection is a local file handle, never lost around a commit, so a
     call's outcome is always known.
     """
+    if not sqlite_hot_path_allowed(store):
+        raise NotOnTheHotPath
+    store.ensure_schema()
+    with (
+        translate_database_errors(store.target.pool.describe()),
+        sqlite_messages(store.engine) as hot,
+    ):
+        return work(hot)
+
+
+def sqlite_hot_path_allowed(store: EmbeddedStore) -> bool:
+    """Whether ``store``'s hot calls may run on the ``sqlite3`` connection itself.
+
+    SQLite, and nothing that must see every statement: SQL echo, something
+    listening to the engine's statements (tracing, e.g. OpenTelemetry's SQLAlchemy
+    instrumentation), a replica configured.
+    """
     engine = store.engine
     dispatch = engine.dispatch
-    if (
+    return not (
         engine.dialect.name != "sqlite"
         or store.settings.echo
         or dispatch.before_cursor_execute
         or dispatch.after_cursor_execute
         or store.replica is not None
-    ):
-        raise NotOnTheHotPath
-    store.ensure_schema()
-    with (
-        translate_database_errors(store.target.pool.describe()),
-        sqlite_messages(engine) as hot,
-    ):
-        return work(hot)
+    )
