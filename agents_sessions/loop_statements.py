@@ -93,15 +93,22 @@ async def read_sqlite_on_loop(
     """``get_items``' read of a SQLite file on the running loop (see
     :mod:`agents_sessions.db.sqlite_loop_reader`); ``None`` where it does not apply.
 
-    ``None``: not a bounded read of at most ``MAX_ITEMS_READ_ON_LOOP`` items, not the
-    SQLite hot path, the schema not yet checked, a branch that inherits, or the read
-    would have waited or failed. The worker threads then read, with the store's
-    waits, retries and error translation -- the answer is the same either way.
+    ``limit`` ``None`` (every item): the loop reads one item more than
+    ``MAX_ITEMS_READ_ON_LOOP``; a branch that short is read whole, in one statement.
+
+    ``None``: more than ``MAX_ITEMS_READ_ON_LOOP`` items asked for (or found, when
+    every item is), not the SQLite hot path, the schema not yet checked, a branch
+    that inherits, or the read would have waited or failed. The worker threads then
+    read, with the store's waits, retries and error translation -- the answer is the
+    same either way.
     """
-    if limit is None or limit > MAX_ITEMS_READ_ON_LOOP:
+    if limit is not None and limit > MAX_ITEMS_READ_ON_LOOP:
         return None
     if not (store.schema_ready and sqlite_hot_path_allowed(store)):
         return None  # (the first call checks the schema, which may migrate: threads)
+    # The read itself never suspends: yield to the loop first, as any I/O would, so
+    # a task reading in a loop cannot starve the others.
+    await asyncio.sleep(0)
     loop = asyncio.get_running_loop()
     readers = loop_readers(store.engine)
     try:
@@ -113,9 +120,14 @@ async def read_sqlite_on_loop(
                 return None
             with translate_database_errors(store.target.pool.describe()):
                 await store.call_in_thread(functools.partial(readers.open, loop, most=most))
-        documents = readers.read(loop, lambda hot: hot.latest_documents(conversation_id, limit))
+        most_items = MAX_ITEMS_READ_ON_LOOP + 1 if limit is None else limit
+        documents = readers.read(
+            loop, lambda hot: hot.latest_documents(conversation_id, most_items)
+        )
     except NotOnTheHotPath:
         return None
+    if len(documents) > MAX_ITEMS_READ_ON_LOOP:
+        return None  # every item was asked for, and there are more: the threads read
     if sum(map(len, documents)) > MAX_BYTES_PARSED_ON_LOOP:
         return await store.call_in_thread(parse_documents, documents)
     return parse_documents(documents)

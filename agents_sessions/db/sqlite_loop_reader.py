@@ -13,8 +13,9 @@ What keeps the loop from ever waiting on the database:
   lock (another process recovering the file after a crash, a journal mode
   changing) fails at once instead, and the worker threads read as before (they
   wait up to the configured ``busy_timeout``).
-* Only reads of at most :data:`MAX_ITEMS_READ_ON_LOOP` items; an unbounded
-  ``get_items()`` -- any length of history -- and every write stay on the threads.
+* Only reads of at most :data:`MAX_ITEMS_READ_ON_LOOP` items: a ``get_items()`` of
+  every item runs on the loop while the branch is that short (the loop reads one
+  more to know), on the threads once it is longer. Every write stays on the threads.
 * Documents longer in total than :data:`MAX_BYTES_PARSED_ON_LOOP` are parsed by a
   worker thread (see :func:`agents_sessions.loop_statements.read_sqlite_on_loop`).
 

@@ -76,23 +76,37 @@ async def test_the_loops_connection_never_waits_for_a_lock(tmp_path: Path) -> No
     traced = _Traced(tmp_path / "busy.sqlite3")
     await traced.session.add_items(_items(3))
     await traced.session.get_items(limit=2)  # on the loop's connection
-    await traced.session.get_items()  # on a thread's
+    await traced.session.get_items(limit=MAX_ITEMS_READ_ON_LOOP + 1)  # on a thread's
     timeouts = sorted(traced.busy_timeouts().values())
     # The loop's connection gives up at once; the threads' wait as configured.
     assert len(timeouts) == 2 and timeouts[0] == 0 and timeouts[1] > 0
 
 
-async def test_unbounded_and_large_reads_run_on_worker_threads(tmp_path: Path) -> None:
+async def test_every_item_of_a_short_branch_is_read_on_the_loop(tmp_path: Path) -> None:
+    traced = _Traced(tmp_path / "short.sqlite3")
+    await traced.session.add_items(_items(MAX_ITEMS_READ_ON_LOOP))
+    await traced.session.get_items(limit=1)
+    traced.statements.clear()
+
+    assert _contents(await traced.session.get_items()) == _contents(_items(MAX_ITEMS_READ_ON_LOOP))
+    assert traced.threads_of() == {threading.get_ident()}
+
+
+async def test_long_branches_and_large_limits_are_read_by_worker_threads(tmp_path: Path) -> None:
     traced = _Traced(tmp_path / "threads.sqlite3")
     await traced.session.add_items(_items(MAX_ITEMS_READ_ON_LOOP + 5))
     await traced.session.get_items(limit=1)
     loop_thread = threading.get_ident()
 
-    for limit in (None, MAX_ITEMS_READ_ON_LOOP + 1):
-        traced.statements.clear()
-        items = await traced.session.get_items(limit=limit)
-        assert len(items) == (MAX_ITEMS_READ_ON_LOOP + 5 if limit is None else limit)
-        assert traced.statements and loop_thread not in traced.threads_of()
+    traced.statements.clear()
+    items = await traced.session.get_items(limit=MAX_ITEMS_READ_ON_LOOP + 1)
+    assert _contents(items) == _contents(_items(MAX_ITEMS_READ_ON_LOOP + 5))[4:]
+    assert traced.statements and loop_thread not in traced.threads_of()
+    # Every item: the loop finds more than it may read, and a thread reads them all.
+    traced.statements.clear()
+    items = await traced.session.get_items()
+    assert _contents(items) == _contents(_items(MAX_ITEMS_READ_ON_LOOP + 5))
+    assert len(traced.threads_of() - {loop_thread}) == 1
 
 
 async def test_a_branch_that_inherits_is_read_by_the_threads_with_the_same_answer(
@@ -222,3 +236,28 @@ async def test_an_exhausted_pool_fails_a_first_bounded_read_with_pool_timeout_er
         for connection in held:
             connection.close()
     assert _contents(await session.get_items(limit=1)) == ["m1"]
+
+
+async def test_a_task_reading_in_a_loop_lets_the_other_tasks_run(tmp_path: Path) -> None:
+    traced = _Traced(tmp_path / "fair.sqlite3")
+    await traced.session.add_items(_items(3))
+    await traced.session.get_items(limit=2)
+    # A thread's flag, so a starved loop still ends: the watchdog stops the reader.
+    stop = threading.Event()
+    watchdog = threading.Timer(10, stop.set)
+
+    async def read_until_stopped() -> int:
+        reads = 0
+        while not stop.is_set():  # nothing else awaited: only the reads can yield
+            assert await traced.session.get_items(limit=2)
+            reads += 1
+        return reads
+
+    watchdog.start()
+    reader = asyncio.create_task(read_until_stopped())
+    await asyncio.sleep(0.05)  # returns in time only if the reader lets the loop run
+    in_time = not stop.is_set()
+    stop.set()
+    watchdog.cancel()
+    assert await reader > 0
+    assert in_time, "the reading task kept the loop to itself"
