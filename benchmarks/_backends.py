@@ -52,7 +52,16 @@ BACKENDS = (
 #: one feature switched on or off, to report its cost: every session with a
 #: time-to-live (expiry on: each append extends it), or a database without the
 #: full-text search index (search indexing off; ``search`` then scans).
-OPTIONAL_BACKENDS = ("citus", "agents_sessions_ttl", "agents_sessions_no_search")
+#: ``agents_sessions_usage`` is agents_sessions used as the Runner uses it, with
+#: automatic usage capture on: each turn is a run, its read observes the run, and its
+#: append carries the run's model request (as the Runner's append of a model's
+#: output does), recorded in the append's transaction.
+OPTIONAL_BACKENDS = (
+    "citus",
+    "agents_sessions_ttl",
+    "agents_sessions_no_search",
+    "agents_sessions_usage",
+)
 
 LABELS = {
     "agents_sessions": "agents_sessions",
@@ -65,6 +74,7 @@ LABELS = {
     "citus": "agents_sessions on Citus 1+2",
     "agents_sessions_ttl": "agents_sessions, expiry on",
     "agents_sessions_no_search": "agents_sessions, search index off",
+    "agents_sessions_usage": "agents_sessions, usage capture on",
 }
 
 #: Backends whose data lives in the benchmark's PostgreSQL database.
@@ -73,6 +83,7 @@ POSTGRES_BACKENDS = frozenset(
         "agents_sessions",
         "agents_sessions_ttl",
         "agents_sessions_no_search",
+        "agents_sessions_usage",
         "sqlalchemy",
         "floor",
         "floor_psycopg2",
@@ -385,6 +396,48 @@ async def _open_agents_sessions_no_search(config: BackendConfig) -> Backend:
     return Backend("agents_sessions_no_search", opened.session, opened.close)
 
 
+class _RunnerTurns:
+    """A session called as the Runner calls it, one run per turn, usage captured.
+
+    ``get_items`` starts the turn's run (a fresh ``RunContextWrapper``, passed as the
+    Runner passes it); the turn's model request then adds to the run's usage, and
+    ``add_items`` -- the Runner's append of the model's output -- records it.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._run: Any = None
+
+    async def get_items(self, limit: int | None = None) -> list[Any]:
+        from agents.run_context import RunContextWrapper
+        from agents.usage import Usage
+
+        self._run = RunContextWrapper(context=None, usage=Usage())
+        return list(await self._session.get_items(limit, wrapper=self._run))
+
+    async def add_items(self, items: list[Any]) -> None:
+        from agents.usage import Usage
+
+        run, self._run = self._run, None
+        if run is None:  # not after a read (the latency workload): a plain append
+            await self._session.add_items(items)
+            return
+        run.usage.add(Usage(requests=1, input_tokens=120, output_tokens=30, total_tokens=150))
+        await self._session.add_items(items, wrapper=run)
+
+    async def pop_item(self) -> Any | None:
+        return await self._session.pop_item()
+
+
+async def _open_agents_sessions_usage(config: BackendConfig) -> Backend:
+    opened = await _open_agents_sessions(config)
+
+    def make(conversation_id: str) -> BenchSession:
+        return _RunnerTurns(opened.session(conversation_id))
+
+    return Backend("agents_sessions_usage", make, opened.close)
+
+
 async def _open_agents_sessions_sqlite(config: BackendConfig) -> Backend:
     from agents_sessions import PostgreSQLSession
     from agents_sessions.store import dispose_all
@@ -493,6 +546,7 @@ _OPENERS: dict[str, Callable[[BackendConfig], Awaitable[Backend]]] = {
     "citus": _open_agents_sessions,
     "agents_sessions_ttl": _open_agents_sessions_ttl,
     "agents_sessions_no_search": _open_agents_sessions_no_search,
+    "agents_sessions_usage": _open_agents_sessions_usage,
 }
 
 
