@@ -34,7 +34,7 @@ from .items import encode_items
 from .loop_statements import read_sqlite_on_loop, run_on_loop, runs_on_loop
 from .repositories import Repositories, UsageEntry
 from .repositories.messages import append_statement, history_statement, pop_statement
-from .repositories.usage import UNKNOWN_MODEL
+from .repositories.usage import UNKNOWN_MODEL, usage_rows
 from .settings import Settings
 from .store import SessionStore, get_store
 from .usage_capture import (
@@ -47,7 +47,12 @@ from .usage_capture import (
     record_turn_usage,
     usage_entry,
 )
-from .validation import validate_identifier, validate_limit, validate_metadata
+from .validation import (
+    coerce_session_settings,
+    validate_identifier,
+    validate_limit,
+    validate_metadata,
+)
 
 if TYPE_CHECKING:
     from agents import Agent, RunContextWrapper, RunState
@@ -57,20 +62,6 @@ if TYPE_CHECKING:
 TenantResolver = Callable[["RunContextWrapper[Any]"], str]
 
 _T = TypeVar("_T")
-
-
-def _coerce_session_settings(value: Any) -> SessionSettings | None:
-    if value is None:
-        return None
-    from agents.memory import SessionSettings  # the facade needs the SDK; the core does not
-
-    if isinstance(value, SessionSettings):
-        return value
-    if isinstance(value, Mapping):
-        return SessionSettings(**value)
-    raise TypeError(
-        f"session_settings must be a SessionSettings, a dict or None, got {type(value).__name__}"
-    )
 
 
 class PostgreSQLSession(HistoryManagementMixin):
@@ -151,7 +142,7 @@ class PostgreSQLSession(HistoryManagementMixin):
                     "session can only own conversations of its tenant"
                 )
         self._metadata = validate_metadata(metadata)
-        self.session_settings = _coerce_session_settings(session_settings)
+        self.session_settings = coerce_session_settings(session_settings)
         self._store = get_store(database_url, settings=settings)
         self.ttl, self.keep_last_turns = retention_options(
             ttl, keep_last_turns, default_ttl=self._store.settings.ttl
@@ -298,9 +289,13 @@ class PostgreSQLSession(HistoryManagementMixin):
         if mark is not None:
             entries, seen_entries, seen_requests = pending_usage(wrapper, mark, model=UNKNOWN_MODEL)
             if entries:
-                # The run's new requests are recorded in the transaction of this
-                # append, keyed by their position in the run: exactly once.
-                await self._mutate(self._add_items, items, tenant, idempotency_key, entries)
+                # The run's new requests are recorded with this append (both or
+                # neither), keyed by their position in the run: exactly once.
+                if await runs_on_loop(self._store, tenant):
+                    adding = self._add_on_loop(items, idempotency_key or new_append_key(), entries)
+                    await settle_then_propagate_cancellation(adding)
+                else:
+                    await self._mutate(self._add_items, items, tenant, idempotency_key, entries)
                 mark.entries, mark.requests = seen_entries, seen_requests
                 return
         if await runs_on_loop(self._store, tenant):
@@ -310,8 +305,10 @@ class PostgreSQLSession(HistoryManagementMixin):
             return
         await self._mutate(self._add_items, items, tenant, idempotency_key)
 
-    async def _add_on_loop(self, items: list[Any], key: str) -> None:
-        # add_items on the event loop (loop_statements): one statement, no thread hop.
+    async def _add_on_loop(
+        self, items: list[Any], key: str, usage: list[UsageEntry] | None = None
+    ) -> None:
+        # add_items on the event loop (loop_statements): one round trip, no thread hop.
         encoded = encode_items(items, max_item_bytes=self._store.settings.max_item_bytes)
         user_id, metadata = self._owner(None)
         hot = append_statement(
@@ -321,6 +318,7 @@ class PostgreSQLSession(HistoryManagementMixin):
             metadata=metadata,
             idempotency_key=key,
             ttl_seconds=self._ttl_seconds,
+            usage=usage_rows(self.session_id, usage) if usage else None,
         )
         try:
             await run_on_loop(self._store, hot, write=True, repeatable=True)

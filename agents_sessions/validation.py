@@ -6,7 +6,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .db.tables import MAX_ID_LENGTH
 from .errors import (
@@ -16,6 +16,9 @@ from .errors import (
     ItemTypeError,
 )
 from .items import encode_document
+
+if TYPE_CHECKING:
+    from agents.memory import SessionSettings
 
 # A JSON \\u0000 escape that is not itself an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -188,3 +191,18 @@ def validate_batch_size(value: object) -> int:
     if size < 1:
         raise InvalidArgumentError("batch_size must be at least 1")
     return size
+
+
+def coerce_session_settings(value: Any) -> SessionSettings | None:
+    """``session_settings`` as the SDK's ``SessionSettings`` (from a dict too), or ``None``."""
+    if value is None:
+        return None
+    from agents.memory import SessionSettings  # the facade needs the SDK; the core does not
+
+    if isinstance(value, SessionSettings):
+        return value
+    if isinstance(value, Mapping):
+        return SessionSettings(**value)
+    raise TypeError(
+        f"session_settings must be a SessionSettings, a dict or None, got {type(value).__name__}"
+    )

@@ -423,7 +423,8 @@ SELECT_RECORDS = select(
 # newest :limit rows of one branch below its bound with one backward scan of
 # (conversation_id, branch_id, id), so a read costs the same at any history depth;
 # an unforked conversation has one arm.
-_VIEW_CHAIN = """
+#: The chain CTE alone (``chain(branch_id, bound)``), also used to find a turn.
+VIEW_CHAIN = """
 WITH RECURSIVE chain(branch_id, bound) AS (
     SELECT COALESCE(c.current_branch, 'main'), CAST(NULL AS BIGINT)
     FROM conversations c
@@ -435,16 +436,16 @@ WITH RECURSIVE chain(branch_id, bound) AS (
     WHERE b.parent_branch_id IS NOT NULL
 )
 """
-_NO_BOUND = "9223372036854775807"
+NO_BOUND = "9223372036854775807"
 POSTGRES_VIEW_LATEST = (
     text(
-        _VIEW_CHAIN
+        VIEW_CHAIN
         + f"""
 SELECT latest.item FROM (
     SELECT own.id, own.item FROM chain CROSS JOIN LATERAL (
         SELECT m.id, m.item FROM messages m
         WHERE m.conversation_id = :conversation_id AND m.branch_id = chain.branch_id
-          AND m.id < COALESCE(chain.bound, {_NO_BOUND})
+          AND m.id < COALESCE(chain.bound, {NO_BOUND})
         ORDER BY m.id DESC LIMIT :limit
     ) own
     ORDER BY own.id DESC LIMIT :limit
@@ -456,11 +457,11 @@ SELECT latest.item FROM (
 )
 POSTGRES_VIEW_ALL = (
     text(
-        _VIEW_CHAIN
+        VIEW_CHAIN
         + f"""
 SELECT m.item FROM chain JOIN messages m
     ON m.conversation_id = :conversation_id AND m.branch_id = chain.branch_id
-   AND m.id < COALESCE(chain.bound, {_NO_BOUND})
+   AND m.id < COALESCE(chain.bound, {NO_BOUND})
 ORDER BY m.id
 """
     )

@@ -57,6 +57,7 @@ from .branches import BranchRepository
 from .context import acting_tenant, in_driver_transaction
 from .records import StoredMessage
 from .search import SearchPage, search_messages
+from .usage import RECORD_TURN_USAGE, turn_usage_parameters
 
 __all__ = ["APPEND_KEY_RETENTION", "MessageRepository"]
 
@@ -96,6 +97,7 @@ def append_statement(
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
     ttl_seconds: int | None,
+    usage: Sequence[dict[str, Any]] | None = None,
 ) -> HotStatement:
     """The append of ``encoded`` (non-empty) as one statement (PostgreSQL, no tenant).
 
@@ -107,27 +109,54 @@ def append_statement(
     before). The full one also drops the conversation's append keys past their
     retention, so one append in :data:`KEY_CLEANUP_ONE_IN` (drawn at random, so no
     pattern of conversations escapes it) runs it directly.
+
+    ``usage``: a Runner turn's usage rows (validated ``usage_rows``), recorded with
+    the append in the same round trip: the full statement -- it answers every case
+    itself, nothing falls back -- then ``RECORD_TURN_USAGE``, sent together as one
+    implicit transaction, both or neither. A retry after an unknown outcome stores
+    the items once (the key) and the usage once (its run keys).
     """
+    parameters = _append_parameters(
+        conversation_id, encoded, user_id, metadata, idempotency_key, ttl_seconds
+    )
+    if usage:
+        parameters.update(turn_usage_parameters(usage))
+        return HotStatement(_APPEND_WITH_USAGE, parameters, False, idempotency_key)
     full = _cleanup_draw.getrandbits(KEY_CLEANUP_BITS) == 0
     return HotStatement(
         POSTGRES_APPEND if full else POSTGRES_APPEND_COMMON_CASE,
-        {
-            "conversation_id": conversation_id,
-            "user_id": user_id,
-            # As JSON text: the statement casts it to jsonb.
-            "metadata": None if metadata is None else json.dumps(metadata),
-            "ttl_seconds": ttl_seconds,
-            "restart_expired": True,
-            "append_key": idempotency_key,
-            "keys_expire_before": keys_expire_before(),
-            "roles": [item.role for item in encoded],
-            "contents": [item.content for item in encoded],
-            "documents": [item.document for item in encoded],
-        },
+        parameters,
         False,
         idempotency_key,
         None if full else POSTGRES_APPEND,
     )
+
+
+# (Module level: a tuple's SQL is joined and cached once per tuple object.)
+_APPEND_WITH_USAGE = (POSTGRES_APPEND, RECORD_TURN_USAGE)
+
+
+def _append_parameters(
+    conversation_id: str,
+    encoded: Sequence[EncodedItem],
+    user_id: str | None,
+    metadata: dict[str, Any] | None,
+    idempotency_key: str | None,
+    ttl_seconds: int | None,
+) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation_id,
+        "user_id": user_id,
+        # As JSON text: the statement casts it to jsonb.
+        "metadata": None if metadata is None else json.dumps(metadata),
+        "ttl_seconds": ttl_seconds,
+        "restart_expired": True,
+        "append_key": idempotency_key,
+        "keys_expire_before": keys_expire_before(),
+        "roles": [item.role for item in encoded],
+        "contents": [item.content for item in encoded],
+        "documents": [item.document for item in encoded],
+    }
 
 
 class MessageRepository:
