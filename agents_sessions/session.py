@@ -406,12 +406,10 @@ class PostgreSQLSession(HistoryManagementMixin):
         (``await asyncio.shield(pop)``) and read its result.
         """
         tenant = self._acting_tenant(wrapper)
-        # With a time-to-live, the pop and the expiry it extends are one transaction.
-        if self._ttl_seconds is None and await runs_on_loop(self._store, tenant):
+        if await runs_on_loop(self._store, tenant):
+            hot = pop_statement(self.session_id, self._ttl_seconds)
             popped = await settle_then_propagate_cancellation(
-                run_on_loop(
-                    self._store, pop_statement(self.session_id), write=True, repeatable=False
-                )
+                run_on_loop(self._store, hot, write=True, repeatable=False)
             )
             if popped:
                 return popped[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from .statements import CONVERSATION_ID, LIMIT
+from .statements import CONVERSATION_ID, LIMIT, TTL_SECONDS
 from .tables import JSONDocument
 
 # The conversation, unexpired, and its current branch -- which has no parent. Read in
@@ -71,12 +71,11 @@ ORDER BY m.id
 _LOCK_FOR_POP = """
 UPDATE conversations SET updated_at = now()
 WHERE id = :conversation_id AND (expires_at IS NULL OR expires_at > now())"""
-_DELETE_UNSHARED = """
-WITH current_branch AS (
+_CURRENT_BRANCH = """current_branch AS (
     SELECT COALESCE(c.current_branch, 'main') AS id FROM conversations c
     WHERE c.id = :conversation_id AND (c.expires_at IS NULL OR c.expires_at > now())
-)
-DELETE FROM messages
+)"""
+_DELETE_NEWEST_UNSHARED = """DELETE FROM messages
 WHERE conversation_id = :conversation_id
   AND id = (
     SELECT max(newest.id) FROM current_branch JOIN messages newest
@@ -89,8 +88,19 @@ WHERE conversation_id = :conversation_id
        OR (b.parent_branch_id = current_branch.id
            AND (b.fork_before_id IS NULL OR b.fork_before_id > messages.id)))
   )
-RETURNING item
-"""
+RETURNING item"""
+_DELETE_UNSHARED = f"WITH {_CURRENT_BRANCH}\n{_DELETE_NEWEST_UNSHARED}"
+# With a time-to-live: the expiry moves to now + ttl when (and only when) an item was
+# popped, in the same statement (the row is already locked by the pop's UPDATE).
+_DELETE_UNSHARED_EXTENDING = f"""WITH {_CURRENT_BRANCH},
+popped AS (
+{_DELETE_NEWEST_UNSHARED}
+),
+extended AS (
+    UPDATE conversations SET expires_at = now() + make_interval(secs => :ttl_seconds)
+    WHERE id = :conversation_id AND EXISTS (SELECT FROM popped)
+)
+SELECT item FROM popped"""
 
 #: A pop: two statements sent together in one round trip (psycopg2's simple query
 #: protocol allows it and answers with the last one's rows; see
@@ -106,4 +116,12 @@ RETURNING item
 POP_UNSHARED = (
     text(_LOCK_FOR_POP).bindparams(CONVERSATION_ID),
     text(_DELETE_UNSHARED).bindparams(CONVERSATION_ID).columns(item=JSONDocument),
+)
+#: :data:`POP_UNSHARED` for a session with a time-to-live: the pop also extends the
+#: conversation's expiry, as the branch-aware pop does -- only when it pops an item.
+POP_UNSHARED_EXTENDING = (
+    POP_UNSHARED[0],
+    text(_DELETE_UNSHARED_EXTENDING)
+    .bindparams(CONVERSATION_ID, TTL_SECONDS)
+    .columns(item=JSONDocument),
 )

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..db.common_case import (
     POP_UNSHARED,
+    POP_UNSHARED_EXTENDING,
     VIEW_ALL_UNFORKED,
     VIEW_LATEST_UNFORKED,
 )
@@ -81,12 +82,17 @@ def history_statement(conversation_id: str, limit: int | None) -> HotStatement:
     return HotStatement(VIEW_LATEST_UNFORKED, parameters, True, fallback=POSTGRES_VIEW_LATEST)
 
 
-def pop_statement(conversation_id: str) -> HotStatement:
+def pop_statement(conversation_id: str, ttl_seconds: int | None = None) -> HotStatement:
     """The common case of a pop, in one round trip (PostgreSQL; see ``POP_UNSHARED``).
 
-    Its item, or no row: then :meth:`MessageRepository.pop_latest` answers.
+    With ``ttl_seconds``, a popped item extends the conversation's expiry to that
+    long from now (``POP_UNSHARED_EXTENDING``). Its item, or no row: then
+    :meth:`MessageRepository.pop_latest` answers.
     """
-    return HotStatement(POP_UNSHARED, {"conversation_id": conversation_id}, True)
+    if ttl_seconds is None:
+        return HotStatement(POP_UNSHARED, {"conversation_id": conversation_id}, True)
+    parameters = {"conversation_id": conversation_id, "ttl_seconds": ttl_seconds}
+    return HotStatement(POP_UNSHARED_EXTENDING, parameters, True)
 
 
 def append_statement(

@@ -12,7 +12,7 @@ import pytest
 from agents import Agent, Runner, function_tool
 from agents.testing import ScriptedModel, function_call
 from click.testing import CliRunner
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from agents_sessions import (
     ConfigurationError,
@@ -256,3 +256,45 @@ async def test_prune_options_are_exclusive_and_trim_turns_from_the_cli(
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["messages"] == 4
     assert [item["content"] for item in await session.get_items()] == ["q2", "a2"]
+
+
+def _expire_in(session: PostgreSQLSession, delay: timedelta) -> datetime:
+    expires = datetime.now(timezone.utc) + delay
+    with session.store.transaction() as repos:
+        repos.connection.execute(
+            update(conversations_table)
+            .where(conversations_table.c.id == session.session_id)
+            .values(expires_at=expires)
+        )
+    return expires
+
+
+async def test_a_pop_extends_the_expiry_only_when_it_pops_an_item(database_url: str) -> None:
+    session = PostgreSQLSession(
+        f"ttl-{uuid.uuid4()}", database_url=database_url, ttl=timedelta(days=30)
+    )
+    await session.add_items([user("a")])
+    _expire_in(session, timedelta(days=1))
+    assert await session.pop_item() == user("a")
+    extended = expiry_of(session)
+    assert extended is not None and extended > datetime.now(timezone.utc) + timedelta(days=29)
+
+    unchanged = _expire_in(session, timedelta(days=1))
+    assert await session.pop_item() is None  # nothing to pop: the expiry stays
+    assert expiry_of(session) == unchanged
+
+
+@pytest.mark.not_on_citus("on Citus the session's calls run in worker threads")
+async def test_a_pop_with_a_ttl_is_one_round_trip_on_the_event_loop(postgres_url: str) -> None:
+    session = PostgreSQLSession(
+        f"ttl-{uuid.uuid4()}", database_url=postgres_url, ttl=timedelta(days=30)
+    )
+    await session.add_items([user("a"), user("b")])
+    _expire_in(session, timedelta(days=1))
+    checkouts: list[Any] = []
+    event.listen(session.store.engine, "checkout", lambda *_: checkouts.append(1))
+
+    assert await session.pop_item() == user("b")
+    assert checkouts == []  # no transaction in a worker thread
+    extended = expiry_of(session)
+    assert extended is not None and extended > datetime.now(timezone.utc) + timedelta(days=29)
