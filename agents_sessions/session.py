@@ -319,6 +319,7 @@ class PostgreSQLSession(HistoryManagementMixin):
             idempotency_key=key,
             ttl_seconds=self._ttl_seconds,
             usage=usage_rows(self.session_id, usage) if usage else None,
+            keep_last_turns=self.keep_last_turns,
         )
         try:
             await run_on_loop(self._store, hot, write=True, repeatable=True)
@@ -326,8 +327,6 @@ class PostgreSQLSession(HistoryManagementMixin):
             exc.offer_key(key)
             raise
         self._owner_pending = False
-        if self.keep_last_turns is not None:
-            await self._in_thread(self._trim, None)
 
     def _trim(self, tenant: str | None) -> None:
         # A second statement, only for sessions that trim: idempotent, so a

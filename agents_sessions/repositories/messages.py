@@ -104,6 +104,7 @@ def append_statement(
     idempotency_key: str | None,
     ttl_seconds: int | None,
     usage: Sequence[dict[str, Any]] | None = None,
+    keep_last_turns: int | None = None,
 ) -> HotStatement:
     """The append of ``encoded`` (non-empty) as one statement (PostgreSQL, no tenant).
 
@@ -117,17 +118,23 @@ def append_statement(
     pattern of conversations escapes it) runs it directly.
 
     ``usage``: a Runner turn's usage rows (validated ``usage_rows``), recorded with
-    the append in the same round trip: the full statement -- it answers every case
-    itself, nothing falls back -- then ``RECORD_TURN_USAGE``, sent together as one
-    implicit transaction, both or neither. A retry after an unknown outcome stores
-    the items once (the key) and the usage once (its run keys).
+    the append; ``keep_last_turns``: the session's trim, run after it. Either makes the
+    append the full statement -- it answers every case itself, nothing falls back --
+    followed by ``RECORD_TURN_USAGE`` and/or ``TRIM_TO_LAST_TURNS``, sent together as
+    one implicit transaction in one round trip: all or nothing. A retry after an
+    unknown outcome stores the items once (the key), the usage once (its run keys),
+    and trims again (idempotent).
     """
     parameters = _append_parameters(
         conversation_id, encoded, user_id, metadata, idempotency_key, ttl_seconds
     )
-    if usage:
-        parameters.update(turn_usage_parameters(usage))
-        return HotStatement(_APPEND_WITH_USAGE, parameters, False, idempotency_key)
+    if usage or keep_last_turns is not None:
+        if usage:
+            parameters.update(turn_usage_parameters(usage))
+        if keep_last_turns is not None:
+            parameters["turns_before"] = keep_last_turns - 1
+        statements = _APPEND_TOGETHER[bool(usage), keep_last_turns is not None]
+        return HotStatement(statements, parameters, False, idempotency_key)
     full = _cleanup_draw.getrandbits(KEY_CLEANUP_BITS) == 0
     return HotStatement(
         POSTGRES_APPEND if full else POSTGRES_APPEND_COMMON_CASE,
@@ -138,8 +145,13 @@ def append_statement(
     )
 
 
-# (Module level: a tuple's SQL is joined and cached once per tuple object.)
-_APPEND_WITH_USAGE = (POSTGRES_APPEND, RECORD_TURN_USAGE)
+# The append and what goes with it, by (usage, trim). Module level: a tuple's SQL
+# is joined, and prepared, once per tuple object.
+_APPEND_TOGETHER = {
+    (True, False): (POSTGRES_APPEND, RECORD_TURN_USAGE),
+    (False, True): (POSTGRES_APPEND, TRIM_TO_LAST_TURNS),
+    (True, True): (POSTGRES_APPEND, RECORD_TURN_USAGE, TRIM_TO_LAST_TURNS),
+}
 
 
 def _append_parameters(

@@ -298,3 +298,22 @@ async def test_a_pop_with_a_ttl_is_one_round_trip_on_the_event_loop(postgres_url
     assert checkouts == []  # no transaction in a worker thread
     extended = expiry_of(session)
     assert extended is not None and extended > datetime.now(timezone.utc) + timedelta(days=29)
+
+
+@pytest.mark.not_on_citus("on Citus the session's calls run in worker threads")
+async def test_a_trimming_session_appends_and_trims_in_one_round_trip_on_the_event_loop(
+    postgres_url: str,
+) -> None:
+    session = PostgreSQLSession(
+        f"trim-{uuid.uuid4()}", database_url=postgres_url, keep_last_turns=2
+    )
+    await session.get_items()  # the schema check (a worker thread) is behind us
+    checkouts: list[Any] = []
+    event.listen(session.store.engine, "checkout", lambda *_: checkouts.append(1))
+
+    for turn in range(4):
+        await session.add_items([user(f"q{turn}"), {"role": "assistant", "content": f"a{turn}"}])
+
+    assert checkouts == []  # no second statement in a worker thread
+    contents = [item["content"] for item in await session.get_items()]
+    assert contents == ["q2", "a2", "q3", "a3"]

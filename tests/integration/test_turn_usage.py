@@ -152,3 +152,19 @@ async def test_a_repeated_turn_append_stores_its_items_and_usage_once(
         "total_tokens": 42,
         "total_turns": 1,
     }
+
+
+async def test_a_trimming_session_records_each_turns_usage_and_keeps_its_last_turns(
+    database_url: str, conversation_id: str
+) -> None:
+    session = PostgreSQLSession(conversation_id, database_url=database_url, keep_last_turns=1)
+    for turn, tokens in ((1, 100), (2, 200), (3, 300)):
+        model = ScriptedModel([ModelStep(output=[assistant_message("ok")], usage=_request(tokens))])
+        await Runner.run(Agent(name="a", model=model), f"turn {turn}", session=session)
+
+    items = await session.get_items()
+    assert len(items) == 2 and items[0]["content"] == "turn 3"
+    # The ledger keeps every request, though the turns they belong to were trimmed.
+    with session.store.read() as repos:
+        totals = repos.usage.totals_for_conversation(conversation_id)
+    assert (totals.requests, totals.prompt_tokens) == (3, 600)
