@@ -89,6 +89,7 @@ class LoopReaders:
     def __init__(self, engine: Engine) -> None:
         self._engine = weakref.ref(engine)
         self._readers: dict[int, _Reader] = {}  # by id() of the loop
+        self._opening = 0  # opens under way: they count against ``most`` too
         self._guard = threading.Lock()
 
     def has_reader(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -117,27 +118,37 @@ class LoopReaders:
         with self._guard:
             orphans = [key for key, reader in self._readers.items() if reader.orphaned]
             closing = [self._readers.pop(key) for key in orphans]
-            full = len(self._readers) >= most
+            # Decided and counted under the guard: concurrent opens of several loops
+            # cannot together take more than ``most`` connections.
+            full = len(self._readers) + self._opening >= most
+            if not full:
+                self._opening += 1
         for reader in closing:
             reader.close()
         if full:
             raise NotOnTheHotPath
+        replaced = None
         try:
-            pooled = engine.pool.connect()
-        except sa_exc.TimeoutError:
-            raise  # no slot within pool_timeout: the threads would wait as long again
-        except Exception as exc:  # e.g. the file cannot be opened: the threads retry
-            raise NotOnTheHotPath from exc
-        try:
-            cast("sqlite3.Connection", pooled.dbapi_connection).execute("PRAGMA busy_timeout=0")
-            reader = _Reader(loop, pooled, engine)
-        except BaseException:
-            pooled.invalidate()
-            pooled.close()
-            raise
-        with self._guard:
-            replaced = self._readers.get(id(loop))
-            self._readers[id(loop)] = reader
+            try:
+                pooled = engine.pool.connect()
+            except sa_exc.TimeoutError:
+                raise  # no slot within pool_timeout: the threads would wait as long again
+            except Exception as exc:  # e.g. the file cannot be opened: the threads retry
+                raise NotOnTheHotPath from exc
+            try:
+                driver = cast("sqlite3.Connection", pooled.dbapi_connection)
+                driver.execute("PRAGMA busy_timeout=0")
+                reader = _Reader(loop, pooled, engine)
+            except BaseException:
+                pooled.invalidate()
+                pooled.close()
+                raise
+            with self._guard:
+                replaced = self._readers.get(id(loop))
+                self._readers[id(loop)] = reader
+        finally:
+            with self._guard:
+                self._opening -= 1
         if replaced is not None:  # a loop whose id() was reused, or a concurrent open
             replaced.close()
 
@@ -174,6 +185,7 @@ class LoopReaders:
     def drop_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without closing them."""
         self._guard = threading.Lock()
+        self._opening = 0  # (a parent's thread opening one does not exist here)
         _inherited.extend(reader.pooled for reader in self._readers.values())
         self._readers.clear()
 

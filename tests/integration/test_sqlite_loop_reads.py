@@ -261,3 +261,38 @@ async def test_a_task_reading_in_a_loop_lets_the_other_tasks_run(tmp_path: Path)
     watchdog.cancel()
     assert await reader > 0
     assert in_time, "the reading task kept the loop to itself"
+
+
+def test_loops_opening_at_once_leave_the_pools_last_connection_to_the_threads(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'many.sqlite3'}?pool_size=3&max_overflow=0&pool_timeout=5"
+    session = PostgreSQLSession("many", database_url=url)
+    asyncio.run(session.add_items(_items(2)))
+    start, release = threading.Barrier(5), threading.Event()
+    answers: list[Any] = []
+
+    def loop_that_reads_and_stays_open() -> None:
+        async def read() -> None:
+            start.wait(30)  # the four loops open their connections together
+            answers.append(_contents(await session.get_items(limit=1)))
+            await asyncio.to_thread(release.wait, 60)  # the loop stays open meanwhile
+
+        asyncio.run(read())
+
+    threads = [threading.Thread(target=loop_that_reads_and_stays_open) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        start.wait(30)
+        while len(answers) < 4:
+            threading.Event().wait(0.01)
+        # At most all but one of the three connections are held by loops ...
+        assert session.store.pool.checkedout() <= 2
+        # ... so a write (a worker thread's) still finds one.
+        asyncio.run(session.add_items([{"role": "user", "content": "written"}]))
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    assert answers == [["m1"]] * 4
