@@ -156,10 +156,13 @@ class LoopReaders:
         """Run ``work`` on ``loop``'s connection (which :meth:`has_reader` said it has).
 
         Raises :class:`NotOnTheHotPath` where the threads must read instead: ``work``
-        says so, or the driver failed (say, the file is busy and the read would have
-        waited) -- the connection is then closed, its state unknown.
+        says so, the connection was closed meanwhile (a dispose in another thread),
+        or the driver failed (say, the file is busy and the read would have waited)
+        -- the connection is then closed, its state unknown.
         """
-        reader = self._readers[id(loop)]
+        reader = self._readers.get(id(loop))
+        if reader is None or reader.loop() is not loop:
+            raise NotOnTheHotPath  # closed meanwhile by another thread (dispose)
         try:
             with reader.in_use:
                 return work(reader.hot)

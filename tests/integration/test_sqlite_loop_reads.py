@@ -296,3 +296,23 @@ def test_loops_opening_at_once_leave_the_pools_last_connection_to_the_threads(
         for thread in threads:
             thread.join(60)
     assert answers == [["m1"]] * 4
+
+
+async def test_reads_stay_right_while_another_thread_disposes_the_store(tmp_path: Path) -> None:
+    session = PostgreSQLSession("disposed", database_url=f"sqlite:///{tmp_path / 'd.sqlite3'}")
+    await session.add_items(_items(3))
+    stop = threading.Event()
+
+    def dispose_again_and_again() -> None:
+        while not stop.is_set():
+            session.store.dispose()  # closes the loop's connection under its reads
+            stop.wait(0.0005)
+
+    disposer = threading.Thread(target=dispose_again_and_again)
+    disposer.start()
+    try:
+        for _ in range(300):
+            assert _contents(await session.get_items(limit=2)) == ["m1", "m2"]
+    finally:
+        stop.set()
+        disposer.join(60)
