@@ -19,6 +19,7 @@ from sqlalchemy import event, text
 
 from agents_sessions import PostgreSQLSession
 from agents_sessions.errors import DatabaseError
+from agents_sessions.items import encode_items
 from agents_sessions.loop_statements import run_on_loop
 from agents_sessions.repositories.messages import append_statement
 from agents_sessions.repositories.records import UsageEntry
@@ -127,8 +128,6 @@ async def test_a_repeated_turn_append_stores_its_items_and_usage_once(
     # A retry after an unknown outcome sends the same statement again.
     session = PostgreSQLSession(conversation_id, database_url=postgres_url)
     await session.add_items([user("q1")])
-    from agents_sessions.items import encode_items
-
     entry = UsageEntry(
         model="m", prompt_tokens=40, completion_tokens=2, requests=1, run_id="r", request_index=0
     )
