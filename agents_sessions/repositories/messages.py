@@ -106,7 +106,7 @@ def append_statement(
     usage: Sequence[dict[str, Any]] | None = None,
     keep_last_turns: int | None = None,
 ) -> HotStatement:
-    """The append of ``encoded`` (non-empty) as one statement (PostgreSQL, no tenant).
+    """The append of ``encoded`` (non-empty) in one round trip (PostgreSQL, no tenant).
 
     Arguments are trusted to be validated. Writes how many items it stored: 0 when
     an earlier attempt with the same ``idempotency_key`` did.
