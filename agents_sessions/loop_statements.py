@@ -26,7 +26,7 @@ from typing import Any
 from .db.failures import RetryPlan
 from .db.hot_path import HotStatement
 from .db.sqlite_hot_path import NotOnTheHotPath, parse_documents, sqlite_hot_path_allowed
-from .db.sqlite_loop_reader import MAX_BYTES_PARSED_ON_LOOP, MAX_ITEMS_READ_ON_LOOP, loop_readers
+from .db.sqlite_loop_reader import MAX_BYTES_PARSED_ON_LOOP, MAX_ITEMS_READ_ON_LOOP
 from .errors import DatabaseError, translate_database_errors
 from .store import SessionStore
 
@@ -110,7 +110,7 @@ async def read_sqlite_on_loop(
     # a task reading in a loop cannot starve the others.
     await asyncio.sleep(0)
     loop = asyncio.get_running_loop()
-    readers = loop_readers(store.engine)
+    readers = store.loop_readers
     try:
         if not readers.has_reader(loop):
             # Loops hold all but one of the pool's connections at most: the threads

@@ -46,7 +46,7 @@ from .db.failures import RetryPlan, replica_unreachable, replica_url_with_connec
 from .db.hot_path import HotMessages, driver_autocommit, driver_connection
 from .db.migrate import ensure_schema_at_head
 from .db.sqlite_hot_path import NotOnTheHotPath, run_on_sqlite
-from .db.sqlite_loop_reader import close_loop_readers
+from .db.sqlite_loop_reader import LoopReaders
 from .db.tenancy_probe import warn_if_tenancy_not_enforced
 from .errors import (
     ConfigurationError,
@@ -73,6 +73,8 @@ class _EngineState:
     target: DatabaseTarget
     engine: Engine
     executor: ThreadPoolExecutor
+    # SQLite: the event loops' own connections for short reads (db/sqlite_loop_reader.py).
+    loop_readers: LoopReaders
     schema_lock: threading.Lock = field(default_factory=threading.Lock)
     schema_ready: bool = False
     # Set by dispose_all(): stores holding this state look up a fresh one.
@@ -155,7 +157,7 @@ def _engine_state(url: str, settings: Settings) -> _EngineState:
                 statement_timeout_ms=options.statement_timeout_ms,
                 lock_timeout_ms=options.lock_timeout_ms,
             )
-            state = _EngineState(target=target, engine=engine, executor=_new_executor(target))
+            state = _EngineState(target, engine, _new_executor(target), LoopReaders(engine))
             if target.dialect == "postgresql":
                 from .db.async_pool import AsyncPools
 
@@ -623,6 +625,11 @@ class SessionStore:
         return pools if pools is not None and usable else None
 
     @property
+    def loop_readers(self) -> LoopReaders:
+        """The event loops' connections for short reads of a SQLite file (unused elsewhere)."""
+        return self._state.loop_readers
+
+    @property
     def schema_ready(self) -> bool:
         """Whether :meth:`ensure_schema` has succeeded (or has nothing to check)."""
         return self.is_replica or self._state.schema_ready
@@ -665,7 +672,7 @@ class SessionStore:
         back. The store stays usable: it opens new connections when next needed.
         """
         self.engine.dispose()
-        close_loop_readers(self.engine)
+        self._state.loop_readers.close()
         if self._state.async_pools is not None:
             self._state.async_pools.close_idle()
 
@@ -712,6 +719,7 @@ def _reset_after_fork() -> None:
     watchdog.reset_after_fork()
     for state in _states.values():
         state.engine.dispose(close=False)
+        state.loop_readers.drop_after_fork()
         if state.async_pools is not None:
             state.async_pools.budget.reset_after_fork()
             state.async_pools.drop_after_fork()
@@ -736,6 +744,6 @@ def dispose_all() -> None:
         state.disposed = True
         state.executor.shutdown(wait=True)
         state.engine.dispose()
-        close_loop_readers(state.engine)
+        state.loop_readers.close()
         if state.async_pools is not None:
             state.async_pools.dispose()

@@ -21,13 +21,13 @@ What keeps the loop from ever waiting on the database:
 
 A connection of a loop that has closed goes back to the pool when the next loop
 opens one, or when the store is disposed; a forked child never uses (nor closes)
-its parent's.
+its parent's. Each engine's :class:`LoopReaders` lives with the store's other
+per-engine state (``SessionStore.loop_readers``), which disposes and forks it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -87,7 +87,7 @@ class LoopReaders:
     """The SQLite connections event loops read on, for one engine (see the module doc)."""
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = weakref.ref(engine)
+        self._engine = engine
         self._readers: dict[int, _Reader] = {}  # by id() of the loop
         self._opening = 0  # opens under way: they count against ``most`` too
         self._guard = threading.Lock()
@@ -112,8 +112,8 @@ class LoopReaders:
             sqlalchemy.exc.TimeoutError: no pool slot freed up within ``pool_timeout``.
             NotOnTheHotPath: ``most`` loops hold one already, or opening one failed.
         """
-        engine = self._engine()
-        if engine is None or self.has_reader(loop):
+        engine = self._engine
+        if self.has_reader(loop):
             return
         with self._guard:
             orphans = [key for key, reader in self._readers.items() if reader.orphaned]
@@ -191,35 +191,3 @@ class LoopReaders:
         self._opening = 0  # (a parent's thread opening one does not exist here)
         _inherited.extend(reader.pooled for reader in self._readers.values())
         self._readers.clear()
-
-
-_registry: weakref.WeakKeyDictionary[Engine, LoopReaders] = weakref.WeakKeyDictionary()
-_registry_guard = threading.Lock()
-
-
-def loop_readers(engine: Engine) -> LoopReaders:
-    """The loop readers of ``engine``'s file in this process (made on first use)."""
-    readers = _registry.get(engine)
-    if readers is None:
-        with _registry_guard:
-            readers = _registry.setdefault(engine, LoopReaders(engine))
-    return readers
-
-
-def close_loop_readers(engine: Engine) -> None:
-    """Hand back the loop readers' connections of ``engine`` (if it has any)."""
-    readers = _registry.get(engine)
-    if readers is not None:
-        readers.close()
-
-
-def _reset_after_fork() -> None:
-    global _registry_guard
-    # A lock held by a parent's thread at fork time would stay held in the child.
-    _registry_guard = threading.Lock()
-    for readers in list(_registry.values()):
-        readers.drop_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)

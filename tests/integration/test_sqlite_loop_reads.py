@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import event
 
 from agents_sessions import PoolTimeoutError, PostgreSQLSession
-from agents_sessions.db.sqlite_loop_reader import MAX_ITEMS_READ_ON_LOOP, loop_readers
+from agents_sessions.db.sqlite_loop_reader import MAX_ITEMS_READ_ON_LOOP
 
 
 class _Traced:
@@ -153,7 +153,7 @@ async def test_dispose_closes_the_loops_connection_and_reads_go_on(tmp_path: Pat
     traced = _Traced(tmp_path / "dispose.sqlite3")
     await traced.session.add_items(_items(4))
     await traced.session.get_items(limit=2)
-    readers = loop_readers(traced.session.store.engine)
+    readers = traced.session.store.loop_readers
     loop = asyncio.get_running_loop()
     assert readers.has_reader(loop)
 
@@ -219,7 +219,7 @@ async def test_a_pool_of_one_connection_keeps_it_for_the_threads(tmp_path: Path)
     for n in range(3):  # writes keep finding the connection: no loop holds it
         await session.add_items([{"role": "user", "content": f"m{n}"}])
         assert _contents(await session.get_items(limit=1)) == [f"m{n}"]
-    assert not loop_readers(session.store.engine).has_reader(asyncio.get_running_loop())
+    assert not session.store.loop_readers.has_reader(asyncio.get_running_loop())
 
 
 async def test_an_exhausted_pool_fails_a_first_bounded_read_with_pool_timeout_error(
