@@ -56,6 +56,9 @@ DIRECT_DEPENDENCIES = (
 )
 
 
+#: How many of a failed leg's failures are printed by name (the rest are counted).
+MAX_FAILURES_PRINTED = 40
+
 _INSTALLING = threading.Lock()
 
 
@@ -221,6 +224,14 @@ def run_leg(leg: Leg) -> Outcome:
     closing = lines[-1] if lines else "(no output)"
     result = "passed" if tests.returncode == 0 else "FAILED"
     detail = closing if tests.returncode == 0 else f"{closing}; see {log}"
+    if tests.returncode != 0:
+        # The log stays on the machine that ran the leg; CI keeps only what is printed, so the
+        # names of what failed (pytest's short summary) go to stdout with the leg's name.
+        failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+        for line in failed[:MAX_FAILURES_PRINTED]:
+            print(f"[{leg.name}] {line[:300]}", flush=True)
+        if len(failed) > MAX_FAILURES_PRINTED:
+            print(f"[{leg.name}] ... and {len(failed) - MAX_FAILURES_PRINTED} more", flush=True)
     return Outcome(leg, result, detail, time.monotonic() - started)
 
 

@@ -197,6 +197,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 class PostgresServer:
     """A PostgreSQL server on which tests create (and drop) databases of their own."""
 
+    #: Databases created by every server of this run (see `_close_pools_of_new_databases`).
+    created_in_run = 0
+
     def __init__(self, admin_url: str) -> None:
         self.admin_url = parse_database_url(admin_url).url
         self._engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
@@ -207,8 +210,12 @@ class PostgresServer:
         name = f"{prefix}_{RUN_TAG}_{uuid.uuid4().hex[:10]}"
         with self._engine.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
-        self._created.append(name)
+        self._record_created(name)
         return self.admin_url.set(database=name).render_as_string(hide_password=False)
+
+    def _record_created(self, name: str) -> None:
+        self._created.append(name)
+        PostgresServer.created_in_run += 1
 
     def execute(self, statement: str) -> None:
         with self._engine.connect() as connection:
@@ -297,7 +304,7 @@ class CitusPostgresServer(PostgresServer):
 
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
         self.cluster.create_database(name)
-        self._created.append(name)
+        self._record_created(name)
         url = self.admin_url.set(database=name).render_as_string(hide_password=False)
         upgrade(url)
         engine = create_engine(
@@ -396,6 +403,18 @@ def fresh_database_url(
 def conversation_id() -> str:
     """A conversation id no other test uses."""
     return f"conv-{uuid.uuid4()}"
+
+
+@pytest.fixture(autouse=True)
+def _close_pools_of_new_databases() -> Iterator[None]:
+    # A test that made databases of its own leaves their pools' idle connections open
+    # until something disposes them (the databases are dropped at the end of the run).
+    # Closing them when the test ends bounds what a test run holds open on the shared
+    # server to one test's worth -- the matrix runs two suites against it at once.
+    created_before = PostgresServer.created_in_run
+    yield
+    if PostgresServer.created_in_run != created_before:
+        dispose_all()
 
 
 @pytest.fixture(autouse=True)
