@@ -75,7 +75,7 @@ class LoopPool:
         self._idle: deque[AsyncConnection] = deque()
         self._waiters: deque[asyncio.Future[AsyncConnection | None]] = deque()
         owner.budget.on_freed(self._slot_freed)
-        owner.budget.on_thread_waiting(self.close_idle)
+        owner.budget.on_thread_waiting(self.close_one_idle)
 
     # ------------------------------------------------------------ checkout / checkin
 
@@ -132,7 +132,10 @@ class LoopPool:
     async def _idle_or_new(self) -> AsyncConnection | None:
         while self._idle:
             # Newest first: the least likely to have been closed by an idle timeout.
-            connection = self._idle.pop()
+            try:
+                connection = self._idle.pop()
+            except IndexError:  # a thread needing a slot closed the last one meanwhile
+                break
             if await self._alive(connection):
                 return connection
             connection.close()
@@ -165,8 +168,9 @@ class LoopPool:
             reusable
             and not owner.disposed
             and connection.generation == owner.generation
-            # A thread waits for a slot: an idle connection here would keep it waiting.
-            and not owner.budget.threads_waiting
+            # Threads wait for more slots than are free: an idle connection here would
+            # keep one of them waiting.
+            and not owner.budget.threads_short_of_slots
         ):
             if self._wake_one(connection):
                 return
@@ -209,10 +213,22 @@ class LoopPool:
                 return
             connection.close()
 
+    def close_one_idle(self) -> bool:
+        """Close one idle connection, if there is one (a thread needs its slot).
+
+        Any thread may call it, as :meth:`close_idle`.
+        """
+        try:
+            connection = self._idle.popleft()  # the oldest: the least likely to be used next
+        except IndexError:
+            return False
+        connection.close()
+        return True
+
     def forget(self) -> None:
         """Stop listening to the budget (the pool is dropped)."""
         self._owner.budget.forget(self._slot_freed)
-        self._owner.budget.forget(self.close_idle)
+        self._owner.budget.forget(self.close_one_idle)
 
     def inherited(self) -> list[AsyncConnection]:
         """The idle connections, taken out (after a fork, to keep them unclosed)."""

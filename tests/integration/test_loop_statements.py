@@ -295,6 +295,52 @@ async def test_with_two_slots_the_two_pools_take_turns_without_starving(
     assert await session.get_items() == [user(f"{turn}") for turn in range(5)]
 
 
+def sessions_opened(admin: Engine, database: str) -> int:
+    """How many server sessions ``database`` has had (``pg_stat_database.sessions``)."""
+    with admin.connect() as connection:
+        return int(
+            connection.execute(
+                text("SELECT sessions FROM pg_stat_database WHERE datname = :name"),
+                {"name": database},
+            ).scalar_one()
+        )
+
+
+async def test_threads_calling_steadily_beside_a_busy_loop_keep_their_connections(
+    postgres_server: PostgresServer, admin: Engine
+) -> None:
+    # The loop wants every slot (50 conversations, a ceiling of 8) while two callers
+    # run transactions on the worker threads (clear_session) one after another. The
+    # engine's pool keeps the connections the threads keep using rather than trade a
+    # slot with the loop for each call: each trade closes a connection on one side
+    # and opens one on the other (before: hundreds opened in this test).
+    url, _ = app_url(postgres_server, "pool_size=4&max_overflow=4&pool_timeout=30")
+    database = make_url(url).database
+    assert database is not None
+    get_store(url).ensure_schema()
+    opened_before = sessions_opened(admin, database)
+
+    async def turns(index: int) -> None:
+        session = PostgreSQLSession(f"loop-{index}", database_url=url)
+        for turn in range(20):
+            await session.get_items(limit=20)
+            await session.add_items([user(f"{turn}"), user(f"{turn}+")])
+
+    async def transactions(index: int) -> None:
+        session = PostgreSQLSession(f"thread-{index}", database_url=url)
+        for _ in range(50):
+            await session.add_items([user("x")])
+            await session.clear_session()
+
+    await asyncio.gather(*(turns(i) for i in range(50)), *(transactions(i) for i in range(2)))
+    dispose_all()  # closed sessions are counted for sure
+    opened = sessions_opened(admin, database) - opened_before
+    assert opened <= 2 * 8, f"{opened} server connections opened for a ceiling of 8"
+    for index in (0, 49):
+        session = PostgreSQLSession(f"loop-{index}", database_url=url)
+        assert len(await session.get_items()) == 40
+
+
 async def test_with_a_ceiling_of_one_the_session_stays_on_the_worker_threads(
     postgres_server: PostgresServer,
 ) -> None:
