@@ -39,8 +39,11 @@ from sqlalchemy import exc as sa_exc
 from .sqlite_hot_path import NotOnTheHotPath, SQLiteHotMessages
 from .sqlite_writers import write_queue
 
-#: The most items a read may ask for to run on the event loop.
-MAX_ITEMS_READ_ON_LOOP = 100
+#: The most items a read may ask for to run on the event loop. What the loop spends on a
+#: read is bounded by :data:`MAX_BYTES_PARSED_ON_LOOP` (parsing is most of it); this bounds
+#: the rows fetched, and what a ``get_items()`` of a longer branch reads on the loop
+#: (raw rows, unparsed) before it hands the read to the threads.
+MAX_ITEMS_READ_ON_LOOP = 1000
 
 #: Stored JSON longer than this (in characters, all documents of a read together) is
 #: parsed by a worker thread rather than on the loop.
