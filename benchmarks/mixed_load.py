@@ -28,24 +28,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from agents_sessions import PostgreSQLSession, dispose_all
 from agents_sessions.db.migrate import upgrade
+from tests.support.server_stats import sessions_opened
 
 #: How often each thread-path caller calls.
 CALLER_INTERVAL_SECONDS = 0.01
-
-
-def _sessions_opened(admin: Engine, database: str) -> int:
-    with admin.connect() as connection:
-        return int(
-            connection.execute(
-                text("SELECT sessions FROM pg_stat_database WHERE datname = :name"),
-                {"name": database},
-            ).scalar_one()
-        )
 
 
 async def _round(url: str, conversations: int, callers: int, seconds: float) -> dict[str, float]:
@@ -96,10 +87,10 @@ def run(
         upgrade(url)
         for _ in range(rounds):
             for count in callers:
-                before = _sessions_opened(admin, database)
+                before = sessions_opened(admin, database)
                 measured: dict[str, Any] = asyncio.run(_round(url, conversations, count, seconds))
                 dispose_all()  # every connection closed: counted, and the next round starts cold
-                measured["opened"] = _sessions_opened(admin, database) - before
+                measured["opened"] = sessions_opened(admin, database) - before
                 previous = best.get(count)
                 if previous is None:
                     measured["opened_min"] = measured["opened_max"] = measured["opened"]

@@ -35,6 +35,7 @@ from agents_sessions import (
 from agents_sessions.db.async_pool import AsyncPools
 from agents_sessions.loop_statements import runs_on_loop
 from tests.conftest import PostgresServer
+from tests.support.server_stats import sessions_opened
 
 pytestmark = [
     pytest.mark.postgres_only,
@@ -293,17 +294,6 @@ async def test_with_two_slots_the_two_pools_take_turns_without_starving(
         assert await session.pop_item() == user(f"{turn}+")  # the engine's pool
         assert budget.open <= 2
     assert await session.get_items() == [user(f"{turn}") for turn in range(5)]
-
-
-def sessions_opened(admin: Engine, database: str) -> int:
-    """How many server sessions ``database`` has had (``pg_stat_database.sessions``)."""
-    with admin.connect() as connection:
-        return int(
-            connection.execute(
-                text("SELECT sessions FROM pg_stat_database WHERE datname = :name"),
-                {"name": database},
-            ).scalar_one()
-        )
 
 
 async def test_threads_calling_steadily_beside_a_busy_loop_keep_their_connections(
