@@ -64,8 +64,8 @@ logger = logging.getLogger("agents_sessions")
 class LoopPool:
     """The asynchronous connections of one event loop for one database URL.
 
-    Used only from its loop's thread, except :meth:`close_idle`, which any thread
-    may call.
+    Used only from its loop's thread, except :meth:`close_idle` and
+    :meth:`close_one_idle`, which any thread may call.
     """
 
     def __init__(self, owner: AsyncPools, loop: asyncio.AbstractEventLoop) -> None:
