@@ -626,7 +626,7 @@ class SessionStore:
 
     @property
     def loop_readers(self) -> LoopReaders:
-        """The event loops' connections for short reads of a SQLite file (unused elsewhere)."""
+        """The event loops' connections for short reads of a SQLite file (unused on PostgreSQL)."""
         return self._state.loop_readers
 
     @property

@@ -22,12 +22,13 @@ they keep using instead of trading slots with the event loops -- each trade is a
 connection closed on one side and opened on the other.
 
 * A thread that needs a new ordinary connection and finds no slot has one idle
-  connection closed -- an event loop's, or the ``QueuePool``'s own (it took a record
-  without a connection from the pool's queue) -- then waits (at most
-  ``pool_timeout``, then :class:`~agents_sessions.errors.PoolTimeoutError`). While
-  threads wait for more slots than are free, an asynchronous connection handed back
-  is closed instead of kept, and the event loops take no new slot: a freed slot
-  goes to a waiting thread first.
+  event-loop connection closed, then waits (at most ``pool_timeout``, then
+  :class:`~agents_sessions.errors.PoolTimeoutError`). While threads wait for more
+  slots than are free, an asynchronous connection handed back is closed instead of
+  kept, and the event loops take no new slot: a freed slot goes to a waiting thread
+  first. Every :data:`THREAD_SHEDS_AGAIN_SECONDS` without a slot it sheds again,
+  then also the ``QueuePool``'s own idle connections (it took a record without a
+  connection from the pool's queue, and no longer looks there while it waits).
 * A coroutine that needs a new asynchronous connection and finds no slot asks the
   ``QueuePool`` to give up its idle connections when it holds more than its reserve
   (:func:`shed_idle`), then waits the same way; an ordinary connection checked in
