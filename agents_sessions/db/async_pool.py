@@ -55,7 +55,7 @@ from .async_connection import AsyncConnection, Expired, keep_unclosed, wake
 from .budget import ConnectionBudget, attach_budget, shed_idle
 from .engine import DatabaseTarget, PoolOptions, postgresql_connect_recipe, socket_has_news
 from .hot_path import HotStatement
-from .prepared import PreparingSwitch, prepared_form
+from .prepared import PreparingSwitch, executes_text, prepared_form
 from .statements import together_sql
 
 logger = logging.getLogger("agents_sessions")
@@ -444,8 +444,7 @@ class AsyncPools:
                     if form.name not in connection.prepared:
                         await connection.fetch(pool.loop, form.prepare, {}, timeout)
                         connection.prepared.add(form.name)
-                executes = ";\n".join(form.execute for form in forms)
-                return await connection.fetch(pool.loop, executes, parameters, timeout)
+                return await connection.fetch(pool.loop, executes_text(forms), parameters, timeout)
             except psycopg2.Error as exc:
                 if not self.preparing.pooler_answered(exc):
                     raise

@@ -5,8 +5,8 @@ parses and plans it on every call -- for the hot statements, most of the server'
 work: the append's CTEs take longer to plan than to run. On each asynchronous
 connection (:mod:`agents_sessions.db.async_pool`) a statement's first call sends
 ``PREPARE name (types) AS ...`` on its own, then ``EXECUTE name (...)``, which is
-all later calls send: parsed once per connection, and planned as the server's plan
-cache decides (``plan_cache_mode``). Values still travel as psycopg2 literals, now
+all later calls send: parsed once per connection, and planned once too (a generic
+plan, see :func:`executes_text`). Values still travel as psycopg2 literals, now
 cast to the declared types. (``PREPARE`` is sent alone because a prepared statement
 outlives a failed transaction: sent together with an ``EXECUTE`` that fails, it
 would stay prepared unknown to the connection's bookkeeping.)
@@ -54,6 +54,25 @@ class PreparedForm:
     name: str
     prepare: str
     execute: str
+
+
+# Sent in the same query string as a call's EXECUTEs: the string runs as one implicit
+# transaction, so SET LOCAL ends with the call -- it never reaches a later statement on
+# the connection, nor, behind a transaction-pooling proxy, another client's.
+#
+# Why force the generic plan: every hot statement finds its rows from one conversation
+# id through the primary keys, and its generic plan (index scans, a LIMIT taken as
+# given) is the right plan for any conversation. Left to choose ('auto'), the server
+# compares the generic plan's estimate -- which has to guess what `LIMIT $n` keeps --
+# with the first five custom plans of the connection, and where those were for a
+# conversation much longer or shorter than the average it keeps planning every call
+# anew: for a read, several times the server time of running it.
+_GENERIC_PLAN_FOR_THIS_CALL = "SET LOCAL plan_cache_mode = force_generic_plan;\n"
+
+
+def executes_text(forms: list[PreparedForm]) -> str:
+    """One query string running each of ``forms`` (``EXECUTE``), in order, on generic plans."""
+    return _GENERIC_PLAN_FOR_THIS_CALL + ";\n".join(form.execute for form in forms)
 
 
 # Prebuilt statement (by id) and driver -> (the statement, its prepared form). The

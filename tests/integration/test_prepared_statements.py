@@ -114,6 +114,32 @@ async def test_each_hot_statement_is_prepared_once_on_the_connection(
     assert idle_connection(session).prepared == names
 
 
+async def test_hot_statements_are_planned_once_whatever_the_conversations_lengths(
+    postgres_server: PostgresServer,
+) -> None:
+    # One conversation far longer than the other: left to its plan cache ('auto'), the
+    # server plans each call of the read anew, as its first five custom plans cost less
+    # than the generic plan's guess. Every call forces the generic plan for itself
+    # (SET LOCAL), so no call pays for planning -- and the setting ends with the call.
+    url = f"{postgres_server.create_database()}?pool_size=1&max_overflow=1"
+    session = PostgreSQLSession("long", database_url=url)
+    short = PostgreSQLSession("short", database_url=url)
+    await session.add_items([user(f"q{n}") for n in range(500)])
+    await short.add_items([user("s")])
+    for _ in range(6):
+        assert await session.get_items(limit=20) == [user(f"q{n}") for n in range(480, 500)]
+        assert await short.get_items(limit=20) == [user("s")]
+        await short.add_items([user("t")])
+        assert await short.pop_item() == user("t")
+    plans = await on_the_loops_connection(
+        session,
+        "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements",
+    )
+    assert len(plans) >= 4
+    assert all(custom == 0 and generic >= 1 for _, generic, custom in plans), plans
+    assert await on_the_loops_connection(session, "SHOW plan_cache_mode") == [("auto",)]
+
+
 async def test_a_statement_its_connection_no_longer_holds_is_sent_as_text_from_then_on(
     postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
