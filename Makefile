@@ -21,6 +21,8 @@
 #   make bench-citus  the turn workload on a throwaway Citus cluster beside one server
 #   make bench-mixed  Runner turns on the event loop beside K callers of worker-thread
 #                transactions: turns/s and server connections opened (MIXED_BENCH_ARGS)
+#   make bench-memory  RSS over the SDK alone after importing a backend and after its
+#                first turn: ours, the SDK's, and the libraries under ours
 #   make bench-search  recall: search p50 on 1,000,000 messages, and the index's cost to
 #                add_items (also run by make bench; SEARCH_BENCH_ARGS="--quick")
 #   make profile our throughput workload under py-spy + pyinstrument -> benchmarks/results/
@@ -32,7 +34,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test test-pgbouncer test-citus test-matrix lint format migrate db-up db-down bench bench-citus bench-branching bench-mixed bench-search profile soak clean
+.PHONY: venv demo test test-pgbouncer test-citus test-matrix lint format migrate db-up db-down bench bench-citus bench-branching bench-mixed bench-memory bench-search profile soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -121,10 +123,14 @@ bench-citus: $(BENCH_STAMP)
 bench-branching: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.branching --database-url $${BENCH_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
 
-# Recall alone: search p50 on 1,000,000 messages (SEARCH_BENCH_ARGS="--quick": 100,000).
 bench-mixed: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.mixed_load --database-url $${BENCH_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres} $(MIXED_BENCH_ARGS)
 
+# RSS an agent app pays for a backend over the SDK alone, in fresh interpreters.
+bench-memory: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.memory_footprint --database-url $${BENCH_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
+
+# Recall alone: search p50 on 1,000,000 messages (SEARCH_BENCH_ARGS="--quick": 100,000).
 bench-search: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.search $(SEARCH_BENCH_ARGS)
 
