@@ -63,6 +63,24 @@ def _get(results: dict[str, Any], backend: str, *path: str) -> Any:
     return node
 
 
+def _client_cpu_per_turn_us(results: dict[str, Any], backend: str) -> float | None:
+    """CPU time the benchmark process spent per turn of the 1-process throughput run."""
+    cores = _number(_get(results, backend, "throughput", "process_cpu_cores"))
+    turns = _number(_get(results, backend, "throughput", "turns_per_s"))
+    return cores / turns * 1e6 if cores is not None and turns else None
+
+
+def _rest_cpu_per_turn_us(results: dict[str, Any], backend: str, cores: Any) -> float | None:
+    """CPU time the rest of the machine spent per turn: the database server, mostly
+    (client and server share the machine's cores, so a turn costs the sum)."""
+    busy = _number(_get(results, backend, "throughput", "machine_cpu_busy"))
+    client = _number(_get(results, backend, "throughput", "process_cpu_cores"))
+    turns = _number(_get(results, backend, "throughput", "turns_per_s"))
+    if busy is None or client is None or not turns or _number(cores) is None:
+        return None
+    return (busy * float(cores) - client) / turns * 1e6
+
+
 def _pick(results: dict[str, Any], *path: str) -> Callable[[str], Any]:
     """A function of the backend name giving ``results[backend][path...]``."""
 
@@ -175,6 +193,17 @@ def render_report(document: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             [
                 "1 process: client CPU (cores)",
                 *(_fmt(_get(results, n, "throughput", "process_cpu_cores")) for n in backends),
+            ],
+            [
+                "1 process: client CPU per turn (µs)",
+                *(_fmt(_client_cpu_per_turn_us(results, n), 0) for n in backends),
+            ],
+            [
+                "1 process: rest of the machine per turn (µs; the server, mostly)",
+                *(
+                    _fmt(_rest_cpu_per_turn_us(results, n, machine.get("cores")), 0)
+                    for n in backends
+                ),
             ],
             [
                 "1 process: max PG/Redis connections",
