@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -221,9 +222,10 @@ class DatabaseTarget:
     #: so that no repr of the URL (SQLAlchemy's own included) can show them.
     secret_connect_args: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
-    @property
+    @cached_property
     def dialect(self) -> str:
         """``"postgresql"`` or ``"sqlite"``."""
+        # Asked on every session call; a frozen target's URL never changes.
         return self.url.get_backend_name()
 
     @property
