@@ -16,6 +16,7 @@ from ..ops.retention import (
     DEFAULT_PRUNE_BATCH_SIZE,
     PruneSummary,
     prune,
+    prune_append_keys,
     prune_expired,
     prune_plan,
     trim_turns,
@@ -51,11 +52,18 @@ from .main import cli
     help="Trim every conversation to its newest N turns (a turn starts at a user message).",
 )
 @click.option(
+    "--append-keys",
+    is_flag=True,
+    help="Delete append (idempotency) keys past their one-day retention, in every "
+    "conversation; no conversation or item is touched.",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=DEFAULT_PRUNE_BATCH_SIZE,
     show_default=True,
-    help="Most message rows deleted per transaction (bounds how long locks are held).",
+    help="Most message rows (with --append-keys: keys) deleted per transaction "
+    "(bounds how long locks are held).",
 )
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -66,6 +74,7 @@ def prune_command(
     older_than: str | None,
     expired: bool,
     keep_last_turns: int | None,
+    append_keys: bool,
     batch_size: int,
     dry_run: bool,
     yes: bool,
@@ -73,7 +82,8 @@ def prune_command(
 ) -> None:
     """Delete conversations (with their messages, usage and paused runs) not updated for
     a while (--older-than) or past their time-to-live (--expired); or trim histories
-    to their last turns (--keep-last-turns).
+    to their last turns (--keep-last-turns); or reclaim the append keys past their
+    retention (--append-keys).
 
     Works in batches, each its own short transaction, while the application keeps
     running: a conversation that gets a new message meanwhile is kept. Asks for
@@ -82,9 +92,14 @@ def prune_command(
     restore point is created first and its name printed (stderr; "restore_point" in
     --json).
     """
-    chosen = [older_than is not None, expired, keep_last_turns is not None]
+    chosen = [older_than is not None, expired, keep_last_turns is not None, append_keys]
     if sum(chosen) != 1:
-        raise click.UsageError("give exactly one of --older-than, --expired, --keep-last-turns")
+        raise click.UsageError(
+            "give exactly one of --older-than, --expired, --keep-last-turns, --append-keys"
+        )
+    if append_keys:
+        _prune_append_keys(context, batch_size, dry_run, as_json)
+        return
     if keep_last_turns is not None:
         _trim(context, keep_last_turns, dry_run, yes, as_json)
         return
@@ -138,6 +153,29 @@ def _confirm(yes: bool, what: str) -> None:
     if not click.confirm("Delete them?", default=False, err=True):
         click.echo("Nothing was deleted.", err=True)
         raise SystemExit(int(ExitCode.PROBLEM))
+
+
+def _prune_append_keys(context: CliContext, batch_size: int, dry_run: bool, as_json: bool) -> None:
+    # Keys past their retention are bookkeeping outside what the session promises
+    # (a call repeated with its key is stored once within the retention): no history
+    # changes, so nothing to confirm and no restore point.
+    now = datetime.now(timezone.utc)  # one cutoff for the count and the run
+    with reported_errors():
+        store = context.unfiltered_store("prune")
+        plan = prune_append_keys(store, batch_size=batch_size, dry_run=True, now=now)
+        summary = plan
+        if not dry_run:
+            with progress("pruning append keys", plan.keys) as bar:
+                summary = prune_append_keys(
+                    store, batch_size=batch_size, progress=bar.update, now=now
+                )
+    if as_json:
+        emit_json({"database": context.safe_url(), **summary.as_dict()})
+        return
+    verb = "would delete" if summary.dry_run else "deleted"
+    click.echo(f"{verb} {summary.keys} append keys created before {summary.cutoff.isoformat()}")
+    if not summary.dry_run:
+        click.echo(f"  in {summary.batches} batches of at most {summary.batch_size} keys")
 
 
 def _trim(context: CliContext, turns: int, dry_run: bool, yes: bool, as_json: bool) -> None:

@@ -173,6 +173,24 @@ def test_listings_stats_export_import_erase_and_prune_work_on_the_cluster(
     assert (pruned["conversations"], pruned["messages"]) == (1, 2)
     assert [c["id"] for c in ok(citus_url, "conversations", "list")["conversations"]] == ["bob-1"]
 
+    # Append keys past their retention go across the shards, in batches.
+    engine = create_engine(citus_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            aged = connection.execute(
+                text(
+                    "UPDATE append_keys SET created_at = now() - interval '2 days' "
+                    "WHERE conversation_id = 'bob-1'"
+                )
+            ).rowcount
+    finally:
+        engine.dispose()
+    assert aged >= 1
+    keys = ok(citus_url, "prune", "--append-keys", "--batch-size", "1")
+    assert (keys["keys"], keys["batches"]) == (aged, aged)
+    session = PostgreSQLSession("bob-1", database_url=citus_url)
+    assert asyncio.run(session.get_items()) == [user("bob 1 a"), user("bob 1 b")]
+
 
 def test_backup_refuses_a_distributed_store_and_a_plain_backup_restores_into_a_cluster(
     citus: CitusCluster, citus_url: str, tmp_path: Path

@@ -23,7 +23,13 @@ from sqlalchemy.pool import NullPool
 from agents_sessions import UsageEntry, dispose_all, get_store
 from agents_sessions.cli import cli
 from agents_sessions.db.engine import parse_database_url
-from agents_sessions.db.models import conversations_table, messages_table, usage_logs_table
+from agents_sessions.db.models import (
+    append_keys_table,
+    conversations_table,
+    messages_table,
+    usage_logs_table,
+)
+from agents_sessions.db.statements import APPEND_KEY_RETENTION
 from agents_sessions.errors import ExitCode
 from agents_sessions.ops.retention import prune
 from agents_sessions.ops.transfer import ExportFile, ExportFormatError, iter_export
@@ -762,6 +768,59 @@ def test_prune_skips_a_conversation_a_writer_holds_instead_of_waiting(
     with store.read() as repos:
         assert repos.conversations.get("free") is None
         assert repos.messages.count("held") == 5
+
+
+def test_prune_append_keys_deletes_only_keys_past_their_retention(
+    fresh_database_url: FreshUrl,
+) -> None:
+    url = fresh_database_url()
+    store = get_store(url)
+    # Three conversations, four keyed appends each; no session writes to them again,
+    # so nothing else would ever delete their old keys.
+    for conversation in ("a", "b", "c"):
+        for call in range(4):
+            with store.transaction() as repos:
+                repos.messages.append(
+                    conversation, ITEMS[:1], idempotency_key=f"{conversation}-{call}"
+                )
+    aged = {"a-0", "a-1", "b-0", "c-0", "c-1"}
+    with store.engine.begin() as connection:
+        connection.execute(
+            update(append_keys_table)
+            .where(append_keys_table.c.key.in_(aged))
+            .values(
+                created_at=datetime.now(timezone.utc) - APPEND_KEY_RETENTION - timedelta(hours=1)
+            )
+        )
+    before = table_rows(url)
+
+    dry = run(url, "prune", "--append-keys", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert (json.loads(dry.stdout)["keys"], json.loads(dry.stdout)["dry_run"]) == (5, True)
+    assert len(_append_keys(url)) == 12  # a dry run deletes nothing
+
+    result = run(url, "prune", "--append-keys", "--batch-size", "2", "--json")
+
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["keys"], summary["batches"]) == (5, 3)  # at most two keys a batch
+    assert _append_keys(url) == {f"{c}-{n}" for c in "abc" for n in range(4)} - aged
+    assert table_rows(url) == before  # no conversation, message or usage row touched
+    # A key within its retention still makes a repeated call a no-op.
+    with store.transaction() as repos:
+        repos.messages.append("a", ITEMS[:1], idempotency_key="a-3")
+        assert repos.messages.count("a") == 4
+    again = run(url, "prune", "--append-keys", "--json")
+    assert json.loads(again.stdout)["keys"] == 0
+
+
+def _append_keys(url: str) -> set[str]:
+    engine = create_engine(parse_database_url(url).url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return set(connection.execute(select(append_keys_table.c.key)).scalars())
+    finally:
+        engine.dispose()
 
 
 # --------------------------------------------------------------------------- import hardening
