@@ -58,24 +58,24 @@ def _snippets(postgres_url: str, sqlite_path: Path, sdk_sqlite_path: Path) -> di
     ours_sqlite = (
         "from agents_sessions import PostgreSQLSession\n"
         f"{_TURN}\n"
-        f"s = PostgreSQLSession('memory', database_url='sqlite:///{sqlite_path}')\n"
+        f"s = PostgreSQLSession('memory', database_url={f'sqlite:///{sqlite_path}'!r})\n"
         "asyncio.run(_first_turn(s))"
     )
     ours_postgres = (
         "from agents_sessions import PostgreSQLSession\n"
         f"{_TURN}\n"
-        f"s = PostgreSQLSession('memory', database_url='{postgres_url}')\n"
+        f"s = PostgreSQLSession('memory', database_url={postgres_url!r})\n"
         "asyncio.run(_first_turn(s))"
     )
     sdk_sqlite = (
         "from agents import SQLiteSession\n"
         f"{_TURN}\n"
-        f"asyncio.run(_first_turn(SQLiteSession('memory', '{sdk_sqlite_path}')))"
+        f"asyncio.run(_first_turn(SQLiteSession('memory', {str(sdk_sqlite_path)!r})))"
     )
     sdk_sqlalchemy = (
         "from agents.extensions.memory.sqlalchemy_session import SQLAlchemySession\n"
         f"{_TURN}\n"
-        f"s = SQLAlchemySession.from_url('memory', url='{asyncpg_url}', create_tables=True)\n"
+        f"s = SQLAlchemySession.from_url('memory', url={asyncpg_url!r}, create_tables=True)\n"
         "asyncio.run(_first_turn(s))"
     )
     return {
@@ -96,7 +96,7 @@ def _snippets(postgres_url: str, sqlite_path: Path, sdk_sqlite_path: Path) -> di
     }
 
 
-def _median_mb(snippet: str, runs: int, cwd: Path) -> float:
+def _median_mb(label: str, snippet: str, runs: int, cwd: Path) -> float:
     samples = []
     for _ in range(runs):
         done = subprocess.run(
@@ -107,7 +107,8 @@ def _median_mb(snippet: str, runs: int, cwd: Path) -> float:
             check=False,
         )
         if done.returncode != 0:
-            raise SystemExit(f"probe failed: {snippet!r}\n{done.stderr}")
+            # The label, not the snippet: a snippet may hold a password in its URL.
+            raise SystemExit(f"probe failed: {label}\n{done.stderr}")
         samples.append(int(done.stdout.split()[-1]) / 1024)
     return statistics.median(samples)
 
@@ -135,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             # One run of each first turn before measuring: migrated databases, created files.
             for label, snippet in snippets.items():
                 if "first turn" in label:
-                    _median_mb(snippet, 1, workdir)
+                    _median_mb(label, snippet, 1, workdir)
             print("| RSS over `import agents` (MB, median of fresh interpreters) | MB |")
             print("|---|---|")
             for label, snippet in snippets.items():
-                print(f"| {label} | {_median_mb(snippet, options.runs, workdir):.1f} |")
+                print(f"| {label} | {_median_mb(label, snippet, options.runs, workdir):.1f} |")
     finally:
         with engine.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
