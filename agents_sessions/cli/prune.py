@@ -11,12 +11,12 @@ from datetime import datetime, timezone
 import click
 
 from ..errors import ExitCode
+from ..ops.append_key_retention import prune_append_keys
 from ..ops.recovery import RestorePoint
 from ..ops.retention import (
     DEFAULT_PRUNE_BATCH_SIZE,
     PruneSummary,
     prune,
-    prune_append_keys,
     prune_expired,
     prune_plan,
     trim_turns,

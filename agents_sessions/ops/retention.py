@@ -5,9 +5,9 @@
   rows and conversations without an owner are never touched.
 * :func:`prune` -- conversations not updated for a given time, deleted in bounded
   batches, each its own short transaction, while the application keeps writing.
-* :func:`prune_append_keys` -- the idempotency keys of appends past their retention,
-  in every conversation (a session drops a conversation's old keys only as it writes
-  to it again).
+
+The idempotency keys of appends past their retention go with
+:mod:`agents_sessions.ops.append_key_retention`.
 
 Why prune works in batches: a conversation's messages and usage rows cascade from
 its row (``ON DELETE CASCADE``), but deleting a 100,000-message conversation in
@@ -33,15 +33,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, select, tuple_, update
+from sqlalchemy import Connection, and_, delete, exists, func, select, update
 
-from ..db.models import (
-    append_keys_table,
-    conversations_table,
-    messages_table,
-    usage_logs_table,
-)
-from ..db.statements import APPEND_KEY_RETENTION
+from ..db.models import conversations_table, messages_table, usage_logs_table
 from ..errors import InvalidArgumentError
 from ..store import SessionStore
 from ..validation import validate_batch_size, validate_identifier
@@ -51,7 +45,6 @@ from .tenancy import require_unfiltered_access
 conversations = conversations_table
 messages = messages_table
 usage_logs = usage_logs_table
-append_keys = append_keys_table
 
 #: Default number of message rows deleted per prune transaction.
 DEFAULT_PRUNE_BATCH_SIZE = 1000
@@ -481,92 +474,3 @@ def trim_turns(
         if progress is not None:
             progress(deleted)
         last = ids[-1]
-
-
-# --------------------------------------------------------------------------------------
-# Append keys past their retention
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class AppendKeyPruneSummary:
-    """What :func:`prune_append_keys` deleted (or, with ``dry_run``, would delete).
-
-    Attributes:
-        cutoff: Keys created before this instant (UTC) were past their retention.
-        keys: Keys deleted (or that would be).
-        batches: Transactions that deleted something (0 on a dry run).
-    """
-
-    cutoff: datetime
-    dry_run: bool
-    batch_size: int
-    keys: int = 0
-    batches: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The summary as JSON-ready data (the cutoff in ISO 8601)."""
-        data = asdict(self)
-        data["cutoff"] = self.cutoff.isoformat()
-        return data
-
-
-def prune_append_keys(
-    store: SessionStore,
-    *,
-    batch_size: int = DEFAULT_PRUNE_BATCH_SIZE,
-    dry_run: bool = False,
-    progress: Progress | None = None,
-    now: datetime | None = None,
-) -> AppendKeyPruneSummary:
-    """Delete every conversation's append keys older than ``APPEND_KEY_RETENTION``.
-
-    Each ``add_items`` call's idempotency key is kept at least that long, so that a
-    call repeated with its key is stored once. A session deletes a conversation's
-    older keys only as it writes to that conversation again, so a conversation no
-    longer written keeps its last keys until it is deleted; this reclaims them. Keys
-    go in batches of at most ``batch_size``, each its own short transaction, in key
-    order. Safe next to the live app: an append only ever claims a new key, and a key
-    is deleted here only past the same retention the session's own clean-up applies
-    (re-checked in the delete). ``progress(n)`` is called after each transaction with
-    the keys it deleted.
-
-    Raises:
-        RowLevelSecurityFilteredError: the store's role is filtered by row-level
-            security (it would see no one else's keys); nothing is deleted.
-    """
-    size = validate_batch_size(batch_size)
-    cutoff = prune_cutoff(APPEND_KEY_RETENTION, now=now)
-    summary = AppendKeyPruneSummary(cutoff=cutoff, dry_run=dry_run, batch_size=size)
-    old = append_keys.c.created_at < cutoff
-    with store.read() as repos:
-        require_unfiltered_access(repos.connection, "prune")
-        if dry_run:
-            counted = select(func.count()).select_from(append_keys).where(old)
-            summary.keys = int(repos.connection.execute(counted).scalar_one())
-            return summary
-    key = tuple_(append_keys.c.conversation_id, append_keys.c.key)
-    after: tuple[str, str] | None = None  # keyset: the last key of the previous batch
-    while True:
-        batch = (
-            select(append_keys.c.conversation_id, append_keys.c.key)
-            .where(old)
-            .order_by(append_keys.c.conversation_id, append_keys.c.key)
-            .limit(size)
-        )
-        if after is not None:
-            batch = batch.where(key > tuple_(*after))
-        with store.transaction() as repos:
-            found = [tuple(row) for row in repos.connection.execute(batch)]
-            if not found:
-                return summary
-            # A plain list of keys (no subquery): a sharded cluster runs it on each
-            # shard as it is. The age is checked again on the rows as deleted.
-            deleted = repos.connection.execute(
-                delete(append_keys).where(key.in_(found), old)
-            ).rowcount
-        after = (str(found[-1][0]), str(found[-1][1]))
-        summary.batches += 1
-        summary.keys += deleted
-        if progress is not None:
-            progress(deleted)
