@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from agents_sessions import PostgreSQLSession, dispose_all
+from benchmarks._scratch import scratch_database
 
 
 def _items(count: int) -> list[Any]:
@@ -93,28 +94,16 @@ async def run(
 
         sqlite_url = f"sqlite:///{Path(directory) / 'ours.sqlite3'}"
         targets = [("agents_sessions (SQLite)", sqlite_url)]
-        admin = None
-        database = f"bench_branching_{uuid.uuid4().hex[:8]}"
-        if database_url:
-            admin = create_engine(make_url(database_url), isolation_level="AUTOCOMMIT")
-            with admin.connect() as connection:
-                connection.execute(text(f'CREATE DATABASE "{database}"'))
-            pg_url = make_url(database_url).set(database=database)
-            targets.append(
-                ("agents_sessions (PostgreSQL)", pg_url.render_as_string(hide_password=False))
-            )
-        try:
+        with contextlib.ExitStack() as stack:
+            if database_url:
+                scratch = stack.enter_context(scratch_database(database_url, "bench_branching"))
+                targets.append(("agents_sessions (PostgreSQL)", scratch.url))
             for label, url in targets:
                 session = PostgreSQLSession("bench", database_url=url)
                 measured = dict(await _measure(session, items, rounds))
                 measured["rows"] = _rows(url, "messages")
                 results.append((label, measured))
                 dispose_all()
-        finally:
-            if admin is not None:
-                with admin.connect() as connection:
-                    connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-                admin.dispose()
     return results
 
 

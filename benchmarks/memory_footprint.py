@@ -22,13 +22,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
-from agents_sessions.db.migrate import upgrade
+from benchmarks._scratch import scratch_database
 
 _PROBE = """
 import asyncio, sys
@@ -122,29 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=5, help="fresh interpreters per figure")
     options = parser.parse_args(argv)
-    admin = make_url(options.database_url)
-    name = f"bench_memory_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    postgres_url = admin.set(database=name).render_as_string(hide_password=False)
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            workdir = Path(scratch)
-            upgrade(postgres_url)
-            snippets = _snippets(postgres_url, workdir / "ours.sqlite3", workdir / "sdk.sqlite3")
-            # One run of each first turn before measuring: migrated databases, created files.
-            for label, snippet in snippets.items():
-                if "first turn" in label:
-                    _median_mb(label, snippet, 1, workdir)
-            print("| RSS over `import agents` (MB, median of fresh interpreters) | MB |")
-            print("|---|---|")
-            for label, snippet in snippets.items():
-                print(f"| {label} | {_median_mb(label, snippet, options.runs, workdir):.1f} |")
-    finally:
-        with engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+    with (
+        scratch_database(options.database_url, "bench_memory") as scratch,
+        tempfile.TemporaryDirectory() as directory,
+    ):
+        workdir = Path(directory)
+        snippets = _snippets(scratch.url, workdir / "ours.sqlite3", workdir / "sdk.sqlite3")
+        # One run of each first turn before measuring: migrated databases, created files.
+        for label, snippet in snippets.items():
+            if "first turn" in label:
+                _median_mb(label, snippet, 1, workdir)
+        print("| RSS over `import agents` (MB, median of fresh interpreters) | MB |")
+        print("|---|---|")
+        for label, snippet in snippets.items():
+            print(f"| {label} | {_median_mb(label, snippet, options.runs, workdir):.1f} |")
     return 0
 
 

@@ -28,11 +28,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
 from agents_sessions import PostgreSQLSession, dispose_all
-from agents_sessions.db.migrate import upgrade
+from benchmarks._scratch import scratch_database
 from tests.support.server_stats import sessions_opened
 
 #: How often each thread-path caller calls.
@@ -76,21 +73,15 @@ async def _round(url: str, conversations: int, callers: int, seconds: float) -> 
 def run(
     admin_url: str, conversations: int, callers: list[int], seconds: float, rounds: int
 ) -> dict[int, dict[str, float]]:
-    admin = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
-    database = f"bench_mixed_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{database}"'))
-    url = make_url(admin_url).set(database=database).render_as_string(hide_password=False)
-    url += "?pool_size=5&max_overflow=10"
     best: dict[int, dict[str, float]] = {}
-    try:
-        upgrade(url)
+    with scratch_database(admin_url, "bench_mixed") as scratch:
+        url = f"{scratch.url}?pool_size=5&max_overflow=10"
         for _ in range(rounds):
             for count in callers:
-                before = sessions_opened(admin, database)
+                before = sessions_opened(scratch.admin, scratch.name)
                 measured: dict[str, Any] = asyncio.run(_round(url, conversations, count, seconds))
                 dispose_all()  # every connection closed: counted, and the next round starts cold
-                measured["opened"] = sessions_opened(admin, database) - before
+                measured["opened"] = sessions_opened(scratch.admin, scratch.name) - before
                 previous = best.get(count)
                 if previous is None:
                     measured["opened_min"] = measured["opened_max"] = measured["opened"]
@@ -103,11 +94,6 @@ def run(
                 if measured["turns_per_s"] > previous["turns_per_s"]:
                     best[count] = measured
                 best[count].update(opened_range)
-    finally:
-        dispose_all()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        admin.dispose()
     return best
 
 

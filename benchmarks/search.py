@@ -31,7 +31,8 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from agents_sessions import PostgreSQLSession, dispose_all, get_store, upgrade
+from agents_sessions import PostgreSQLSession, dispose_all, get_store
+from benchmarks._scratch import scratch_database
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RESULTS = Path(__file__).resolve().parent / "results" / "search-latest.md"
@@ -213,11 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.messages, args.sqlite_messages, args.rounds = 100_000, 20_000, 20
 
-    admin = create_engine(make_url(args.database_url), isolation_level="AUTOCOMMIT")
-    database = f"bench_search_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{database}"'))
-    url = make_url(args.database_url).set(database=database).render_as_string(hide_password=False)
     lines = [
         "# Recall benchmark",
         "",
@@ -225,8 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.users:,} users; search p50/p95 over {args.rounds} calls (repository API).",
         "",
     ]
-    try:
-        upgrade(url)
+    with scratch_database(args.database_url, "bench_search") as scratch:
+        url = scratch.url
         loaded = load_postgres(url, args.messages, args.conversations, args.users)
         lines.append(f"- load (server-side generation): {loaded:.1f} s")
         lines.append(f"- GIN index build (CREATE INDEX CONCURRENTLY): {index_seconds(url):.1f} s")
@@ -242,11 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"add_items (2 items) p50: {with_index:.3f} ms with the GIN index, "
             f"{without_index:.3f} ms without it.",
         ]
-    finally:
-        dispose_all()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        admin.dispose()
 
     sqlite_path = Path(f"/tmp/bench-search-{uuid.uuid4().hex[:8]}.sqlite3")
     sqlite_url = f"sqlite:///{sqlite_path}"

@@ -18,20 +18,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from starlette.testclient import TestClient
 
-from agents_sessions import dispose_all, get_store
-from agents_sessions.db.migrate import upgrade
+from agents_sessions import get_store
 from agents_sessions.ui import create_app
 from agents_sessions.ui.app import USAGE_MAX_AGE_S
+from benchmarks._scratch import scratch_database
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TARGET_P95_MS = 100.0
@@ -83,13 +81,8 @@ _SEED = [
 @contextmanager
 def bench_database(admin_url: str, conversations: int) -> Iterator[str]:
     """A fresh, migrated, filled database on the admin URL's server; dropped at the end."""
-    name = f"agents_sessions_bench_ui_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
+    with scratch_database(admin_url, "agents_sessions_bench_ui") as scratch:
+        url = scratch.url
         engine = create_engine(url)
         started = time.perf_counter()
         with engine.begin() as connection:
@@ -103,11 +96,6 @@ def bench_database(admin_url: str, conversations: int) -> Iterator[str]:
         engine.dispose()
         print(f"filled {conversations:,} conversations in {time.perf_counter() - started:.0f} s")
         yield url
-    finally:
-        dispose_all()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def pages(client: TestClient, conversations: int) -> dict[str, tuple[str, dict[str, Any]]]:
